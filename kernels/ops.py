@@ -1,0 +1,79 @@
+"""The model's one entry point to fused ops: each function picks Triton or the torch
+reference by the model's `kernels` switch.
+
+    "torch"  -> always the reference (kernels/reference.py)
+    "triton" -> always Triton; on CPU only under TRITON_INTERPRET=1 (tests)
+    "auto"   -> Triton on CUDA when triton imports, the reference elsewhere; on CPU with
+                TRITON_INTERPRET=1 set, Triton too, so tests exercise the kernels
+The numerics are the same either way: every Triton op is tested against its reference.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from kernels import reference as ref
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(mode: str, x: torch.Tensor) -> bool:
+    if mode == "torch":
+        return False
+    if x.is_cuda or _interpreting():
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            if mode == "triton":
+                raise RuntimeError("kernels='triton' but triton is not installed")
+            return False
+        return True
+    if mode == "triton":
+        raise RuntimeError("kernels='triton' needs a CUDA tensor or TRITON_INTERPRET=1 "
+                           f"(got a {x.device.type} tensor)")
+    return False
+
+
+def _triton(module: str):
+    return importlib.import_module(f"kernels.{module}")
+
+
+def rms_norm(x, weight, eps, mode="auto"):
+    if use_triton(mode, x):
+        return _triton("rms_norm").rms_norm(x, weight, eps)
+    return ref.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps, mode="auto"):
+    if use_triton(mode, x):
+        return _triton("rms_norm").add_rms_norm(x, residual, weight, eps)
+    return ref.add_rms_norm(x, residual, weight, eps)
+
+
+def swiglu_linear(x, weight, mode="auto"):
+    if use_triton(mode, x):
+        return _triton("swiglu").swiglu_linear(x, weight)
+    return ref.swiglu_linear(x, weight)
+
+
+def apply_rotary(x, cos, sin, mode="auto"):
+    if use_triton(mode, x):
+        return _triton("rotary").apply_rotary(x, cos, sin)
+    return ref.apply_rotary(x, cos, sin)
+
+
+def attention(q, k, v, prefix_lens=None, pad_lens=None, q_offset=0, mode="auto"):
+    if use_triton(mode, q):
+        return _triton("flash_attention").attention(q, k, v, prefix_lens, pad_lens, q_offset)
+    return ref.attention(q, k, v, prefix_lens, pad_lens, q_offset)
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, mode="auto"):
+    if use_triton(mode, hidden):
+        return _triton("cross_entropy").linear_cross_entropy(hidden, weight, labels,
+                                                             ignore_index)
+    return ref.linear_cross_entropy(hidden, weight, labels, ignore_index)

@@ -1,0 +1,102 @@
+"""ChatGLM2/3 self-attention: fused QKV [all Q | K groups | V groups], GQA/MQA, GLM 2D
+rotary, prefix-LM / blank-infilling masks from integer lengths, optional KV cache."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import ops, reference
+from model.config import GLMConfig
+
+
+class KVCache:
+    """Preallocated per-layer keys/values [b, groups, max_len, d] for decoding.
+
+    `length` is the number of positions filled; every layer appends the same count per
+    forward, so the model advances it once per call (`advance`)."""
+
+    def __init__(self, config: GLMConfig, batch: int, max_len: int, layer_ids, device,
+                 dtype=torch.float32):
+        shape = (batch, config.multi_query_group_num, max_len, config.kv_channels)
+        self.k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
+        self.v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v [b, groups, s_new, d] -> all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int):
+        self.length += n
+
+    def reorder(self, index: torch.Tensor):
+        """Select batch rows (beam search keeps the surviving beams' histories)."""
+        for i in self.k:
+            self.k[i] = self.k[i].index_select(0, index)
+            self.v[i] = self.v[i].index_select(0, index)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_number: int):
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.multi_query_group_num
+        self.head_dim = config.kv_channels
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
+        self.dense = nn.Linear(config.q_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
+        # x [s, b, h]; cos/sin [s, b, 1, d/2]
+        s, b, _ = x.shape
+        mode = self.config.kernels
+        qkv = self.qkv(x)
+        # heads are read off the local width, not the config, so a tensor-parallel shard
+        # (whole heads and whole groups per rank) runs the same code
+        d = self.head_dim
+        nq = self.dense.in_features // d
+        nkv = (qkv.shape[-1] - nq * d) // (2 * d)
+        q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+        q = ops.apply_rotary(q.view(s, b, nq, d), cos, sin, mode)
+        k = ops.apply_rotary(k.view(s, b, nkv, d), cos, sin, mode)
+        v = v.view(s, b, nkv, d)
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        q_offset = 0
+        if kv_cache is not None:
+            q_offset = kv_cache.length
+            k, v = kv_cache.update(self.layer_number, k, v)
+        ctx = ops.attention(q, k, v, prefix_lens, pad_lens, q_offset, mode)  # [b, nq, s, d]
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+        return self.dense(ctx)
+
+
+class MLP(nn.Module):
+    """SwiGLU: one h -> 2*ffn projection laid out [gate | up], then ffn -> h."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size,
+                                 bias=config.add_bias_linear)
+        self.down = nn.Linear(config.ffn_hidden_size, config.hidden_size,
+                              bias=config.add_bias_linear)
+
+    def forward(self, x):
+        if self.gate_up.bias is not None:
+            act = reference.swiglu(self.gate_up(x))
+        else:
+            act = ops.swiglu_linear(x, self.gate_up.weight, self.config.kernels)
+        return self.down(act)
+
+
+def dropout(x, p, training):
+    return F.dropout(x, p, training) if p > 0 and training else x

@@ -1,0 +1,112 @@
+"""GLMConfig: the one description of a GLM's shape, with named presets.
+
+Field names follow the ChatGLM2/3 configs where one exists (multi_query_group_num,
+kv_channels, ffn_hidden_size, padded_vocab_size, rope_ratio) so published config.json
+files map across by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass
+class GLMConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    multi_query_group_num: int = 2      # KV groups; == heads is plain MHA, 1 is MQA
+    kv_channels: int = 16               # head dim
+    ffn_hidden_size: int = 172
+    padded_vocab_size: int = 512
+    seq_length: int = 128               # longest sequence the rotary cache is built for
+    rope_ratio: float = 1.0             # rotary base = 10000 * rope_ratio
+    layernorm_epsilon: float = 1e-5
+    add_qkv_bias: bool = True
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    kernels: str = "auto"               # "auto" | "triton" | "torch": see kernels/dispatch.py
+
+    def __post_init__(self):
+        positive = ("num_layers", "hidden_size", "num_attention_heads", "multi_query_group_num",
+                    "kv_channels", "ffn_hidden_size", "padded_vocab_size", "seq_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.num_attention_heads % self.multi_query_group_num:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"multi_query_group_num={self.multi_query_group_num}")
+        if self.kv_channels % 4:
+            # rotary splits each head in halves (position / block position) and rotates pairs
+            raise ValueError(f"kv_channels={self.kv_channels} must be divisible by 4 "
+                             "(2D rotary rotates adjacent pairs in each half of the head)")
+        if self.rope_ratio <= 0:
+            raise ValueError(f"rope_ratio={self.rope_ratio} must be positive")
+        if self.layernorm_epsilon <= 0:
+            raise ValueError(f"layernorm_epsilon={self.layernorm_epsilon} must be positive")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels={self.kernels!r} must be one of 'auto', 'triton', 'torch'")
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def kv_size(self) -> int:
+        return self.multi_query_group_num * self.kv_channels
+
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+    # ---- presets and (de)serialisation ---------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GLMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GLMConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_CHATGLM_6B = dict(num_layers=28, hidden_size=4096, num_attention_heads=32,
+                   multi_query_group_num=2, kv_channels=128, ffn_hidden_size=13696,
+                   padded_vocab_size=65024, seq_length=32768, layernorm_epsilon=1e-5)
+
+PRESETS: dict[str, dict] = {
+    # < 1M parameters: every unit and distributed test uses this one
+    "tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, multi_query_group_num=2,
+                 kv_channels=16, ffn_hidden_size=172, padded_vocab_size=1024, seq_length=256),
+    # the CPU demo: ~9M parameters, trains in minutes on 2 cores
+    "small": dict(num_layers=6, hidden_size=256, num_attention_heads=8, multi_query_group_num=2,
+                  kv_channels=32, ffn_hidden_size=688, padded_vocab_size=8192, seq_length=256),
+    "base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, multi_query_group_num=4,
+                 kv_channels=64, ffn_hidden_size=2048, padded_vocab_size=32000, seq_length=2048),
+    "chatglm2-6b": dict(_CHATGLM_6B),
+    "chatglm3-6b": dict(_CHATGLM_6B),
+    "glm4-9b": dict(num_layers=40, hidden_size=4096, num_attention_heads=32,
+                    multi_query_group_num=2, kv_channels=128, ffn_hidden_size=13696,
+                    padded_vocab_size=151552, seq_length=131072, rope_ratio=500.0,
+                    layernorm_epsilon=1.5625e-07),
+}

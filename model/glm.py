@@ -1,0 +1,155 @@
+"""The GLM: embedding, ChatGLM2/3 blocks, final RMSNorm, untied output head.
+
+Pipeline-friendly by construction: a GLM may hold only a contiguous range of layers
+(`layer_range`), keyed by their global index, with the embedding only on the first stage
+(`pre_process`) and the norm + head only on the last (`post_process`). Parameter names
+are therefore the same in every layout, which is what makes checkpoints layout-free.
+Weights are initialised per parameter from (seed, global name), so any slice of the
+model starts from exactly the single-process values.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from kernels import ops
+from kernels.reference import rotary_angles
+from model.attention import MLP, KVCache, SelfAttention, dropout
+from model.config import GLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, mode: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.mode = mode
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps, self.mode)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig, layer_number: int):
+        super().__init__()
+        self.config = config
+        self.input_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, config.kernels)
+        self.attention = SelfAttention(config, layer_number)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon,
+                                           config.kernels)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
+        # x [s, b, h]; pre-norm residual block
+        c = self.config
+        attn = self.attention(self.input_norm(x), cos, sin, prefix_lens, pad_lens, kv_cache)
+        attn = dropout(attn, c.hidden_dropout, self.training)
+        # fused: x + attn, and the post-attention norm of that sum
+        x, normed = ops.add_rms_norm(attn, x, self.post_attention_norm.weight,
+                                     c.layernorm_epsilon, c.kernels)
+        return x + dropout(self.mlp(normed), c.hidden_dropout, self.training)
+
+
+class GLM(nn.Module):
+    def __init__(self, config: GLMConfig, layer_range: tuple[int, int] | None = None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        self.config = config
+        start, end = layer_range if layer_range is not None else (0, config.num_layers)
+        if not 0 <= start < end <= config.num_layers:
+            raise ValueError(f"layer_range={layer_range} is outside 0..{config.num_layers}")
+        self.layer_range = (start, end)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.embedding = (nn.Embedding(config.padded_vocab_size, config.hidden_size)
+                          if pre_process else None)
+        self.layers = nn.ModuleDict({str(i): GLMBlock(config, i) for i in range(start, end)})
+        if post_process:
+            self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, config.kernels)
+            self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size,
+                                          bias=False)
+        else:
+            self.final_norm = self.output_layer = None
+
+    # ---- construction ----------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0):
+        """Normal(0, init_std) for matrices, output projections scaled by
+        1/sqrt(2 * num_layers) (GPT-2), ones for norms, zeros for biases. Each tensor draws
+        from its own generator seeded by (seed, name): layout-independent init."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                scale = std / math.sqrt(2 * self.config.num_layers) if name.endswith(
+                    ("attention.dense.weight", "mlp.down.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * scale)
+        return self
+
+    @classmethod
+    def build(cls, config: GLMConfig, seed: int = 0, device="cpu", **kwargs) -> "GLM":
+        """Allocate on `device` without a throwaway default init, then init_weights."""
+        with torch.device("meta"):
+            model = cls(config, **kwargs)
+        model.to_empty(device=device)
+        return model.init_weights(seed)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            for m in (self.embedding, self.output_layer):
+                if m is not None:
+                    n -= m.weight.numel()
+        return n
+
+    # ---- forward ---------------------------------------------------------------------
+    def forward(self, input_ids=None, *, hidden_states=None, position_ids=None,
+                block_position_ids=None, prefix_lens=None, pad_lens=None, labels=None,
+                kv_cache: KVCache | None = None, return_hidden: bool = False):
+        """First stage takes input_ids [b, s]; later stages take hidden_states [s, b, h].
+
+        Returns, on a non-final stage, hidden states [s, b, h]; on the final stage the
+        logits [b, s, vocab] (fp32), or with `labels` the per-token losses [b, s] (fp32,
+        0 where the label is -100) so that the caller decides how to average. With
+        `return_hidden` the final-normed hidden states [s, b, h] come back as well.
+        """
+        c = self.config
+        if self.pre_process:
+            b, s = input_ids.shape
+            x = self.embedding(input_ids).transpose(0, 1)  # [s, b, h]
+        else:
+            s, b = hidden_states.shape[:2]
+            x = hidden_states
+        if position_ids is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
+        cos, sin = rotary_angles(position_ids, block_position_ids, c.kv_channels,
+                                 10000.0 * c.rope_ratio)
+        # [b, s, d/2] -> [s, b, 1, d/2], broadcast over heads
+        cos, sin = (t.transpose(0, 1).unsqueeze(2) for t in (cos, sin))
+        x = dropout(x, c.hidden_dropout, self.training)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, prefix_lens, pad_lens, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(s)
+        if not self.post_process:
+            return x
+        h = self.final_norm(x)
+        if labels is not None:
+            flat = h.transpose(0, 1).reshape(b * s, -1)
+            loss = ops.linear_cross_entropy(flat, self.output_layer.weight, labels.reshape(-1),
+                                            mode=c.kernels).view(b, s)
+            return (loss, h) if return_hidden else loss
+        logits = self.output_layer(h).transpose(0, 1).float()
+        return (logits, h) if return_hidden else logits
+
+    def new_kv_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, batch, max_len, [int(k) for k in self.layers.keys()],
+                       p.device, dtype or p.dtype)
