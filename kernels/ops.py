@@ -2,9 +2,9 @@
 reference by the model's `kernels` switch.
 
     "torch"  -> always the reference (kernels/reference.py)
-    "triton" -> always Triton; on CPU only under TRITON_INTERPRET=1 (tests)
-    "auto"   -> Triton on CUDA when triton imports, the reference elsewhere; on CPU with
-                TRITON_INTERPRET=1 set, Triton too, so tests exercise the kernels
+    "auto"   -> Triton on CUDA tensors (when triton imports), the reference elsewhere
+    "triton" -> always Triton; on CPU that needs TRITON_INTERPRET=1 (set before triton is
+                imported), which is how the tests run every kernel without a GPU
 The numerics are the same either way: every Triton op is tested against its reference.
 """
 from __future__ import annotations
@@ -24,18 +24,18 @@ def _interpreting() -> bool:
 def use_triton(mode: str, x: torch.Tensor) -> bool:
     if mode == "torch":
         return False
-    if x.is_cuda or _interpreting():
-        try:
-            importlib.import_module("triton")
-        except ImportError:
-            if mode == "triton":
-                raise RuntimeError("kernels='triton' but triton is not installed")
-            return False
-        return True
     if mode == "triton":
-        raise RuntimeError("kernels='triton' needs a CUDA tensor or TRITON_INTERPRET=1 "
-                           f"(got a {x.device.type} tensor)")
-    return False
+        if not (x.is_cuda or _interpreting()):
+            raise RuntimeError("kernels='triton' needs a CUDA tensor or TRITON_INTERPRET=1 "
+                               f"(got a {x.device.type} tensor)")
+        return True
+    if not x.is_cuda:
+        return False
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
 
 
 def _triton(module: str):

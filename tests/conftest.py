@@ -1,9 +1,14 @@
 import os
 import sys
 
+# Before anything imports triton: kernels run under the interpreter on CPU. Only models
+# built with kernels="triton" take that path; "auto" stays on the torch reference on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,80 @@
+"""Spawn a gloo process group inside a test, with a deadline so a hang fails the test.
+
+    results = run_workers(fn, world_size, *args, timeout=60)
+
+`fn(rank, world_size, *args)` must be a module-level function (spawned processes import
+it by name). Each worker gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set like
+torchrun, an initialised gloo default group, and one intra-op thread (2 cores, up to 4
+processes). Returns the per-rank return values; a worker exception re-raises here with
+the rank's traceback; a deadline kills every worker and fails naming the ranks still
+running.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world_size, port, queue, args, pg_timeout):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=pg_timeout))
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - ship every failure to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_workers(fn, world_size: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0):
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, pg_timeout),
+                         daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            if not queue.empty():
+                rank, ok, value = queue.get()
+                if not ok:
+                    raise AssertionError(f"rank {rank} failed:\n{value}")
+                results[rank] = value
+                continue
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise AssertionError(f"timeout after {timeout:.0f}s: ranks {missing} still running")
+            dead = [r for r, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and r not in results]
+            if dead and queue.empty():
+                raise AssertionError(f"ranks {dead} died (exit codes "
+                                     f"{[procs[r].exitcode for r in dead]}) without a result")
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world_size)]
