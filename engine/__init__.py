@@ -1,0 +1,1 @@
+"""Everything distributed and everything that trains."""

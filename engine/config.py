@@ -1,0 +1,204 @@
+"""Run configuration: one dataclass per concern, loaded from JSON or a YAML subset, then
+`--section.field value` command-line overrides.
+
+    {"model": {"preset": "small", "num_layers": 4},
+     "train": {"steps": 200, "lr": 1e-3}, "parallel": {"pp": 2}, "data": {"dir": "data"}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from model.config import GLMConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8
+    num_microbatches: int = 1         # per data-parallel rank and optimizer step
+    seq_len: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # 0 disables clipping
+    precision: str = "auto"           # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 50              # 0 disables periodic eval
+    eval_batches: int = 4
+    save_every: int = 0               # 0: save only at the end
+    out_dir: str = "runs/pretrain"
+    init_from: str = ""               # checkpoint dir whose model weights start this run
+    threads: int = 0                  # torch intra-op threads; 0 leaves torch's default
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "num_microbatches", "seq_len", "log_every",
+                     "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be positive")
+        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip",
+                     "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need "
+                             "0 <= min_lr <= lr and lr > 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision={self.precision!r} must be auto, fp32, bf16 "
+                             "or fp16")
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"                 # output of runners/prepare_data.py
+    task: str = "pretrain"            # pretrain | translation
+    objective: str = "glm"            # pretrain objective: glm (blank infilling) | causal
+
+    def __post_init__(self):
+        if self.task not in ("pretrain", "translation"):
+            raise ValueError(f"data.task={self.task!r} must be 'pretrain' or 'translation'")
+        if self.objective not in ("glm", "causal"):
+            raise ValueError(f"data.objective={self.objective!r} must be 'glm' or 'causal'")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 0                       # 0: whatever the world size leaves after tp * pp
+    vpp: int = 1
+    schedule: str = "1f1b"            # none | gpipe | 1f1b | interleaved
+    zero_stage: int = 0
+    timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "vpp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.dp < 0:
+            raise ValueError(f"parallel.dp={self.dp} must be >= 0 (0 = infer)")
+        if self.schedule not in ("none", "gpipe", "1f1b", "interleaved"):
+            raise ValueError(f"parallel.schedule={self.schedule!r} must be none, gpipe, "
+                             "1f1b or interleaved")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1 or 2")
+
+
+@dataclass
+class RunConfig:
+    model: GLMConfig = field(default_factory=lambda: GLMConfig.preset("tiny"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": GLMConfig, "train": TrainConfig, "data": DataConfig,
+             "parallel": ParallelConfig}
+
+
+def _parse_scalar(text: str):
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() in ("null", "none", "~"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip("'\"")
+
+
+def _read_yaml_subset(path: str) -> dict:
+    """Two-level YAML: `section:` lines, then indented `key: value` scalars (no PyYAML
+    dependency for a config this flat)."""
+    out, section = {}, None
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.split("#", 1)[0].rstrip()
+            if not line.strip():
+                continue
+            if ":" not in line:
+                raise ValueError(f"{path}:{n}: expected 'key: value', got {raw.strip()!r}")
+            key, value = line.split(":", 1)
+            if not line[0].isspace():
+                if value.strip():
+                    raise ValueError(f"{path}:{n}: top-level keys must be sections")
+                section = out.setdefault(key.strip(), {})
+            elif section is None:
+                raise ValueError(f"{path}:{n}: indented key outside a section")
+            else:
+                section[key.strip()] = _parse_scalar(value)
+    return out
+
+
+def load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} does not exist")
+    if path.endswith((".yaml", ".yml")):
+        return _read_yaml_subset(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--train.lr', '3e-4', '--model.preset=small'] -> {'train': {'lr': 3e-4}, ...}"""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ValueError(f"unrecognised argument {arg!r}: overrides look like "
+                             "--section.field value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg} has no value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = _parse_scalar(value)
+    return out
+
+
+def build_run_config(base: dict | None = None, overrides: dict | None = None) -> RunConfig:
+    merged: dict = {}
+    for src in (base or {}, overrides or {}):
+        for section, values in src.items():
+            if section not in _SECTIONS:
+                raise ValueError(f"unknown config section {section!r}; known: "
+                                 f"{', '.join(_SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} must be a mapping")
+            merged.setdefault(section, {}).update(values)
+    kwargs = {}
+    for section, cls in _SECTIONS.items():
+        values = dict(merged.get(section, {}))
+        if cls is GLMConfig:
+            preset = values.pop("preset", "tiny")
+            known = {f.name for f in dataclasses.fields(GLMConfig)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ValueError(f"unknown model field(s): {', '.join(bad)}")
+            kwargs[section] = GLMConfig.preset(preset, **values)
+        else:
+            known = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ValueError(f"unknown {section} field(s): {', '.join(bad)}")
+            kwargs[section] = cls(**values)
+    return RunConfig(**kwargs)
