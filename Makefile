@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:  make demo   and   make test
+PY      := .venv/bin/python
+STAMP   := .venv/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+DATA    := data
+RUNS    := runs/demo
+THREADS ?= 2
+
+.PHONY: setup test test-fast demo data clean
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv .venv
+	# the CPU wheel first, so nothing below pulls a multi-GB CUDA build of torch
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -e ".[test,triton]"
+	rm -f .venv/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+data: setup
+	$(PY) runners/prepare_data.py --out $(DATA)
+
+demo: data
+	$(PY) runners/pretrain.py --config configs/demo_pretrain.json \
+	    --data.dir $(DATA) --train.out_dir $(RUNS)/pretrain --train.threads $(THREADS)
+	$(PY) runners/pretrain.py --config configs/demo_translate.json \
+	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
+	    --train.init_from $(RUNS)/pretrain/checkpoint
+	$(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint \
+	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

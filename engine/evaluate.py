@@ -1,0 +1,126 @@
+"""Translation evaluation: KV-cache decoding EN -> ZH, sacrebleu BLEU (tokenize="zh") and
+chrF, exact match, dev perplexity, model size and speed. Used by runners/evaluate.py and
+by the compression / fine-tuning reports, so every table is computed the same way."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from sacrebleu.metrics import BLEU, CHRF
+
+from model.generate import generate
+
+
+@dataclass
+class EvalResult:
+    n_sentences: int
+    bleu: float
+    chrf: float
+    exact_match: float
+    dev_loss: float | None
+    dev_ppl: float | None
+    params: int
+    disk_mb: float | None
+    latency_ms: float          # one sentence at a time, greedy, mean
+    decode_tokens_per_s: float  # batched decoding throughput
+    examples: list
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def prompt_ids(tok, english: str, max_source: int) -> list[int]:
+    """Part A of the translation layout: <en> source [gMASK] (then <sop> starts Part B)."""
+    return [tok.en_id] + tok.encode(english)[:max_source] + [tok.gmask_id]
+
+
+def translate(model, tok, sources: list[str], *, batch_size=32, max_new_tokens=64,
+              max_source=96, mode="greedy", num_beams=4) -> tuple[list[str], float, int]:
+    """Returns (hypotheses, seconds, generated token count)."""
+    hyps, seconds, n_tokens = [], 0.0, 0
+    for i in range(0, len(sources), batch_size):
+        prompts = [prompt_ids(tok, s, max_source) for s in sources[i:i + batch_size]]
+        t0 = time.perf_counter()
+        out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eop_id,
+                       pad_id=tok.pad_id, sop_id=tok.sop_id, mode=mode, num_beams=num_beams)
+        seconds += time.perf_counter() - t0
+        n_tokens += sum(len(o) for o in out)
+        hyps += [tok.decode(o).strip() for o in out]
+    return hyps, seconds, n_tokens
+
+
+def measure_latency(model, tok, sources: list[str], max_new_tokens=64, max_source=96) -> float:
+    """Mean wall time per sentence, batch 1 (what one user waits)."""
+    times = []
+    for s in sources:
+        t0 = time.perf_counter()
+        generate(model, [prompt_ids(tok, s, max_source)], max_new_tokens=max_new_tokens,
+                 eos_id=tok.eop_id, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy")
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.mean(times) if times else float("nan")
+
+
+def score(hyps: list[str], refs: list[str]) -> dict:
+    bleu = BLEU(tokenize="zh").corpus_score(hyps, [refs]).score
+    chrf = CHRF().corpus_score(hyps, [refs]).score
+    em = 100.0 * sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / max(len(refs), 1)
+    return {"bleu": bleu, "chrf": chrf, "exact_match": em}
+
+
+@torch.no_grad()
+def dev_loss(model, dataset, batches: int, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(batches):
+        b = dataset.get_batch(i, batch_size)
+        losses = model(b["input_ids"], position_ids=b["position_ids"],
+                       block_position_ids=b["block_position_ids"],
+                       prefix_lens=b["prefix_lens"], labels=b["labels"])
+        total += losses.sum().item()
+        count += int((b["labels"] != -100).sum())
+    return total / max(count, 1)
+
+
+def dir_size_mb(path: str, sub: str = "model") -> float:
+    root = os.path.join(path, sub)
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(root)
+               for f in fs) / 2 ** 20
+
+
+def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, dev_batches=8,
+             batch_size=32, max_new_tokens=64, mode="greedy", num_beams=4,
+             latency_samples=16, checkpoint_dir=None, n_examples=8) -> EvalResult:
+    model.eval()
+    sources = [p[0] for p in pairs]
+    refs = [p[1] for p in pairs]
+    hyps, seconds, n_tokens = translate(model, tok, sources, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, mode=mode,
+                                        num_beams=num_beams)
+    s = score(hyps, refs)
+    dl = dev_loss(model, dev, dev_batches, batch_size) if dev is not None else None
+    return EvalResult(
+        n_sentences=len(pairs), bleu=s["bleu"], chrf=s["chrf"], exact_match=s["exact_match"],
+        dev_loss=dl, dev_ppl=math.exp(min(dl, 50)) if dl is not None else None,
+        params=model.num_params(),
+        disk_mb=dir_size_mb(checkpoint_dir) if checkpoint_dir else None,
+        latency_ms=measure_latency(model, tok, sources[:latency_samples], max_new_tokens),
+        decode_tokens_per_s=n_tokens / max(seconds, 1e-9),
+        examples=[{"en": a, "ref": r, "hyp": h}
+                  for a, r, h in list(zip(sources, refs, hyps))[:n_examples]])
+
+
+def markdown_table(rows: dict[str, EvalResult]) -> str:
+    head = ("| model | params | disk MB | dev loss | ppl | BLEU | chrF | exact % | "
+            "latency ms/sent | decode tok/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for name, r in rows.items():
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {name} | {r.params:,} | {fmt(r.disk_mb, '.1f')} | "
+                     f"{fmt(r.dev_loss, '.3f')} | {fmt(r.dev_ppl, '.1f')} | {r.bleu:.2f} | "
+                     f"{r.chrf:.2f} | {r.exact_match:.1f} | {r.latency_ms:.1f} | "
+                     f"{r.decode_tokens_per_s:,.0f} |")
+    return "\n".join(lines)

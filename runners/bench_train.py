@@ -1,0 +1,81 @@
+"""Measure this machine's fp32 matmul FLOP/s and a training step's achieved FLOP/s, side
+by side in one run, and print their ratio (model FLOPs utilisation against the measured
+matmul peak rather than a datasheet number).
+
+    python runners/bench_train.py --preset small --seq-len 128 --batch 16 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from engine.flops import train_flops_per_token  # noqa: E402
+from model import GLM, GLMConfig  # noqa: E402
+
+
+def matmul_flops(n: int, reps: int, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def train_step_flops(cfg: GLMConfig, seq_len: int, batch: int, steps: int):
+    model = GLM.build(cfg, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.padded_vocab_size, (batch, seq_len + 1), generator=g)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    tokens = batch * seq_len
+    return tokens / step, tokens / step * train_flops_per_token(cfg, seq_len), step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--matmul-n", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = GLMConfig.preset(args.preset)
+    # matmul measured before and after the training steps; the best of the two is the
+    # peak, so a noisy neighbour during one measurement cannot inflate the ratio
+    peak = matmul_flops(args.matmul_n, reps=10)
+    tps, achieved, step = train_step_flops(cfg, args.seq_len, args.batch, args.steps)
+    peak = max(peak, matmul_flops(args.matmul_n, reps=10))
+    print(f"threads                  {torch.get_num_threads()}")
+    print(f"fp32 matmul {args.matmul_n}^3       {peak / 1e9:8.2f} GFLOP/s (measured)")
+    print(f"train step ({args.preset}, b={args.batch}, s={args.seq_len})  "
+          f"{step * 1e3:.1f} ms, {tps:,.0f} tokens/s")
+    print(f"achieved model FLOP/s    {achieved / 1e9:8.2f} GFLOP/s "
+          f"({train_flops_per_token(cfg, args.seq_len) / 1e6:.1f} MFLOP/token)")
+    print(f"ratio achieved / matmul  {achieved / peak:8.1%}")
+
+
+if __name__ == "__main__":
+    main()
