@@ -104,7 +104,7 @@ PRESETS: dict[str, dict] = {
     "base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, multi_query_group_num=4,
                  kv_channels=64, ffn_hidden_size=2048, padded_vocab_size=32000, seq_length=2048),
     "chatglm2-6b": dict(_CHATGLM_6B),
-    "chatglm3-6b": dict(_CHATGLM_6B),
+    "chatglm3-6b": dict(_CHATGLM_6B, seq_length=8192),
     "glm4-9b": dict(num_layers=40, hidden_size=4096, num_attention_heads=32,
                     multi_query_group_num=2, kv_channels=128, ffn_hidden_size=13696,
                     padded_vocab_size=151552, seq_length=131072, rope_ratio=500.0,
