@@ -6,6 +6,7 @@ reference by the model's `kernels` switch.
     "triton" -> always Triton; on CPU that needs TRITON_INTERPRET=1 (set before triton is
                 imported), which is how the tests run every kernel without a GPU
 The numerics are the same either way: every Triton op is tested against its reference.
+`interpreting`, `dot_precision` and `upcast_dot` are the switches the kernel files share.
 """
 from __future__ import annotations
 
@@ -17,15 +18,32 @@ import torch
 from kernels import reference as ref
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (tests). Kernels then take one
+    block config (autotune needs real hardware) and few, large programs (~3 ms each)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: fp32 operands follow torch's own TF32 switch so that a
+    Triton matmul and the torch reference agree on CUDA ("ieee" = true fp32, the torch
+    default); 16-bit operands ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The interpreter's bf16 arithmetic and bf16 tl.dot are wrong: there, kernels cast bf16
+    tiles to fp32 before dots. On GPUs bf16 dots are native."""
+    return interpreting() and dtype == torch.bfloat16
 
 
 def use_triton(mode: str, x: torch.Tensor) -> bool:
     if mode == "torch":
         return False
     if mode == "triton":
-        if not (x.is_cuda or _interpreting()):
+        if not (x.is_cuda or interpreting()):
             raise RuntimeError("kernels='triton' needs a CUDA tensor or TRITON_INTERPRET=1 "
                                f"(got a {x.device.type} tensor)")
         return True
@@ -52,6 +70,13 @@ def add_rms_norm(x, residual, weight, eps, mode="auto"):
     if use_triton(mode, x):
         return _triton("rms_norm").add_rms_norm(x, residual, weight, eps)
     return ref.add_rms_norm(x, residual, weight, eps)
+
+
+def swiglu(x, mode="auto"):
+    """silu(gate) * up for x [..., 2f] = [gate | up] (the MLP's path when it has a bias)."""
+    if use_triton(mode, x):
+        return _triton("swiglu").swiglu(x)
+    return ref.swiglu(x)
 
 
 def swiglu_linear(x, weight, mode="auto"):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import ops, reference
+from kernels import ops
 from model.config import GLMConfig
 
 
@@ -92,7 +92,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up.bias is not None:
-            act = reference.swiglu(self.gate_up(x))
+            act = ops.swiglu(self.gate_up(x), self.config.kernels)
         else:
             act = ops.swiglu_linear(x, self.gate_up.weight, self.config.kernels)
         return self.down(act)

@@ -28,7 +28,7 @@ class GLMConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_std: float = 0.02
-    kernels: str = "auto"               # "auto" | "triton" | "torch": see kernels/dispatch.py
+    kernels: str = "auto"               # "auto" | "triton" | "torch": see kernels/ops.py
 
     def __post_init__(self):
         positive = ("num_layers", "hidden_size", "num_attention_heads", "multi_query_group_num",
