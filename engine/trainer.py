@@ -45,14 +45,19 @@ def count_tokens(microbatches: list[dict]) -> int:
     return int(sum((mb["labels"] != -100).sum().item() for mb in microbatches))
 
 
+def lm_loss(model: GLM, batch: dict, device) -> torch.Tensor:
+    """The default objective: summed token cross-entropy of the batch (the caller divides
+    by the global label count). Distillation and fine-tuning pass their own."""
+    return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).sum()
+
+
 def accumulate(model: GLM, microbatches: list[dict], num_tokens: int, device,
-               autocast) -> float:
+               autocast, loss_fn=lm_loss) -> float:
     """No-pipeline schedule: gradient accumulation. Returns the step loss."""
     total = 0.0
     for mb in microbatches:
         with autocast():
-            losses = model(**model_inputs(mb, device), labels=mb["labels"].to(device))
-        loss = losses.sum() / num_tokens
+            loss = loss_fn(model, mb, device) / num_tokens
         loss.backward()
         total += loss.item()
     return total
@@ -71,8 +76,10 @@ class StepStats:
 class Trainer:
     def __init__(self, cfg: RunConfig, train_data, dev_data=None, *,
                  tokenizer_sha256: str | None = None, log=print, device=None,
-                 model: GLM | None = None, extra_meta: dict | None = None):
+                 model: GLM | None = None, extra_meta: dict | None = None,
+                 loss_fn=lm_loss):
         self.cfg = cfg
+        self.loss_fn = loss_fn
         self.train_data, self.dev_data = train_data, dev_data
         self.tokenizer_sha256 = tokenizer_sha256
         self.log = log
@@ -125,7 +132,8 @@ class Trainer:
         if num_tokens == 0:
             raise ValueError(f"step {self.step}: the batch has no label tokens")
         self.model.train()
-        loss = accumulate(self.model, mbs, num_tokens, self.device, self.autocast)
+        loss = accumulate(self.model, mbs, num_tokens, self.device, self.autocast,
+                          self.loss_fn)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, tc.grad_clip if tc.grad_clip > 0 else float("inf")).item()
