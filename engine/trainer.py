@@ -77,9 +77,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig, train_data, dev_data=None, *,
                  tokenizer_sha256: str | None = None, log=print, device=None,
                  model: GLM | None = None, extra_meta: dict | None = None,
-                 loss_fn=lm_loss):
+                 loss_fn=lm_loss, aux_modules: dict | None = None):
         self.cfg = cfg
         self.loss_fn = loss_fn
+        # trained alongside the model and saved next to it as "aux.<name>.<param>" (e.g. a
+        # distillation projection); model loaders ask only for model names and skip them
+        self.aux_modules = torch.nn.ModuleDict(aux_modules or {})
         self.train_data, self.dev_data = train_data, dev_data
         self.tokenizer_sha256 = tokenizer_sha256
         self.log = log
@@ -94,8 +97,11 @@ class Trainer:
             ckpt = ckpt_lib.Checkpoint(tc.init_from)
             ckpt.check_tokenizer(tokenizer_sha256)
             ckpt_lib.load_model_weights(self.model, ckpt)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        self.aux_modules.to(self.device)
+        trained = [p for p in self.model.parameters() if p.requires_grad] + list(
+            self.aux_modules.parameters())
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
@@ -134,7 +140,8 @@ class Trainer:
         self.model.train()
         loss = accumulate(self.model, mbs, num_tokens, self.device, self.autocast,
                           self.loss_fn)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]
+                  if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, tc.grad_clip if tc.grad_clip > 0 else float("inf")).item()
         self.optimizer.step()
@@ -165,10 +172,15 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ---- checkpoints -----------------------------------------------------------------
+    def named_trained_parameters(self):
+        yield from self.model.named_parameters()
+        for n, p in self.aux_modules.named_parameters():
+            yield f"aux.{n}", p
+
     def save(self, path: str | None = None) -> str:
         path = path or os.path.join(self.cfg.train.out_dir, "checkpoint")
         optim = {}
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = {id(p): n for n, p in self.named_trained_parameters()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 st = self.optimizer.state.get(p)
@@ -185,15 +197,20 @@ class Trainer:
             "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "zero_stage": 0},
             **self.extra_meta,
         }
-        ckpt_lib.save_checkpoint(path, dict(self.model.state_dict()), optim, meta)
+        tensors = dict(self.model.state_dict())
+        tensors.update({f"aux.{k}": v for k, v in self.aux_modules.state_dict().items()})
+        ckpt_lib.save_checkpoint(path, tensors, optim, meta)
         return path
 
     def resume(self, path: str):
         ckpt = ckpt_lib.Checkpoint(path)
         ckpt.check_tokenizer(self.tokenizer_sha256)
         ckpt_lib.load_model_weights(self.model, ckpt)
+        if len(self.aux_modules):
+            aux = ckpt.load("model", [f"aux.{k}" for k in self.aux_modules.state_dict()])
+            self.aux_modules.load_state_dict({k[4:]: v for k, v in aux.items()})
         optim = ckpt.load("optim") if ckpt.names("optim") else {}
-        for n, p in self.model.named_parameters():
+        for n, p in self.named_trained_parameters():
             if f"exp_avg/{n}" in optim:
                 self.optimizer.state[p] = {
                     "step": optim[f"step/{n}"].reshape(()).clone(),
