@@ -142,9 +142,15 @@ class GLM(nn.Module):
             return x
         h = self.final_norm(x)
         if labels is not None:
-            flat = h.transpose(0, 1).reshape(b * s, -1)
-            loss = ops.linear_cross_entropy(flat, self.output_layer.weight, labels.reshape(-1),
-                                            mode=c.kernels).view(b, s)
+            flat = h.reshape(-1, h.shape[-1])  # [s*b, h]: seq-major, no transpose copy
+            labels = labels.transpose(0, 1).reshape(-1)  # [s*b], matching flat's order
+            head = self.output_layer
+            # a parallel head (vocab-sharded) brings its own loss; see engine/tensor_parallel
+            if hasattr(head, "loss"):
+                loss = head.loss(flat, labels)
+            else:
+                loss = ops.linear_cross_entropy(flat, head.weight, labels, mode=c.kernels)
+            loss = loss.view(-1, b).transpose(0, 1)  # [b, s]
             return (loss, h) if return_hidden else loss
         logits = self.output_layer(h).transpose(0, 1).float()
         return (logits, h) if return_hidden else logits
