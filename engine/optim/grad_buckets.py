@@ -1,0 +1,171 @@
+"""Gradient buckets: accumulate microbatch gradients into flat buffers and reduce them
+over data parallel while backward is still running.
+
+Each parameter's post-accumulate-grad hook adds `p.grad` into its bucket and frees it.
+On the last microbatch (outside `no_sync`), a bucket whose every parameter has reported
+starts its reduction at once as async work; buckets start strictly in index order so
+every rank issues the same collectives in the same order. `finish()` (called by the
+optimizer step) starts whatever is left and waits.
+
+The reduction is a SUM: each microbatch's loss is already divided by the global number
+of label tokens, so the sum over ranks is the gradient of the global-batch loss.
+
+    ZeRO 0/1: all_reduce each bucket; every rank keeps full gradients.
+    ZeRO 2  : reduce-scatter each bucket into the shard owners; each rank then keeps only
+              its gradient shard (reduce dtype) and the bucket buffers are freed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from engine.optim.layout import FlatLayout
+
+
+def reduce_scatter_to_owners(buf: torch.Tensor, owners: list[tuple[int, int, int]], group):
+    """Reduce-scatter with uneven pieces: sum buf[lo:hi] over the group onto rank `r`
+    for each (r, lo, hi). Implemented as one async `reduce` per owner, which gloo and NCCL
+    both have (uneven `reduce_scatter` is missing from older gloo builds); the traffic per
+    element is the same as a reduce-scatter. Non-owner ranks' copies of a piece are left
+    undefined. Returns the async works."""
+    return [dist.reduce(buf[lo:hi], dst=dist.get_global_rank(group, r), group=group,
+                        async_op=True) for r, lo, hi in owners]
+
+
+class GradBuckets:
+    def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout, dtype, group,
+                 shard_rank: int, world: int, scatter: bool):
+        """shard_rank: which of the layout's shards this rank updates (0 under ZeRO 0,
+        where the one shard is everything); world: the dp group's size."""
+        self.layout, self.dtype, self.group = layout, dtype, group
+        self.shard_rank, self.world, self.scatter = shard_rank, world, scatter
+        self.device = params[0].device
+        nb = len(layout.buckets)
+        self.buffers: list[torch.Tensor | None] = [None] * nb
+        self.grad_shard: torch.Tensor | None = None   # ZeRO 2 only: [shard_size]
+        self.sync_enabled = True
+        self._ready: list[set[int]] = [set() for _ in range(nb)]
+        self._launched = [False] * nb
+        self._works: list[list] = [[] for _ in range(nb)]
+        self._next = 0              # buckets [0, _next) have been launched
+        self._finished = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i))
+                         for i, p in enumerate(params)]
+
+    # ---- backward side -----------------------------------------------------------------
+    def _hook(self, i: int):
+        def on_grad(p: torch.Tensor):
+            if p.grad is None:
+                return
+            slot = self.layout.slots[i]
+            b = slot.bucket
+            if self._launched[b] or self._finished:
+                raise RuntimeError(
+                    f"gradient of {slot.name} arrived after its bucket was reduced: run "
+                    "every microbatch but the last under no_sync(), and step() or "
+                    "zero_grad() before the next backward")
+            lo = slot.offset - self.layout.buckets[b].start
+            with torch.no_grad():
+                self._buffer(b)[lo:lo + slot.numel].view(slot.shape).add_(p.grad)
+            p.grad = None  # the bucket holds it now; do not keep two copies
+            if self.sync_enabled:
+                self._ready[b].add(i)
+                self._launch_ready()
+        return on_grad
+
+    def _buffer(self, b: int) -> torch.Tensor:
+        if self.buffers[b] is None:
+            self.buffers[b] = torch.zeros(self.layout.buckets[b].size, dtype=self.dtype,
+                                          device=self.device)
+        return self.buffers[b]
+
+    def _launch_ready(self):
+        buckets = self.layout.buckets
+        while (self._next < len(buckets)
+               and len(self._ready[self._next]) == len(buckets[self._next].slots)):
+            self._launch(self._next)
+
+    def _launch(self, b: int):
+        buf = self._buffer(b)
+        self._launched[b] = True
+        self._next = b + 1
+        if self.world == 1:
+            return
+        if self.scatter:
+            self._works[b] = reduce_scatter_to_owners(buf, self.layout.bucket_owners(b),
+                                                      self.group)
+        else:
+            self._works[b] = [dist.all_reduce(buf, group=self.group, async_op=True)]
+
+    @property
+    def num_launched(self) -> int:
+        return self._next
+
+    # ---- optimizer side ----------------------------------------------------------------
+    def finish(self):
+        """Start the reductions no hook started (parameters without a gradient in the last
+        microbatch, or a step without backward), in index order, and wait for all."""
+        if self._finished:
+            return
+        for b in range(self._next, len(self.layout.buckets)):
+            self._launch(b)
+        if self.scatter:
+            self.grad_shard = torch.zeros(self.layout.shard_size, dtype=self.dtype,
+                                          device=self.device)
+        pieces = self.layout.shard_pieces(self.shard_rank)
+        for b, works in enumerate(self._works):
+            for w in works:
+                w.wait()
+            self._works[b] = []
+            if self.scatter:
+                for pb, blo, bhi, slo, shi in pieces:
+                    if pb == b:
+                        self.grad_shard[slo:shi].copy_(self.buffers[b][blo:bhi])
+                self.buffers[b] = None  # this rank keeps only its shard
+        self._finished = True
+
+    def shard_grads(self) -> list[tuple[torch.Tensor, int, int]]:
+        """(grad, slo, shi): this rank's reduced gradient shard as pieces, shard-local
+        [slo, shi). Views into the buffers: the caller may scale them in place."""
+        assert self._finished, "finish() first"
+        if self.scatter:
+            return [(self.grad_shard, 0, self.layout.shard_size)]
+        return [(self.buffers[b][blo:bhi], slo, shi)
+                for b, blo, bhi, slo, shi in self.layout.shard_pieces(self.shard_rank)]
+
+    def full_flat(self) -> torch.Tensor:
+        """All reduced gradients as one fp32 [total] tensor (collective under ZeRO 2)."""
+        self.finish()
+        if not self.scatter:
+            return torch.cat([self._buffer(b).float() for b in range(len(self.buffers))])
+        if self.world == 1:
+            return self.grad_shard.float()
+        out = torch.empty(self.layout.total, dtype=self.dtype, device=self.device)
+        dist.all_gather(list(out.chunk(self.world)), self.grad_shard, group=self.group)
+        return out.float()
+
+    def reset(self):
+        """Zero the gradients for the next step; waits for any reduction in flight."""
+        for works in self._works:
+            for w in works:
+                w.wait()
+        for b, buf in enumerate(self.buffers):
+            if self.scatter:
+                self.buffers[b] = None
+            elif buf is not None:
+                buf.zero_()
+        self.grad_shard = None
+        self._ready = [set() for _ in self._ready]
+        self._launched = [False] * len(self._launched)
+        self._works = [[] for _ in self._works]
+        self._next = 0
+        self._finished = False
+
+    def bytes_held(self) -> int:
+        """Gradient bytes held at step time: the shard (ZeRO 2) or all buckets."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return itemsize * (self.layout.shard_size if self.scatter else self.layout.total)
+
+    def remove_hooks(self):
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,94 @@
+"""Optimizer memory per rank (fp32 master weights + AdamW moments + gradients held) for
+each ZeRO stage and precision, and optionally the time of a training step, at the data
+parallel size this is launched with.
+
+    python runners/bench_optimizer.py --presets tiny small                     # dp=1
+    torchrun --nproc_per_node 2 runners/bench_optimizer.py --presets tiny small  # dp=2
+    torchrun --nproc_per_node 2 runners/bench_optimizer.py --presets small --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from engine.optim import DistributedOptimizer, OptimConfig  # noqa: E402
+from model import GLM, GLMConfig  # noqa: E402
+
+
+def time_steps(model, opt, cfg: GLMConfig, batch: int, seq_len: int, steps: int):
+    """Median seconds of (forward + backward + optimizer step) and of step() alone."""
+    g = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
+    ids = torch.randint(0, cfg.padded_vocab_size, (batch, seq_len + 1), generator=g)
+    total, step_only = [], []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).sum() / ids[:, 1:].numel()
+        opt.scale_loss(loss).backward()
+        t1 = time.perf_counter()
+        opt.step()
+        if i:  # the first step allocates the buffers
+            total.append(time.perf_counter() - t0)
+            step_only.append(time.perf_counter() - t1)
+    return statistics.median(total), statistics.median(step_only)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    what = ap.add_argument_group("what to measure")
+    what.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    what.add_argument("--zero-stages", nargs="+", type=int, default=[0, 1, 2])
+    what.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    timing = ap.add_argument_group("step timing (0 steps: memory only)")
+    timing.add_argument("--steps", type=int, default=0)
+    timing.add_argument("--batch", type=int, default=2)
+    timing.add_argument("--seq-len", type=int, default=64)
+    timing.add_argument("--bucket-mb", type=float, default=25.0)
+    args = ap.parse_args()
+
+    group = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+        group = dist.group.WORLD
+    rank = dist.get_rank() if group is not None else 0
+    dp = dist.get_world_size() if group is not None else 1
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp))
+    if rank == 0:
+        print(f"dp={dp}  (bytes per rank; MiB = 2**20 bytes)")
+        print(f"{'preset':8} {'params':>10} {'prec':5} {'zero':>4} {'master':>9} "
+              f"{'moments':>9} {'grads':>9} {'total':>9}" + ("  step_s  opt_s" if args.steps
+                                                           else ""))
+    for preset in args.presets:
+        cfg = GLMConfig.preset(preset)
+        for precision in args.precisions:
+            for zero in args.zero_stages:
+                model = GLM.build(cfg, seed=0)
+                opt = DistributedOptimizer(model, OptimConfig(zero_stage=zero,
+                                                              precision=precision,
+                                                              bucket_mb=args.bucket_mb),
+                                           dp_group=group)
+                b = opt.state_bytes()
+                line = (f"{preset:8} {model.num_params():>10,} {precision:5} {zero:>4} "
+                        + " ".join(f"{v / 2 ** 20:>9.2f}" for v in
+                                   (b["master"], b["exp_avg"] + b["exp_avg_sq"], b["grads"],
+                                    b["total"])))
+                if args.steps:
+                    step_s, opt_s = time_steps(model, opt, cfg, args.batch, args.seq_len,
+                                               args.steps)
+                    line += f"  {step_s:6.3f} {opt_s:6.3f}"
+                if rank == 0:
+                    print(line, flush=True)
+    if group is not None:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
