@@ -1,13 +1,18 @@
 """The one training loop that pretrain, distill and finetune share.
 
-Per optimizer step: this data-parallel rank's microbatches -> the pipeline schedule's
-forward_backward (plain gradient accumulation when pp == 1) -> clip + optimizer step ->
-log. Losses are token-weighted over the whole global batch: each microbatch's summed
-token loss is divided by the global label count, so any layout reproduces the
-single-process numbers (see engine/schedules.py).
+Per optimizer step, on every rank of any tp x pp x dp layout:
+  this data-parallel rank's microbatches
+  -> engine.schedules.forward_backward (gradient accumulation when pp == 1, else the
+     pipeline schedule), with the data-parallel reduction deferred to the last microbatch
+  -> DistributedOptimizer.step: global-norm clipping, AdamW, ZeRO all-gather
+  -> log / eval / checkpoint.
+Losses are token-weighted over the whole global batch (each microbatch's summed token
+loss is divided by the global label count), so every layout reproduces the
+single-process numbers.
 
-Batches are a pure function of (seed, index) (engine/data/datasets.py), so the data
-position is just the step count and `--resume` continues bitwise on CPU.
+Batches are a pure function of (seed, index) (engine/data/datasets.py): step t uses global
+microbatches t*m*dp ... (t+1)*m*dp - 1, dp rank r the r-th run of m of them. The data
+position is just the step count, so `--resume` continues bitwise on CPU.
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
 from engine.config import RunConfig
 from engine.flops import train_flops_per_token
-from model import GLM
+from engine.optim import DistributedOptimizer, OptimConfig
+from engine.schedules import build_stage, forward_backward, glm_forward_step
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
 
@@ -45,22 +52,10 @@ def count_tokens(microbatches: list[dict]) -> int:
     return int(sum((mb["labels"] != -100).sum().item() for mb in microbatches))
 
 
-def lm_loss(model: GLM, batch: dict, device) -> torch.Tensor:
+def lm_loss(model, batch: dict, device) -> torch.Tensor:
     """The default objective: summed token cross-entropy of the batch (the caller divides
     by the global label count). Distillation and fine-tuning pass their own."""
     return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).sum()
-
-
-def accumulate(model: GLM, microbatches: list[dict], num_tokens: int, device,
-               autocast, loss_fn=lm_loss) -> float:
-    """No-pipeline schedule: gradient accumulation. Returns the step loss."""
-    total = 0.0
-    for mb in microbatches:
-        with autocast():
-            loss = loss_fn(model, mb, device) / num_tokens
-        loss.backward()
-        total += loss.item()
-    return total
 
 
 @dataclass
@@ -69,153 +64,215 @@ class StepStats:
     loss: float
     lr: float
     grad_norm: float
-    tokens: int
+    tokens: int       # tokens processed by the whole job this step (padding included)
     seconds: float
+    skipped: bool = False
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, train_data, dev_data=None, *,
-                 tokenizer_sha256: str | None = None, log=print, device=None,
-                 model: GLM | None = None, extra_meta: dict | None = None,
-                 loss_fn=lm_loss, aux_modules: dict | None = None):
-        self.cfg = cfg
-        self.loss_fn = loss_fn
-        # trained alongside the model and saved next to it as "aux.<name>.<param>" (e.g. a
-        # distillation projection); model loaders ask only for model names and skip them
-        self.aux_modules = torch.nn.ModuleDict(aux_modules or {})
+    """state: engine.parallel.ParallelState for a distributed run, None for one process.
+    model: a ready GLM to train instead of building one (single stage only).
+    loss_fn(model, batch, device) -> summed token loss (single stage), or forward_step
+    (chunk, batch, hidden, side) -> per-token loss on the last stage (any layout).
+    aux_modules: trained beside the model, saved as "aux.<name>.*" (e.g. a projection)."""
+
+    def __init__(self, cfg: RunConfig, train_data, dev_data=None, *, state=None,
+                 tokenizer_sha256: str | None = None, log=print, device=None, model=None,
+                 extra_meta: dict | None = None, loss_fn=None, forward_step=None,
+                 aux_modules: dict | None = None, mp_group=None):
+        self.cfg, self.state = cfg, state
         self.train_data, self.dev_data = train_data, dev_data
         self.tokenizer_sha256 = tokenizer_sha256
-        self.log = log
         self.extra_meta = extra_meta or {}
-        tc = cfg.train
+        tc, pc = cfg.train, cfg.parallel
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model if model is not None else GLM.build(cfg.model, seed=tc.seed,
-                                                               device=self.device)
+        self.rank = state.rank if state else 0
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.pp = state.dims.pp if state else 1
+        self.dp = state.dims.dp if state else 1
+        self.dp_rank = state.coords.dp if state else 0
+        self.stage = state.coords.pp if state else 0
+        if state is not None:
+            self.device = state.device
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available()
+                                                  else "cpu"))
+        # ---- the model: this rank's chunks, initialised like the single-process model
+        if model is not None:
+            if self.pp > 1:
+                raise ValueError("Trainer(model=...) takes a whole model; with pp > 1 the "
+                                 "trainer builds the stages itself")
+            self.chunks = [model.to(self.device)]
+        else:
+            vpp = state.dims.vpp if state else 1
+            self.chunks = build_stage(cfg.model, self.pp, vpp, self.stage, seed=tc.seed,
+                                      device=self.device)
         if tc.init_from:
             ckpt = ckpt_lib.Checkpoint(tc.init_from)
             ckpt.check_tokenizer(tokenizer_sha256)
-            ckpt_lib.load_model_weights(self.model, ckpt)
-        self.aux_modules.to(self.device)
-        trained = [p for p in self.model.parameters() if p.requires_grad] + list(
-            self.aux_modules.parameters())
-        decay = [p for p in trained if p.ndim >= 2]
-        no_decay = [p for p in trained if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=False)
+            for chunk in self.chunks:
+                ckpt_lib.load_model_weights(chunk, ckpt)
+        self.aux_modules = torch.nn.ModuleDict(aux_modules or {}).to(self.device)
+        # ---- the objective
+        if forward_step is None and loss_fn is not None:
+            if self.pp > 1:
+                raise ValueError("loss_fn(model, batch, device) needs a single stage; pass "
+                                 "forward_step(chunk, batch, hidden, side) for pp > 1")
+            forward_step = (lambda chunk, batch, hidden, side:  # noqa: E731
+                            loss_fn(chunk, batch, self.device))
+        self.forward_step = forward_step or glm_forward_step
+        self.schedule = pc.schedule if self.pp > 1 else "none"
+        self.comm = None
+        if self.pp > 1:
+            from engine.p2p import P2P
+            self.comm = P2P(state, cfg.model.hidden_size)
+        # ---- precision: CUDA computes in bf16 under autocast over fp32 master params
         precision = tc.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
+        # ---- the optimizer takes over the parameters' storage: build it last
+        self.optimizer = DistributedOptimizer(
+            list(self.named_trained_parameters()),
+            OptimConfig(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                        weight_decay=tc.weight_decay, max_grad_norm=tc.grad_clip,
+                        zero_stage=pc.zero_stage, precision="fp32"),
+            dp_group=state.dp_group if state and self.dp > 1 else None,
+            model_parallel_group=mp_group)
         self.step = 0
         self.flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
-        os.makedirs(tc.out_dir, exist_ok=True)
+        if self.rank == 0:
+            os.makedirs(tc.out_dir, exist_ok=True)
         self.metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
 
     # ---- pieces ----------------------------------------------------------------------
+    @property
+    def model(self):
+        """The whole model (single-stage runs); stage 0's first chunk otherwise."""
+        return self.chunks[0]
+
+    def named_trained_parameters(self):
+        for chunk in self.chunks:
+            yield from ((n, p) for n, p in chunk.named_parameters() if p.requires_grad)
+        for n, p in self.aux_modules.named_parameters():
+            yield f"aux.{n}", p
+
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def microbatches(self, step: int) -> list[dict]:
+    def _global_count(self, n: int) -> int:
+        if self.dp == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, group=self.state.dp_group)
+        return int(t.item())
+
+    def microbatches(self, data, step: int) -> list[dict]:
         tc = self.cfg.train
         m = tc.num_microbatches
-        return [self.train_data.get_batch(step * m + i, tc.micro_batch_size) for i in range(m)]
+        base = step * m * self.dp + self.dp_rank * m
+        return [data.get_batch(base + i, tc.micro_batch_size) for i in range(m)]
+
+    def _run(self, mbs, forward_only=False) -> float:
+        num_tokens = self._global_count(count_tokens(mbs))
+        if num_tokens == 0:
+            raise ValueError(f"step {self.step}: the global batch has no label tokens")
+        for c in self.chunks:
+            c.train(not forward_only)
+        return forward_backward(self.schedule, self.chunks, mbs, num_tokens, self.comm,
+                                self.state, forward_only=forward_only,
+                                no_sync=None if forward_only else self.optimizer.no_sync,
+                                forward_step=self.forward_step, autocast=self.autocast)
 
     def train_step(self) -> StepStats:
-        tc = self.cfg.train
         t0 = time.perf_counter()
-        lr = lr_at(self.step, tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        mbs = self.microbatches(self.step)
-        num_tokens = count_tokens(mbs)
-        if num_tokens == 0:
-            raise ValueError(f"step {self.step}: the batch has no label tokens")
-        self.model.train()
-        loss = accumulate(self.model, mbs, num_tokens, self.device, self.autocast,
-                          self.loss_fn)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]
-                  if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, tc.grad_clip if tc.grad_clip > 0 else float("inf")).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(self.step, self.cfg.train)
+        mbs = self.microbatches(self.train_data, self.step)
+        loss = self._run(mbs)
+        result = self.optimizer.step(lr)
         self.step += 1
-        tokens = sum(int(mb["input_ids"].numel()) for mb in mbs)
-        return StepStats(self.step, loss, lr, grad_norm, tokens, time.perf_counter() - t0)
+        tokens = sum(int(mb["input_ids"].numel()) for mb in mbs) * self.dp
+        return StepStats(self.step, loss, lr, result.grad_norm, tokens,
+                         time.perf_counter() - t0, result.skipped)
 
     @torch.no_grad()
     def evaluate(self, data=None, batches: int | None = None) -> float:
-        """Token-weighted mean loss over fixed dev batches (the same every call)."""
+        """Token-weighted mean loss over fixed dev batches (the same every call, split
+        across data-parallel ranks)."""
         data = data or self.dev_data
         batches = batches or self.cfg.train.eval_batches
-        self.model.eval()
-        total, count = 0.0, 0
-        for i in range(batches):
-            b = data.get_batch(i, self.cfg.train.micro_batch_size)
-            with self.autocast():
-                losses = self.model(**model_inputs(b, self.device),
-                                    labels=b["labels"].to(self.device))
-            total += losses.sum().item()
-            count += int((b["labels"] != -100).sum())
-        self.model.train()
-        return total / max(count, 1)
+        per_rank = max(1, batches // self.dp)
+        mbs = [data.get_batch(i * self.dp + self.dp_rank, self.cfg.train.micro_batch_size)
+               for i in range(per_rank)]
+        loss = self._run(mbs, forward_only=True)
+        for c in self.chunks:
+            c.train()
+        return loss
 
     def _write_metrics(self, record: dict):
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.rank == 0:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     # ---- checkpoints -----------------------------------------------------------------
-    def named_trained_parameters(self):
-        yield from self.model.named_parameters()
-        for n, p in self.aux_modules.named_parameters():
-            yield f"aux.{n}", p
+    def _barrier(self):
+        if self.state is not None:
+            dist.barrier()
 
     def save(self, path: str | None = None) -> str:
+        """Every rank takes part; the first dp rank of each stage writes that stage's
+        model and optimizer tensors under their global names (layout-free)."""
         path = path or os.path.join(self.cfg.train.out_dir, "checkpoint")
-        optim = {}
-        names = {id(p): n for n, p in self.named_trained_parameters()}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                st = self.optimizer.state.get(p)
-                if st:
-                    for k in ("exp_avg", "exp_avg_sq"):
-                        optim[f"{k}/{names[id(p)]}"] = st[k]
-                    optim[f"step/{names[id(p)]}"] = torch.as_tensor(st["step"]).reshape(1)
-        meta = {
-            "config": self.cfg.to_dict(),
-            "step": self.step,
-            "data_position": {"step": self.step},
-            "rng": ckpt_lib.rng_state(),
-            "tokenizer_sha256": self.tokenizer_sha256,
-            "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "zero_stage": 0},
-            **self.extra_meta,
-        }
-        tensors = dict(self.model.state_dict())
-        tensors.update({f"aux.{k}": v for k, v in self.aux_modules.state_dict().items()})
-        ckpt_lib.save_checkpoint(path, tensors, optim, meta)
+        full = self.optimizer.full_state()   # collective over dp
+        if self.rank == 0:
+            ckpt_lib.begin_save(path)
+        self._barrier()
+        tmp = ckpt_lib.temp_dir_for(path)
+        if self.dp_rank == 0:
+            tensors = {}
+            for chunk in self.chunks:
+                tensors.update(chunk.state_dict())
+            tensors.update({f"aux.{k}": v for k, v in self.aux_modules.state_dict().items()})
+            ckpt_lib.write_tensors(tmp, f"model/stage{self.stage}.safetensors", tensors)
+            optim = {f"{key}/{name}": t for name, st in full["params"].items()
+                     for key, t in st.items()}
+            ckpt_lib.write_tensors(tmp, f"optim/stage{self.stage}.safetensors", optim)
+        self._barrier()
+        if self.rank == 0:
+            dims = self.state.dims if self.state else None
+            meta = {
+                "config": self.cfg.to_dict(),
+                "step": self.step,
+                "data_position": {"step": self.step},
+                "rng": ckpt_lib.rng_state(),
+                "tokenizer_sha256": self.tokenizer_sha256,
+                "layout": {"tp": dims.tp if dims else 1, "pp": self.pp, "dp": self.dp,
+                           "vpp": dims.vpp if dims else 1,
+                           "zero_stage": self.cfg.parallel.zero_stage},
+                "optimizer": {k: v for k, v in full.items() if k != "params"},
+                **self.extra_meta,
+            }
+            ckpt_lib.finish_save(path, meta)
+        self._barrier()
         return path
 
     def resume(self, path: str):
         ckpt = ckpt_lib.Checkpoint(path)
         ckpt.check_tokenizer(self.tokenizer_sha256)
-        ckpt_lib.load_model_weights(self.model, ckpt)
-        if len(self.aux_modules):
-            aux = ckpt.load("model", [f"aux.{k}" for k in self.aux_modules.state_dict()])
-            self.aux_modules.load_state_dict({k[4:]: v for k, v in aux.items()})
-        optim = ckpt.load("optim") if ckpt.names("optim") else {}
-        for n, p in self.named_trained_parameters():
-            if f"exp_avg/{n}" in optim:
-                self.optimizer.state[p] = {
-                    "step": optim[f"step/{n}"].reshape(()).clone(),
-                    "exp_avg": optim[f"exp_avg/{n}"].to(p.device).clone(),
-                    "exp_avg_sq": optim[f"exp_avg_sq/{n}"].to(p.device).clone()}
+        names = [n for n, _ in self.named_trained_parameters()]
+        weights = ckpt.load("model", names)
+        with torch.no_grad():
+            for n, p in self.named_trained_parameters():
+                p.copy_(weights[n])
+        keys = ("master", "exp_avg", "exp_avg_sq")
+        optim = ckpt.load("optim", [f"{k}/{n}" for n in names for k in keys])
+        state = {"params": {n: {k: optim[f"{k}/{n}"] for k in keys} for n in names},
+                 **ckpt.meta["optimizer"]}
+        self.optimizer.load_state_dict(state)
         self.step = int(ckpt.meta["step"])
         ckpt_lib.set_rng_state(ckpt.meta["rng"])
 
@@ -240,7 +297,8 @@ class Trainer:
                 record["flops_per_s"] = tps * self.flops_per_token
                 self.log(f"step {st.step:5d}/{tc.steps} | loss {st.loss:.4f} | lr {st.lr:.2e}"
                          f" | gnorm {st.grad_norm:.3f} | {tps:,.0f} tok/s"
-                         f" | {tps * self.flops_per_token / 1e9:.2f} GFLOP/s")
+                         f" | {tps * self.flops_per_token / 1e9:.2f} GFLOP/s"
+                         + (" | skipped (inf/nan grads)" if st.skipped else ""))
                 window_tokens, window_time = 0, 0.0
             if self.dev_data is not None and tc.eval_every and (
                     st.step % tc.eval_every == 0 or st.step == tc.steps):

@@ -92,7 +92,7 @@ def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
                         str(other.path), check=False),
                     "does not match")
     # a truncated checkpoint file; the checkpoint folder is left as it was
-    f = ck / "checkpoint" / "model" / "model.safetensors"
+    f = ck / "checkpoint" / "model" / "stage0.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     before = sorted(os.listdir(ck / "checkpoint"))
     _one_line_error(run("runners/evaluate.py", "--checkpoint", str(ck / "checkpoint"),

@@ -84,7 +84,7 @@ def test_truncated_checkpoint_and_wrong_tokenizer(tmp_path):
     path = tr.save()
     with pytest.raises(ckpt_lib.CheckpointError, match="does not match"):
         ckpt_lib.Checkpoint(path).check_tokenizer("b" * 64, "data/tokenizer.model")
-    f = os.path.join(path, "model", "model.safetensors")
+    f = os.path.join(path, "model", "stage0.safetensors")
     before = os.path.getsize(f)
     with open(f, "r+b") as fh:
         fh.truncate(before // 2)
