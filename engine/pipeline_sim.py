@@ -1,0 +1,217 @@
+"""Pure-Python pipeline simulator: runs the programs engine.schedules executes, without
+processes, and checks them.
+
+For every stage it takes `stage_program(...)` (the exact op list the executor runs) and
+plays all stages together with the blocking semantics of batched P2P:
+
+  * an exchange posts all its messages at once, then blocks until every one is matched;
+  * messages between two ranks match first-in first-out per (sender, receiver) pair,
+    regardless of kind (NCCL's rule, stricter than gloo's per-tag matching), and a send
+    completes only when its receive is posted (rendezvous: no buffering assumed, which
+    is the worst case for deadlock);
+  * a matched pair must agree on what it carries (activation or gradient, microbatch,
+    virtual stage), so a mis-ordered program is an error, not silent corruption.
+
+It reports a deadlock (with what each blocked stage waits for), every microbatch's
+forward preceding its backward and every activation being consumed, the time line with
+unit cost per forward and `t_b` per backward (split evenly across a stage's chunks;
+communication free), the bubble fraction (idle / total stage time) and the peak number
+of (microbatch, chunk) activations each stage holds for backward.
+
+    python -m engine.pipeline_sim              # the full grid, one line per schedule
+    python -m engine.pipeline_sim 1f1b 4 8     # one case, with per-stage details
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+from engine.schedules import Op, check_schedule, stage_program
+
+
+class ScheduleError(RuntimeError):
+    """A program that would deadlock, mismatch messages, or misuse activations."""
+
+
+@dataclass
+class SimResult:
+    schedule: str
+    p: int
+    m: int
+    v: int
+    makespan: float
+    busy: list[float]           # compute time per stage
+    peak_in_flight: list[int]   # per stage, (microbatch, chunk) activations held
+    ops: list[int]              # program length per stage
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of all stage-time spent idle: 1 - sum(busy) / (p * makespan)."""
+        return 1.0 - sum(self.busy) / (self.p * self.makespan) if self.makespan else 0.0
+
+
+def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
+    """Textbook bubble fractions (idle / total), forward:backward cost ratio free."""
+    if schedule == "none" or p == 1:
+        return 0.0
+    if schedule == "interleaved":
+        return (p - 1) / (v * m + p - 1)
+    return (p - 1) / (m + p - 1)
+
+
+def _identity(stage: int, msg, p: int):
+    """What a message carries, the same on both ends: (kind, microbatch, producer
+    virtual stage) for activations, (kind, microbatch, consumer virtual stage) for
+    gradients (virtual stage of chunk c on stage s is c * p + s)."""
+    vstage = msg.chunk * p + stage
+    if msg.what == "act":
+        return ("act", msg.mb, vstage if msg.op == "send" else vstage - 1)
+    return ("grad", msg.mb, vstage - 1 if msg.op == "send" else vstage)
+
+
+def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
+             t_b: float = 2.0, schedule: str = "?", m: int = 0) -> SimResult:
+    """Play every stage's program; raise ScheduleError on any violation."""
+    n = len(programs)
+    if n != p:
+        raise ValueError(f"got {n} programs for p={p}")
+    pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
+    posted: list[list | None] = [None] * p        # current exchange: [(chan, side, idx)]
+    queues: dict = defaultdict(lambda: {"send": [], "recv": []})  # (src, dst) -> posts
+    alive: list[set] = [set() for _ in range(p)]   # (mb, chunk) forwarded, not backwarded
+    received: list[set] = [set() for _ in range(p)]
+    done_f: list[set] = [set() for _ in range(p)]
+    peak = [0] * p
+    has_backward = [any(op.kind == "B" for op in prog) for prog in programs]
+
+    def peer_stage(s, msg):
+        return (s + 1) % p if msg.peer == "next" else (s - 1) % p
+
+    def step(s) -> bool:
+        """Advance stage s as far as it can go; True if it moved."""
+        moved = False
+        prog = programs[s]
+        while pc[s] < len(prog):
+            op = prog[pc[s]]
+            key = (op.mb, op.chunk)
+            first = s == 0 and op.chunk == 0
+            last = s == p - 1 and op.chunk == v - 1
+            if op.kind == "F":
+                if not first and key not in received[s]:
+                    raise ScheduleError(f"stage {s}: F{op.mb}.{op.chunk} before its input "
+                                        "arrived")
+                received[s].discard(key)
+                clock[s] += t_f / v
+                busy[s] += t_f / v
+                done_f[s].add(key)
+                if has_backward[s]:
+                    alive[s].add(key)
+                    peak[s] = max(peak[s], len(alive[s]))
+            elif op.kind == "B":
+                if key not in alive[s]:
+                    raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} without its forward")
+                if not last and ("grad",) + key not in received[s]:
+                    raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} before its gradient "
+                                        "arrived")
+                received[s].discard(("grad",) + key)
+                alive[s].discard(key)
+                clock[s] += t_b / v
+                busy[s] += t_b / v
+            else:
+                if posted[s] is None:   # post the whole batch, then block on all of it
+                    posted[s] = []
+                    for msg in op.msgs:
+                        other = peer_stage(s, msg)
+                        chan = (s, other) if msg.op == "send" else (other, s)
+                        q = queues[chan][msg.op]
+                        q.append((_identity(s, msg, p), clock[s], s))
+                        posted[s].append((chan, msg, len(q) - 1))
+                    moved = True
+                finish = clock[s]
+                for chan, msg, idx in posted[s]:
+                    other_side = queues[chan]["recv" if msg.op == "send" else "send"]
+                    if len(other_side) <= idx:
+                        return moved    # blocked: the peer has not posted its half yet
+                    finish = max(finish, other_side[idx][1])
+                for chan, msg, idx in posted[s]:
+                    mine = queues[chan][msg.op][idx][0]
+                    theirs = queues[chan]["recv" if msg.op == "send" else "send"][idx][0]
+                    if mine != theirs:
+                        raise ScheduleError(
+                            f"message order mismatch on stages {chan[0]}->{chan[1]}, message "
+                            f"#{idx}: stage {s} {msg.op}s {mine}, the peer has {theirs}")
+                    if msg.op == "send" and msg.what == "act" and (msg.mb, msg.chunk) \
+                            not in done_f[s]:
+                        raise ScheduleError(f"stage {s}: sends activation {msg.mb}.{msg.chunk} "
+                                            "before computing it")
+                    if msg.op == "recv":
+                        tag = (msg.mb, msg.chunk) if msg.what == "act" else \
+                            ("grad", msg.mb, msg.chunk)
+                        received[s].add(tag)
+                clock[s] = finish
+                posted[s] = None
+            pc[s] += 1
+            moved = True
+        return moved
+
+    while any(pc[s] < len(programs[s]) for s in range(p)):
+        if not any([step(s) for s in range(p)]):
+            waits = {s: str(programs[s][pc[s]]) for s in range(p) if pc[s] < len(programs[s])}
+            raise ScheduleError(f"deadlock ({schedule}, p={p}, m={m}, vpp={v}): blocked "
+                                f"stages wait in {waits}")
+    for s in range(p):
+        if alive[s] or received[s]:
+            raise ScheduleError(f"stage {s} ends with activations never backwarded "
+                                f"{sorted(alive[s])} or unused messages {sorted(received[s])}")
+    return SimResult(schedule, p, m, v, max(clock), busy, peak, [len(x) for x in programs])
+
+
+def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.0,
+                      t_b: float = 2.0, forward_only: bool = False) -> SimResult:
+    """Generate every stage's program with engine.schedules and simulate them together."""
+    programs = [stage_program(schedule, p, s, m, v, forward_only) for s in range(p)]
+    return simulate(programs, p, v, t_f, t_b, schedule, m)
+
+
+def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):
+    """Every valid (schedule, p, m, vpp) of the test grid, forward-only included."""
+    for schedule in ("none", "gpipe", "1f1b", "interleaved"):
+        for p in range(1, p_max + 1):
+            for v in range(1, v_max + 1):
+                for m in range(1, m_max + 1):
+                    for forward_only in (False, True):
+                        try:
+                            check_schedule(schedule, p, m, v, forward_only)
+                        except ValueError:
+                            continue
+                        yield schedule, p, m, v, forward_only
+
+
+def main(argv: list[str]) -> int:
+    if argv:
+        schedule, p, m = argv[0], int(argv[1]), int(argv[2])
+        v = int(argv[3]) if len(argv) > 3 else 1
+        r = simulate_schedule(schedule, p, m, v)
+        print(f"{schedule} p={p} m={m} vpp={v}: makespan {r.makespan:g}, bubble "
+              f"{r.bubble:.4f} (textbook {expected_bubble(schedule, p, m, v):.4f})")
+        for s in range(p):
+            print(f"  stage {s}: {r.ops[s]} ops, peak in flight {r.peak_in_flight[s]}")
+            print("   ", " ".join(map(str, stage_program(schedule, p, s, m, v))))
+        return 0
+    counts: dict = defaultdict(int)
+    worst: dict = defaultdict(float)
+    for schedule, p, m, v, fo in grid():
+        r = simulate_schedule(schedule, p, m, v, forward_only=fo)
+        name = schedule + (" (forward-only)" if fo else "")
+        counts[name] += 1
+        if not fo:
+            worst[name] = max(worst[name], abs(r.bubble - expected_bubble(schedule, p, m, v)))
+    for name, n in counts.items():
+        extra = f", max |bubble - textbook| {worst[name]:.2e}" if name in worst else ""
+        print(f"{name:28s} {n:5d} cases, no deadlock, orders match{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,313 @@
+"""Benchmark the pipeline schedules on gloo/CPU: our 1F1B and GPipe against a single
+process and against PyTorch's own torch.distributed.pipelining Schedule1F1B /
+ScheduleGPipe, on the same model, data, stage split and microbatches.
+
+    python runners/bench_pipeline.py                       # spawns --pp processes itself
+    torchrun --nproc_per_node 2 runners/bench_pipeline.py  # or under torchrun
+
+Prints, from rank 0:
+  * step time (median over --reps, max over ranks) and tokens/s of every variant;
+    the single-process baseline (whole model, gradient accumulation over the same
+    microbatches) runs on rank 0 alone while the other ranks wait;
+  * ours / PyTorch time ratios (target: our 1F1B at least 0.95x PyTorch's throughput);
+  * the measured bubble: per rank, time blocked in exchanges / step time, against the
+    textbook (p-1)/(m+p-1);
+  * stage 0's peak activation memory, 1F1B against GPipe: live bytes of tensors saved
+    for backward (distinct storages, parameters excluded; saved-tensor hooks, see
+    engine.schedules.SavedActivationMeter) plus the stage outputs the schedule holds.
+    Target: 1F1B <= (p/m) * GPipe + 10%.
+Variants run interleaved (A B C D, A B C D, ...) after one untimed warmup round, so
+drift on a shared machine hits them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from engine.p2p import P2P  # noqa: E402
+from engine.parallel import ParallelDims, init_distributed  # noqa: E402
+from engine.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
+                              forward_backward)
+from model import GLM, GLMConfig  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model")
+    g.add_argument("--preset", default="small", help="GLMConfig preset")
+    g.add_argument("--layers", type=int, default=0, help="override num_layers (0: preset)")
+    g.add_argument("--vocab", type=int, default=2048,
+                   help="override padded_vocab_size (0: preset); 2048 keeps the output head "
+                        "from doubling the last stage's work on the small preset")
+    g = ap.add_argument_group("data and schedule")
+    g.add_argument("--pp", type=int, default=2, help="pipeline stages (spawned processes)")
+    g.add_argument("--microbatches", type=int, default=8, help="m, per step")
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--seq-len", type=int, default=128)
+    g = ap.add_argument_group("measurement")
+    g.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
+    g.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    g.add_argument("--timeout", type=float, default=300.0, help="collective/P2P timeout, s")
+    return ap.parse_args(argv)
+
+
+def model_config(args) -> GLMConfig:
+    over = {}
+    if args.layers:
+        over["num_layers"] = args.layers
+    if args.vocab:
+        over["padded_vocab_size"] = args.vocab
+    return GLMConfig.preset(args.preset, **over)
+
+
+def make_microbatches(cfg: GLMConfig, args) -> list[dict]:
+    """Causal LM microbatches (positions 0..s-1, no prefix), the same on every rank."""
+    g = torch.Generator().manual_seed(0)
+    b, s = args.micro_batch_size, args.seq_len
+    out = []
+    for _ in range(args.microbatches):
+        tokens = torch.randint(0, cfg.padded_vocab_size, (b, s + 1), generator=g)
+        out.append(dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:],
+                        position_ids=torch.arange(s).expand(b, s).clone(),
+                        block_position_ids=torch.zeros(b, s, dtype=torch.long),
+                        prefix_lens=torch.zeros(b, dtype=torch.long)))
+    return out
+
+
+class TorchStage(nn.Module):
+    """A GLM stage behind PyTorch pipelining's one-tensor interface: input_ids on the
+    first stage, hidden states [s, b, h] after it, logits [b, s, V] from the last."""
+
+    def __init__(self, glm: GLM):
+        super().__init__()
+        self.glm = glm
+
+    def forward(self, x):
+        if self.glm.pre_process:
+            return self.glm(x)
+        return self.glm(hidden_states=x)
+
+
+# ---- the variants ---------------------------------------------------------------------
+
+class Ours:
+    def __init__(self, schedule, cfg, state, mbs, num_tokens):
+        self.name = f"ours {schedule}"
+        self.schedule, self.state, self.mbs, self.num_tokens = schedule, state, mbs, num_tokens
+        self.chunks = build_stage(cfg, state.dims.pp, 1, state.stage, seed=0)
+        self.comm = P2P(state, cfg.hidden_size)
+        self.stats = ScheduleStats()
+
+    def step(self, meter=None) -> float:
+        self.stats = ScheduleStats()
+        loss = forward_backward(self.schedule, self.chunks, self.mbs, self.num_tokens,
+                                self.comm, self.state, stats=self.stats, meter=meter)
+        for c in self.chunks:
+            c.zero_grad(set_to_none=True)
+        return loss
+
+    def params(self):
+        return [p for c in self.chunks for p in c.parameters()]
+
+
+class Theirs:
+    def __init__(self, schedule, cfg, state, mbs, num_tokens):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        self.name = f"torch {schedule}"
+        self.state = state
+        self.module = TorchStage(build_stage(cfg, state.dims.pp, 1, state.stage, seed=0)[0])
+        stage = PipelineStage(self.module, state.stage, state.dims.pp, state.device,
+                              group=state.pp_group)
+
+        def loss_fn(logits, target):  # same convention as ours: token sum / global count
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                   ignore_index=-100, reduction="sum") / num_tokens
+
+        cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+        self.sched = cls(stage, len(mbs), loss_fn=loss_fn, scale_grads=False)
+        self.inputs = torch.cat([mb["input_ids"] for mb in mbs])
+        self.target = torch.cat([mb["labels"] for mb in mbs])
+
+    def step(self, meter=None) -> float:
+        losses = []
+        hooks = meter.hooks() if meter is not None else contextlib.nullcontext()
+        with hooks:
+            if self.state.is_first_stage:
+                self.sched.step(self.inputs)
+            elif self.state.is_last_stage:
+                self.sched.step(target=self.target, losses=losses)
+            else:
+                self.sched.step()
+        self.module.zero_grad(set_to_none=True)
+        total = torch.tensor([float(sum(x.item() for x in losses))], dtype=torch.float64)
+        dist.all_reduce(total, group=self.state.pp_group)
+        return float(total.item())
+
+    def params(self):
+        return list(self.module.parameters())
+
+
+def single_process_step(model: GLM, mbs, num_tokens) -> float:
+    total = 0.0
+    for mb in mbs:
+        losses = model(mb["input_ids"], position_ids=mb["position_ids"],
+                       block_position_ids=mb["block_position_ids"],
+                       prefix_lens=mb["prefix_lens"], labels=mb["labels"])
+        loss = losses.sum() / num_tokens
+        loss.backward()
+        total += loss.item()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+# ---- the run --------------------------------------------------------------------------
+
+def timed(fn, group=None) -> tuple[float, float]:
+    """(seconds, result): barrier, run, then the slowest rank's time."""
+    dist.barrier(group=group)
+    t0 = time.perf_counter()
+    result = fn()
+    t = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item()), result
+
+
+def bench(args):
+    torch.set_num_threads(args.threads)
+    cfg = model_config(args)
+    state = init_distributed(ParallelDims(pp=args.pp), timeout=args.timeout,
+                             num_layers=cfg.num_layers)
+    rank, p, m = state.rank, args.pp, args.microbatches
+    mbs = make_microbatches(cfg, args)
+    num_tokens = int(sum((mb["labels"] != -100).sum() for mb in mbs))
+    tokens = m * args.micro_batch_size * args.seq_len
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"model {args.preset} (layers={cfg.num_layers}, hidden={cfg.hidden_size}, "
+        f"vocab={cfg.padded_vocab_size}), pp={p}, m={m} microbatches of "
+        f"{args.micro_batch_size}x{args.seq_len} tokens, {args.threads} thread(s)/rank, "
+        f"{args.reps} reps")
+
+    variants = [Ours("1f1b", cfg, state, mbs, num_tokens),
+                Theirs("1f1b", cfg, state, mbs, num_tokens),
+                Ours("gpipe", cfg, state, mbs, num_tokens),
+                Theirs("gpipe", cfg, state, mbs, num_tokens)]
+    times = {v.name: [] for v in variants}
+    losses = {}
+    waits = []   # ours 1f1b: (wait, step time) per timed rep on this rank
+    for rep in range(args.reps + 1):          # round 0 warms up (and lets torch infer shapes)
+        for v in variants:
+            t, loss = timed(v.step)
+            losses[v.name] = loss
+            if rep:
+                times[v.name].append(t)
+                if v.name == "ours 1f1b":
+                    waits.append((v.stats.comm_wait_s, t))
+
+    # single process: the whole model on rank 0 (--threads threads), the others idle at
+    # the barrier; the pipeline uses p times as many cores
+    ts = []
+    full = GLM.build(cfg, seed=0) if rank == 0 else None
+    for rep in range(args.reps + 1):
+        dist.barrier()
+        if rank == 0:
+            t0 = time.perf_counter()
+            losses["single process"] = single_process_step(full, mbs, num_tokens)
+            if rep:
+                ts.append(time.perf_counter() - t0)
+        dist.barrier()
+    single = statistics.median(ts) if rank == 0 else 0.0
+
+    # stage 0 activation memory: one metered step per variant
+    mem = {}
+    for v in variants:
+        meter = SavedActivationMeter(v.params())
+        dist.barrier()
+        v.step(meter=meter)
+        mem[v.name] = meter.peak
+
+    # ---- report -----------------------------------------------------------------------
+    wait_frac = torch.tensor([statistics.median(w / t for w, t in waits)])
+    gathered = [torch.zeros(1) for _ in range(p)]
+    dist.all_gather(gathered, wait_frac, group=state.pp_group)
+    fracs = [float(x.item()) for x in gathered]
+    if rank == 0:
+        report(args, cfg, times, single, losses, fracs, mem, [v.name for v in variants])
+    dist.barrier()
+
+
+def report(args, cfg, times, single, losses, fracs, mem, names):
+    p, m = args.pp, args.microbatches
+    tokens = m * args.micro_batch_size * args.seq_len
+    say = print
+    med = {k: statistics.median(x) for k, x in times.items()}
+    say("\nstep time (median, slowest rank) and throughput")
+    say(f"  {'single process':28s} {single * 1e3:8.1f} ms {tokens / single:9.0f} tok/s   "
+        f"loss {losses['single process']:.6f}")
+    for name, t in med.items():
+        say(f"  {name:28s} {t * 1e3:8.1f} ms {tokens / t:9.0f} tok/s   loss {losses[name]:.6f}")
+    say("\nours vs PyTorch (time ratio ours/theirs; <= 1/0.95 = 1.053 meets the target)")
+    for sched in ("1f1b", "gpipe"):
+        r = med[f"ours {sched}"] / med[f"torch {sched}"]
+        say(f"  {sched:6s} {r:.3f}  (throughput ours/theirs {1 / r:.3f})")
+    say(f"  our 1F1B at pp={p} ({p} processes) vs the single process: "
+        f"{single / med['ours 1f1b']:.2f}x its throughput (ideal {p * (m / (m + p - 1)):.2f}x "
+        "on idle cores)")
+
+    say(f"\nbubble, our 1F1B: time blocked in exchanges / step time per stage "
+        f"{', '.join(f'{f:.3f}' for f in fracs)}; mean {statistics.mean(fracs):.3f} vs "
+        f"textbook (p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.3f}")
+    ratio = mem["ours 1f1b"] / mem["ours gpipe"]
+    say("\nstage 0 peak activation memory (saved-for-backward storages + held outputs)")
+    for name in names:
+        say(f"  {name:12s} {mem[name] / 2**20:8.2f} MiB")
+    say(f"  ours 1F1B / GPipe = {ratio:.3f}; target <= p/m + 10% = {p / m * 1.1:.3f} "
+        f"({'met' if ratio <= p / m * 1.1 else 'NOT met'})")
+    say("  (torch rows: saved tensors only; its schedules also keep each in-flight output, "
+        "which the hooks do not see)")
+
+
+# ---- processes ------------------------------------------------------------------------
+
+def _spawned(rank, args, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.pp), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.pp, timeout=timedelta(seconds=args.timeout))
+    try:
+        bench(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if "RANK" in os.environ:          # under torchrun: the environment names the group
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+        try:
+            bench(args)
+        finally:
+            dist.destroy_process_group()
+        return
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawned, args=(args, port), nprocs=args.pp, join=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The simulator over the full grid, on the very programs the executor runs."""
+import pytest
+
+from engine.pipeline_sim import (Op, ScheduleError, expected_bubble, grid, simulate,
+                                 simulate_schedule)
+from engine.schedules import Msg, compute_order, stage_program
+
+
+def test_full_grid_no_deadlock_and_textbook_numbers():
+    seen = set()
+    for schedule, p, m, v, forward_only in grid(p_max=8, m_max=32, v_max=4):
+        r = simulate_schedule(schedule, p, m, v, forward_only=forward_only)
+        seen.add((schedule, forward_only))
+        if forward_only:
+            assert r.peak_in_flight == [0] * p
+            continue
+        # every stage computes m * v forwards and m * v backwards
+        assert all(abs(b - 3.0 * m) < 1e-9 for b in r.busy)
+        assert r.bubble == pytest.approx(expected_bubble(schedule, p, m, v), abs=1e-9), \
+            (schedule, p, m, v)
+        if schedule == "1f1b":
+            assert r.bubble == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+            assert r.peak_in_flight == [min(p - s, m) for s in range(p)], (p, m)
+        if schedule == "gpipe":
+            assert r.peak_in_flight == [m] * p
+        if schedule == "none":
+            assert r.peak_in_flight == [1]
+        if schedule == "interleaved":
+            # Megatron's warmup: (p - s - 1) * 2 + (v - 1) * p forwards ahead, then one
+            # more before the first backward (counted in (microbatch, chunk) units)
+            assert r.peak_in_flight == [min(m * v, (p - s - 1) * 2 + (v - 1) * p + 1)
+                                        for s in range(p)]
+    assert len(seen) == 8
+
+
+def test_bubble_depends_on_backward_cost_only_through_the_formula():
+    # 1F1B's bubble fraction is (p-1)/(m+p-1) for any forward/backward cost ratio
+    for t_b in (1.0, 2.0, 3.5):
+        r = simulate_schedule("1f1b", 4, 6, t_b=t_b)
+        assert r.bubble == pytest.approx(3 / 9)
+        assert r.makespan == pytest.approx((6 + 3) * (1.0 + t_b))
+
+
+def test_one_f_one_b_steady_state_uses_combined_ops():
+    prog = [str(op) for op in stage_program("1f1b", 4, 1, 6)]
+    # after a steady forward: send it, receive the gradient that pairs with it
+    assert "X[send act 2.0 > next, recv grad 0.0 < next]" in prog
+    # after a steady backward: send its gradient, receive the next input
+    assert "X[recv act 3.0 < prev, send grad 0.0 > prev]" in prog
+    # warmup p - s - 1 = 2 forwards, then strictly alternating F/B, then cooldown
+    compute = [op[0][0] for op in compute_order("1f1b", 4, 1, 6)]
+    assert compute == ["F", "F"] + ["F", "B"] * 4 + ["B", "B"]
+    # m < p: warmup is capped at m
+    assert [op[0][0] for op in compute_order("1f1b", 4, 0, 2)] == ["F", "F", "B", "B"]
+
+
+def test_simulator_catches_a_deadlock():
+    # both stages block on a send before posting the receive the other one waits for
+    send = Op("X", msgs=(Msg("send", "act", 0, 0),))
+    p0 = [Op("F", 0, 0), send, Op("X", msgs=(Msg("recv", "grad", 0, 0),)), Op("B", 0, 0)]
+    p1 = [Op("X", msgs=(Msg("send", "grad", 0, 0),)), Op("X", msgs=(Msg("recv", "act", 0, 0),)),
+          Op("F", 0, 0), Op("B", 0, 0)]
+    with pytest.raises(ScheduleError, match="deadlock"):
+        simulate([p0, p1], p=2)
+
+
+def test_simulator_catches_mismatched_order():
+    # stage 0 sends microbatches 0, 1; stage 1 expects 1, 0
+    p0 = [Op("F", 0, 0), Op("F", 1, 0),
+          Op("X", msgs=(Msg("send", "act", 0, 0),)), Op("X", msgs=(Msg("send", "act", 1, 0),))]
+    p1 = [Op("X", msgs=(Msg("recv", "act", 1, 0),)), Op("X", msgs=(Msg("recv", "act", 0, 0),)),
+          Op("F", 1, 0), Op("F", 0, 0)]
+    with pytest.raises(ScheduleError, match="order mismatch"):
+        simulate([p0, p1], p=2)
+
+
+def test_simulator_catches_backward_before_forward():
+    with pytest.raises(ScheduleError, match="without its forward"):
+        simulate([[Op("B", 0, 0), Op("F", 0, 0)]], p=1)
+
+
+def test_interleaved_pairs_forward_and_backward_in_one_exchange():
+    prog = [str(op) for op in stage_program("interleaved", 2, 0, 4, 2)]
+    four_way = [x for x in prog if x.count(",") == 3]
+    assert four_way, "steady state should post send/recv of act and grad as one batch"
+    assert four_way[0].startswith("X[send act") and "recv grad" in four_way[0]
+
+
+@pytest.mark.parametrize("schedule, p, m, v, message", [
+    ("interleaved", 2, 3, 2, "m=3 to be a multiple of pp=2"),
+    ("interleaved", 2, 4, 1, "needs pp >= 2 and vpp >= 2"),
+    ("1f1b", 2, 4, 2, "vpp=2 needs schedule='interleaved'"),
+    ("none", 2, 4, 1, "schedule='none' is gradient accumulation on one stage"),
+    ("zb", 2, 4, 1, "schedule='zb' must be one of"),
+])
+def test_invalid_combinations_fail_clearly(schedule, p, m, v, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", ".")):
+        stage_program(schedule, p, 0, m, v)
