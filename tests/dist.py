@@ -11,6 +11,7 @@ running.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import time
@@ -28,6 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def decode(value: bytes):
+    """A worker's result as it returned it (workers ship torch.save bytes)."""
+    return torch.load(io.BytesIO(value), weights_only=False)
+
+
 def _entry(fn, rank, world_size, port, queue, args, pg_timeout):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
@@ -37,7 +43,11 @@ def _entry(fn, rank, world_size, port, queue, args, pg_timeout):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=pg_timeout))
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # as bytes: tensors sent as-is travel through shared memory that vanishes when
+        # this process exits, possibly before the parent has read them
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - ship every failure to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -60,7 +70,7 @@ def run_workers(fn, world_size: int, *args, timeout: float = 120.0, pg_timeout: 
                 rank, ok, value = queue.get()
                 if not ok:
                     raise AssertionError(f"rank {rank} failed:\n{value}")
-                results[rank] = value
+                results[rank] = decode(value)
                 continue
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world_size)) - set(results))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist import _entry, free_port, run_workers
+from dist import _entry, decode, free_port, run_workers
 from engine.p2p import P2P, PeerError, Side
 from engine.parallel import ParallelDims, init_distributed
 from engine.schedules import build_stage, forward_backward, glm_forward_step
@@ -34,7 +34,7 @@ def run_allowing_deaths(fn, world, *args, timeout=60.0, pg_timeout=30.0):
         while len(results) < world and time.monotonic() < deadline:
             if not queue.empty():
                 rank, ok, value = queue.get()
-                results[rank] = (ok, value)
+                results[rank] = (ok, decode(value) if ok else value)
             elif all(not p.is_alive() for p in procs):
                 if queue.empty():
                     break
@@ -65,6 +65,9 @@ def _faulty_step(rank, world, mode, victim, p2p_timeout, hang_s=0.0):
                 time.sleep(hang_s)
         return glm_forward_step(chunk, batch, hidden, side)
 
+    # every rank ready before the clock starts: a slow start under load must not look
+    # like a stalled peer to the short P2P timeout
+    torch.distributed.barrier()
     started = time.monotonic()
     try:
         forward_backward("1f1b", chunks, mbs, count_tokens(mbs),
