@@ -365,6 +365,7 @@ class _StageRun:
         self.chunks, self.microbatches, self.num_tokens = chunks, microbatches, num_tokens
         self.comm, self.p, self.s, self.v = comm, p, s, len(chunks)
         self.forward_only, self.no_sync = forward_only, no_sync
+        self.scale_loss = None      # fp16 dynamic loss scaling (forward_backward sets it)
         self.forward_step, self.autocast = forward_step, autocast or contextlib.nullcontext
         self.stats, self.meter, self.collect, self.device = stats, meter, outputs, device
         self.inputs: dict = {}      # received hidden states [s, b, h], leaves
@@ -441,7 +442,9 @@ class _StageRun:
     def backward(self, mb: int, c: int):
         out = self.outputs.pop((mb, c))
         if self.last(c):
-            torch.autograd.backward(out)
+            # fp16: the loss scale multiplies the gradient at its root, so every stage's
+            # gradients (and the ones sent upstream) are scaled alike
+            torch.autograd.backward(self.scale_loss(out) if self.scale_loss else out)
         else:
             if self.meter is not None:   # what is left of the freed output: 1 element
                 self.meter.add(-out.untyped_storage().nbytes())
@@ -509,14 +512,16 @@ def forward_backward(schedule: str, chunks: list, microbatches: list[dict], num_
                      autocast: Callable[[], ContextManager] | None = None,
                      stats: ScheduleStats | None = None,
                      meter: SavedActivationMeter | None = None,
-                     outputs: list | None = None) -> float:
+                     outputs: list | None = None,
+                     scale_loss: Callable | None = None) -> float:
     """Run one optimizer step's forwards (and backwards); see the module docstring.
 
     forward_step(chunk, batch, hidden_states | None, side) -> hidden [s, b, h], or on the
     last chunk per-token losses [b, s] (with labels) / logits. autocast: () -> context
     manager wrapped around each forward (e.g. bf16 autocast). stats / meter: optional
     measurements. outputs: a list that, on the last stage, receives each microbatch's
-    output in order (forward-only evaluation and teacher inference)."""
+    output in order (forward-only evaluation and teacher inference). scale_loss: loss ->
+    scaled loss, applied before the last stage's backward (fp16 dynamic loss scaling)."""
     p = state.dims.pp if state is not None else 1
     s = state.coords.pp if state is not None else 0
     v, m = len(chunks), len(microbatches)
@@ -534,6 +539,7 @@ def forward_backward(schedule: str, chunks: list, microbatches: list[dict], num_
     program = stage_program(schedule, p, s, m, v, forward_only)
     run = _StageRun(chunks, microbatches, max(num_tokens, 1), comm, p, s, forward_only,
                     no_sync, forward_step, autocast, stats, meter, outputs, device)
+    run.scale_loss = scale_loss
     if comm is not None:
         # every stage raises the same ValueError on a disagreement, so nothing to report
         comm.begin_step(microbatches if s == 0 else None, m)

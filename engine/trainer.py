@@ -123,21 +123,27 @@ class Trainer:
                             loss_fn(chunk, batch, self.device))
         self.forward_step = forward_step or glm_forward_step
         self.schedule = pc.schedule if self.pp > 1 else "none"
+        # ---- precision. "auto": fp32 on CPU; on CUDA bf16 autocast over fp32 parameters.
+        # "bf16" / "fp16": parameters and gradients in that dtype, fp32 master weights in
+        # the optimizer (fp16 with dynamic loss scaling)
+        self.autocast_dtype = None
+        param_precision = "fp32"
+        if tc.precision == "auto" and self.device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16
+        elif tc.precision in ("bf16", "fp16"):
+            param_precision = tc.precision
+        self.precision = tc.precision
         self.comm = None
         if self.pp > 1:
             from engine.p2p import P2P
-            self.comm = P2P(state, cfg.model.hidden_size)
-        # ---- precision: CUDA computes in bf16 under autocast over fp32 master params
-        precision = tc.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
+            from engine.optim.config import PRECISIONS
+            self.comm = P2P(state, cfg.model.hidden_size, dtype=PRECISIONS[param_precision])
         # ---- the optimizer takes over the parameters' storage: build it last
         self.optimizer = DistributedOptimizer(
             list(self.named_trained_parameters()),
             OptimConfig(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
                         weight_decay=tc.weight_decay, max_grad_norm=tc.grad_clip,
-                        zero_stage=pc.zero_stage, precision="fp32"),
+                        zero_stage=pc.zero_stage, precision=param_precision),
             dp_group=state.dp_group if state and self.dp > 1 else None,
             model_parallel_group=mp_group)
         self.step = 0
@@ -159,10 +165,9 @@ class Trainer:
             yield f"aux.{n}", p
 
     def autocast(self):
-        if self.precision == "fp32":
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _global_count(self, n: int) -> int:
         if self.dp == 1:
@@ -186,7 +191,8 @@ class Trainer:
         return forward_backward(self.schedule, self.chunks, mbs, num_tokens, self.comm,
                                 self.state, forward_only=forward_only,
                                 no_sync=None if forward_only else self.optimizer.no_sync,
-                                forward_step=self.forward_step, autocast=self.autocast)
+                                forward_step=self.forward_step, autocast=self.autocast,
+                                scale_loss=None if forward_only else self.optimizer.scale_loss)
 
     def train_step(self) -> StepStats:
         t0 = time.perf_counter()
