@@ -23,9 +23,11 @@ test: setup
 data: setup
 	$(PY) runners/prepare_data.py --out $(DATA)
 
+# pretraining runs as a 2-stage 1F1B pipeline, one process per core
 demo: data
-	$(PY) runners/pretrain.py --config configs/demo_pretrain.json \
-	    --data.dir $(DATA) --train.out_dir $(RUNS)/pretrain --train.threads $(THREADS)
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 runners/pretrain.py \
+	    --config configs/demo_pretrain.json --parallel.pp 2 \
+	    --data.dir $(DATA) --train.out_dir $(RUNS)/pretrain --train.threads 1
 	$(PY) runners/pretrain.py --config configs/demo_translate.json \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
 	    --train.init_from $(RUNS)/pretrain/checkpoint
