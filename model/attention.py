@@ -2,6 +2,8 @@
 rotary, prefix-LM / blank-infilling masks from integer lengths, optional KV cache."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +19,10 @@ class KVCache:
     forward, so the model advances it once per call (`advance`)."""
 
     def __init__(self, config: GLMConfig, batch: int, max_len: int, layer_ids, device,
-                 dtype=torch.float32):
-        shape = (batch, config.multi_query_group_num, max_len, config.kv_channels)
+                 dtype=torch.float32, num_groups: int | None = None):
+        # num_groups: the KV groups this device holds (a tensor-parallel shard holds fewer)
+        groups = config.multi_query_group_num if num_groups is None else num_groups
+        shape = (batch, groups, max_len, config.kv_channels)
         self.k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
         self.v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
         self.length = 0
@@ -56,9 +60,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
         # x [s, b, h]; cos/sin [s, b, 1, d/2]
-        s, b, _ = x.shape
         mode = self.config.kernels
         qkv = self.qkv(x)
+        # sizes from the projection: a sequence-parallel qkv takes [s/tp, b, h] and returns
+        # the whole sequence
+        s, b = qkv.shape[:2]
         # heads are read off the local width, not the config, so a tensor-parallel shard
         # (whole heads and whole groups per rank) runs the same code
         d = self.head_dim
@@ -94,9 +100,19 @@ class MLP(nn.Module):
         if self.gate_up.bias is not None:
             act = ops.swiglu(self.gate_up(x), self.config.kernels)
         else:
+            # the fused op takes the weight, bypassing gate_up.forward: a tensor-parallel
+            # gate_up (engine/tensor_parallel) maps x into its region first (identity with
+            # a reducing backward, or the sequence all-gather)
+            if hasattr(self.gate_up, "input_map"):
+                x = self.gate_up.input_map(x)
             act = ops.swiglu_linear(x, self.gate_up.weight, self.config.kernels)
         return self.down(act)
 
 
-def dropout(x, p, training):
-    return F.dropout(x, p, training) if p > 0 and training else x
+def dropout(x, p, training, rng=contextlib.nullcontext):
+    """rng: a context manager factory choosing the generator the mask is drawn from (the
+    default one unless tensor parallelism shards x; see engine/tensor_parallel/random.py)."""
+    if not (p > 0 and training):
+        return x
+    with rng():
+        return F.dropout(x, p, training)

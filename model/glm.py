@@ -9,6 +9,7 @@ model starts from exactly the single-process values.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -41,16 +42,19 @@ class GLMBlock(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon,
                                            config.kernels)
         self.mlp = MLP(config)
+        # where residual dropout draws its masks: the default generator, unless the
+        # residual stream is sharded (sequence parallelism sets a per-rank stream)
+        self.dropout_rng = contextlib.nullcontext
 
     def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
         # x [s, b, h]; pre-norm residual block
         c = self.config
         attn = self.attention(self.input_norm(x), cos, sin, prefix_lens, pad_lens, kv_cache)
-        attn = dropout(attn, c.hidden_dropout, self.training)
+        attn = dropout(attn, c.hidden_dropout, self.training, self.dropout_rng)
         # fused: x + attn, and the post-attention norm of that sum
         x, normed = ops.add_rms_norm(attn, x, self.post_attention_norm.weight,
                                      c.layernorm_epsilon, c.kernels)
-        return x + dropout(self.mlp(normed), c.hidden_dropout, self.training)
+        return x + dropout(self.mlp(normed), c.hidden_dropout, self.training, self.dropout_rng)
 
 
 class GLM(nn.Module):
@@ -72,6 +76,7 @@ class GLM(nn.Module):
                                           bias=False)
         else:
             self.final_norm = self.output_layer = None
+        self.dropout_rng = contextlib.nullcontext  # for the embedding dropout; see GLMBlock
 
     # ---- construction ----------------------------------------------------------------
     @torch.no_grad()
@@ -133,7 +138,7 @@ class GLM(nn.Module):
                                  10000.0 * c.rope_ratio)
         # [b, s, d/2] -> [s, b, 1, d/2], broadcast over heads
         cos, sin = (t.transpose(0, 1).unsqueeze(2) for t in (cos, sin))
-        x = dropout(x, c.hidden_dropout, self.training)
+        x = dropout(x, c.hidden_dropout, self.training, self.dropout_rng)
         for layer in self.layers.values():
             x = layer(x, cos, sin, prefix_lens, pad_lens, kv_cache)
         if kv_cache is not None:
@@ -157,5 +162,9 @@ class GLM(nn.Module):
 
     def new_kv_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         p = next(self.parameters())
+        # KV groups read off the local qkv width, like SelfAttention (tensor-parallel shards)
+        attn = next(iter(self.layers.values())).attention
+        d = self.config.kv_channels
+        groups = (attn.qkv.weight.shape[0] - attn.dense.in_features) // (2 * d)
         return KVCache(self.config, batch, max_len, [int(k) for k in self.layers.keys()],
-                       p.device, dtype or p.dtype)
+                       p.device, dtype or p.dtype, num_groups=groups)
