@@ -1,0 +1,236 @@
+"""Measure what the planner predicts, for layouts that run: the peak bytes of parameters +
+gradients + optimizer states + saved activations of one training step, and its time.
+
+Saved activations are counted with torch.autograd.graph.saved_tensors_hooks: every
+tensor autograd keeps for backward is charged once per storage (views share their
+base's bytes), parameters excluded, and released when autograd frees it; the peak is
+taken over the whole step, including recomputation in backward. Transient buffers
+(logits, activation gradients) are not saved tensors and are not counted: the planner
+predicts them separately as `workspace`.
+
+Single process (any micro-batch size, recompute, sequence length):
+
+    got = measure_layout(req, layout)           # tp = pp = dp = 1
+    got.total, got.activations, got.step_time
+
+Multi-rank layouts (the engine's schedules, under torchrun): on every rank,
+
+    got = measure_step(chunk_params, optimizer,
+                       lambda: forward_backward(...))   # every microbatch of one step
+    # got.total on rank r  vs  predict_memory(req, layout).stages[stage of r]
+    #                              .states_and_activations
+
+`step` must run forward and backward in this thread (the hooks are thread-local) and
+must not install saved-tensor hooks of its own (the innermost hooks win).
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from engine.planner.layouts import Layout, PlanRequest
+from model.glm import GLM, GLMBlock
+from model.masks import causal_example, collate
+
+
+class _Saved:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+class SavedTensorMeter:
+    """Live and peak bytes of tensors saved for backward, deduplicated by storage."""
+
+    def __init__(self, params=()):
+        self._exclude = {p.untyped_storage().data_ptr() for p in params}
+        self._live: dict[int, list[int]] = {}     # storage ptr -> [refs, nbytes]
+        self.current = 0
+        self.peak = 0
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0 or ptr in self._exclude:
+            return t
+        entry = self._live.setdefault(ptr, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self.current += entry[1]
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        holder = _Saved(t)
+        # the holder dies when autograd drops the saved tensor: release its bytes then
+        weakref.finalize(holder, self._release, ptr)
+        return holder
+
+    @staticmethod
+    def _unpack(x):
+        return x.t if isinstance(x, _Saved) else x
+
+    def _release(self, ptr: int):
+        entry = self._live[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._live[ptr]
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (flat buffers counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and t.numel():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def model_state_bytes(params, optimizer) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer states) bytes on this rank. Optimizers with
+    `state_bytes()` (engine/optim's DistributedOptimizer, which keeps gradients in its
+    own buckets) report themselves; torch optimizers are read from `.state`."""
+    params = list(params)
+    p_bytes = _storage_bytes(params)
+    if hasattr(optimizer, "state_bytes"):
+        sb = optimizer.state_bytes()
+        return p_bytes, sb["grads"], sb["master"] + sb["exp_avg"] + sb["exp_avg_sq"]
+    g_bytes = _storage_bytes(p.grad for p in params)
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    states = [v for st in optimizer.state.values() for v in st.values()
+              if torch.is_tensor(v) and v.untyped_storage().data_ptr() not in exclude]
+    return p_bytes, g_bytes, _storage_bytes(states)
+
+
+@dataclass(frozen=True)
+class Measured:
+    params: int
+    grads: int
+    optimizer: int
+    activations: int        # peak saved-for-backward bytes during the step
+    step_time: float        # seconds, best of the timed steps
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def measure_step(params, optimizer, step, timed_steps: int = 2) -> Measured:
+    """Run `step()` (forward + backward of one optimizer step's microbatches) then
+    `optimizer.step()`: once under the meter (memory; it also warms up), then
+    `timed_steps` more times for the best wall time."""
+    params = list(params)
+
+    def zero():
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
+
+    meter = SavedTensorMeter(params)
+    with meter.hooks():
+        step()
+    p_bytes, g_bytes, _ = model_state_bytes(params, optimizer)   # gradients exist now
+    optimizer.step()
+    _, _, o_bytes = model_state_bytes(params, optimizer)         # and the optimizer state
+    zero()
+    best = float("inf")
+    for _ in range(timed_steps):
+        t0 = time.perf_counter()
+        step()
+        optimizer.step()
+        best = min(best, time.perf_counter() - t0)
+        zero()
+    return Measured(p_bytes, g_bytes, o_bytes, meter.peak, best)
+
+
+# ---- single-process layouts ------------------------------------------------------------
+
+def recompute_layers(model: GLM) -> GLM:
+    """Full activation recompute: each block keeps only its inputs and reruns its forward
+    in backward. Reentrant checkpointing, so the recomputed tensors pass through the
+    caller's saved-tensor hooks (the meter sees the recompute peak). Parameter names are
+    unchanged (the blocks' forward is wrapped in place)."""
+    for block in model.layers.values():
+        if not isinstance(block, GLMBlock):
+            raise ValueError(f"recompute_layers: expected GLMBlock, got {type(block).__name__}")
+        inner = block.forward
+
+        def forward(x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None,
+                    _inner=inner):
+            if kv_cache is not None or not torch.is_grad_enabled():
+                return _inner(x, cos, sin, prefix_lens, pad_lens, kv_cache)
+            return checkpoint(_inner, x, cos, sin, prefix_lens, pad_lens, None,
+                              use_reentrant=True)
+        block.forward = forward
+    return model
+
+
+def synthetic_batches(cfg, seq_len: int, micro_batch_size: int, num_microbatches: int,
+                      seed: int = 0) -> list[dict]:
+    """Full-length causal-LM microbatches of random tokens (collate's dict layout)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_microbatches):
+        rows = torch.randint(0, cfg.padded_vocab_size, (micro_batch_size, seq_len + 1),
+                             generator=g).tolist()
+        out.append(collate([causal_example(r) for r in rows], seq_len, pad_id=0))
+    return out
+
+
+def prepare_layout(req: PlanRequest, layout: Layout, seed: int = 0):
+    """(params, optimizer, step) for a single-process layout: the model on CPU in fp32
+    (torch kernels), the layout's microbatches with gradient accumulation, AdamW."""
+    if (layout.tp, layout.pp, layout.dp) != (1, 1, 1):
+        raise ValueError(f"single-process layouts only; got {layout.short()} (use "
+                         "measure_step on every rank)")
+    if req.precision != "fp32" or req.kernels != "torch":
+        raise ValueError("single-process measurement runs the CPU path: request "
+                         f"precision='fp32' and kernels='torch' (got {req.precision!r}, "
+                         f"{req.kernels!r})")
+    cfg = replace(req.config, kernels="torch")
+    model = GLM.build(cfg, seed=seed)
+    model.train()
+    if layout.recompute:
+        recompute_layers(model)
+    batches = synthetic_batches(cfg, req.seq_len, layout.micro_batch_size,
+                                layout.num_microbatches, seed)
+    n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+
+    def step():
+        for b in batches:
+            losses = model(b["input_ids"], position_ids=b["position_ids"],
+                           block_position_ids=b["block_position_ids"],
+                           prefix_lens=b["prefix_lens"], labels=b["labels"])
+            (losses.sum() / n_tokens).backward()
+
+    return list(model.parameters()), opt, step
+
+
+def measure_layout(req: PlanRequest, layout: Layout, timed_steps: int = 2,
+                   seed: int = 0) -> Measured:
+    """Measure one single-process layout (see prepare_layout)."""
+    return measure_step(*prepare_layout(req, layout, seed), timed_steps=timed_steps)
+
+
+def measure_layouts(cases: list[tuple[PlanRequest, Layout]], rounds: int = 3,
+                    seed: int = 0) -> list[Measured]:
+    """Measure several single-process layouts for a ranking: memory once each, step time
+    as the best over `rounds` interleaved rounds (one step of every layout per round),
+    so that load on a shared machine drifting during the run hits all layouts alike."""
+    prepared = [prepare_layout(req, lay, seed) for req, lay in cases]
+    results = [measure_step(*run, timed_steps=1) for run in prepared]
+    best = [r.step_time for r in results]
+    for _ in range(rounds - 1):
+        for i, (_, opt, step) in enumerate(prepared):
+            t0 = time.perf_counter()
+            step()
+            opt.step()
+            best[i] = min(best[i], time.perf_counter() - t0)
+            opt.zero_grad(set_to_none=False)
+    return [replace(r, step_time=t) for r, t in zip(results, best)]

@@ -1,0 +1,230 @@
+"""Step time of a layout on a device: GEMMs, elementwise traffic, framework overhead,
+pipeline bubble, tensor / pipeline / data-parallel communication, optimizer.
+
+Per pipeline stage s and microbatch (T = b * s tokens, one tp rank):
+
+    gemm      sum over the stage's matmuls of flops / gemm_rate(T, n): model FLOPs from
+              engine.flops.train_flops_per_token (6 per weight per token + attention),
+              split into layers and head, on this rank's shard; recompute runs the
+              layers' forward again (+1/3); the fused SwiGLU-linear recomputes its
+              [T, 2f] product in backward (+2 h 2f per token per layer)
+    elementwise  norms, rotary, softmax, SwiGLU, residual adds are bandwidth-bound:
+              TRAFFIC[kernels] bytes moved per byte a layer keeps for backward
+              (torch reference: counted with a TorchDispatchMode over every non-matmul
+              op of a small-preset layer, 8.4 .. 9.4 for s = 64 .. 256; fused kernels:
+              written and read once in forward / backward, and the same for the
+              gradient, 4), x 5/4 with recompute (the forward runs twice); the loss
+              over [T, V_r] moves 6 logits-sized passes; gradient accumulation reads
+              and writes the fp32 buckets once per microbatch (3 passes over them)
+    overhead  OPS[kernels] operators per layer (torch reference: 248, counted as above;
+              fused: ~40, one launch per kernel and matmul) x op_overhead; on a GPU the
+              host issues them while earlier kernels run, so only the excess over the
+              device time shows; on a CPU they add
+    tp        4 all-reduces of T*h elements per layer (2 forward, 2 backward; 6 with
+              recompute), ring cost 2 (t - 1) / t * bytes / bw; sequence parallelism
+              swaps each for a reduce-scatter + all-gather of the same volume
+    p2p       one activation forward and one gradient backward per chunk boundary,
+              T*h*e bytes each (/ t with sequence parallelism), not overlapped (the
+              schedule's exchanges block)
+
+    pipeline  m * max_s t_s + (sum_s t_s - max_s t_s) / vpp; for equal stages that is
+              (m + (p - 1) / vpp) t: bubble fraction (p - 1) / (vpp m + p - 1)
+    dp        ZeRO 0/1: all-reduce of the fp32 gradient buckets, 2 (d - 1) / d * bytes;
+              ZeRO 2: reduce-scatter, (d - 1) / d; overlapped with the last microbatch's
+              backward except one bucket; ZeRO 1/2 then all-gather the updated
+              parameters, (d - 1) / d * param bytes, exposed
+    optimizer unfused AdamW (engine/optim/adamw.py = torch's foreach=False): 8
+              elementwise passes, 80 bytes per fp32 parameter of this rank's shard, plus
+              zeroing the gradients, plus (bf16) publishing the parameter; ~10 ops per
+              parameter tensor
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.flops import train_flops_per_token
+from engine.planner.devices import DeviceProfile
+from engine.planner.layouts import Layout, PlanRequest
+from engine.planner.memory import PRECISION_BYTES, layer_activation_terms, shard_of, stage_params
+
+BUCKET_BYTES = 25 * 2 ** 20       # engine/optim default bucket_mb: the last one is exposed
+TRAFFIC = {"torch": 9.0, "fused": 4.0}
+OPS_PER_LAYER = {"torch": 248, "fused": 40}
+OPS_OUTSIDE_LAYERS = {"torch": 74, "fused": 20}     # embedding, rotary angles, norm, loss
+RECOMPUTE_OP_SHARE = 0.4          # share of a layer's ops that are forward ops
+ADAMW_BYTES = 80                  # per fp32 parameter, see above
+ADAMW_OPS = 10                    # per parameter tensor
+
+
+def ring_factor(n: int) -> float:
+    """Bytes each rank moves per byte of buffer in a ring all-reduce."""
+    return 2.0 * (n - 1) / n
+
+
+def layer_gemms(req: PlanRequest, tp: int) -> list[tuple[float, float]]:
+    """(training FLOPs per token, the matmul's small dimension) of one layer on one tp
+    rank. Weight matmuls carry 6 FLOPs per weight (KV replicas included); what
+    train_flops_per_token has beyond the weights is attention, whose matmuls are as
+    narrow as a head."""
+    cfg = req.config
+    sh, h, d = shard_of(cfg, tp), cfg.hidden_size, cfg.kv_channels
+    qkv_r = (sh.heads + 2 * sh.groups) * d
+    head = 6.0 * h * cfg.padded_vocab_size
+    per_layer = (train_flops_per_token(cfg, req.seq_len) - head) / cfg.num_layers
+    full_weights = h * cfg.qkv_size + cfg.q_size * h + 3 * h * cfg.ffn_hidden_size
+    return [(6.0 * h * qkv_r, qkv_r), (6.0 * sh.heads * d * h, sh.heads * d),
+            (6.0 * h * 2 * sh.ffn, 2 * sh.ffn), (6.0 * sh.ffn * h, sh.ffn),
+            ((per_layer - 6.0 * full_weights) / tp, d)]
+
+
+def param_tensors(cfg, stage: int, pp: int) -> int:
+    """Parameter tensors on one rank of a stage (the optimizer's per-tensor ops)."""
+    biases = int(cfg.add_qkv_bias) + 3 * int(cfg.add_bias_linear)
+    n = cfg.num_layers // pp * (6 + biases)
+    return n + (stage == 0) + 2 * (stage == pp - 1)
+
+
+@dataclass(frozen=True)
+class StageTime:
+    stage: int
+    gemm: float             # per microbatch, seconds
+    elementwise: float
+    overhead: float         # host dispatch not hidden behind device work
+    tp: float
+    p2p: float
+
+    @property
+    def per_microbatch(self) -> float:
+        return self.gemm + self.elementwise + self.overhead + self.tp + self.p2p
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    gemm: float             # on the slowest stage, whole step
+    elementwise: float
+    overhead: float
+    tp: float
+    p2p: float
+    bubble: float           # seconds idle in the pipeline fill and drain
+    dp: float               # exposed data-parallel communication
+    optimizer: float
+    bubble_fraction: float  # textbook (p - 1) / (vpp m + p - 1)
+    tokens: int             # per step
+
+    @property
+    def compute(self) -> float:
+        return self.gemm + self.elementwise + self.overhead
+
+    @property
+    def comm(self) -> float:
+        return self.tp + self.p2p + self.dp
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.comm + self.bubble + self.optimizer
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.total
+
+
+def _device_and_host(dev: DeviceProfile, device_s: float, host_s: float) -> float:
+    """Host overhead that is not hidden behind device work."""
+    return max(0.0, host_s - device_s) if dev.async_launch else host_s
+
+
+def stage_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage: int) -> StageTime:
+    cfg, t, p, k = req.config, layout.tp, layout.pp, req.kernels
+    pb = PRECISION_BYTES[req.precision]
+    e, rc = pb["act"], layout.recompute
+    tokens = layout.micro_batch_size * req.seq_len
+    n_layers = cfg.num_layers // p
+    sh = shard_of(cfg, t)
+    last, first = stage == p - 1, stage == 0
+
+    layer = sum(f / dev.gemm_rate(tokens, n) for f, n in layer_gemms(req, t))
+    layer *= 4.0 / 3.0 if rc else 1.0
+    if k == "fused" and not cfg.add_bias_linear:
+        layer += 2.0 * cfg.hidden_size * 2 * sh.ffn / dev.gemm_rate(tokens, 2 * sh.ffn)
+    gemm = tokens * n_layers * layer
+    if last:
+        gemm += tokens * 6.0 * cfg.hidden_size * sh.vocab / dev.gemm_rate(tokens, sh.vocab)
+
+    kept = sum(layer_activation_terms(cfg, t, req.seq_len, k, e,
+                                      layout.sequence_parallel).values())
+    moved = tokens * n_layers * TRAFFIC[k] * kept * (1.25 if rc else 1.0)
+    if last:
+        moved += tokens * 6 * (4 if k == "torch" else e) * sh.vocab
+    n_params = stage_params(cfg, layout, stage)
+    moved += 3 * pb["grad"] * n_params                   # gradient accumulation
+    if first:
+        moved += pb["grad"] * sh.vocab * cfg.hidden_size  # dense embedding gradient
+    elementwise = moved / dev.mem_bw
+
+    ops = n_layers * OPS_PER_LAYER[k] * (1 + RECOMPUTE_OP_SHARE if rc else 1.0)
+    ops += OPS_OUTSIDE_LAYERS[k] if (first or last) else 0
+    overhead = _device_and_host(dev, gemm + elementwise, ops * dev.op_overhead)
+
+    comm = 0.0
+    if t > 1:
+        msg = tokens * cfg.hidden_size * e
+        comm = n_layers * (6 if rc else 4) * ring_factor(t) * msg / dev.intra_bw
+    p2p = 0.0
+    if p > 1:
+        bw = dev.p2p_bw or (dev.intra_bw if req.world_size <= req.gpus_per_node
+                            else dev.inter_bw)
+        msg = tokens * cfg.hidden_size * e / (t if layout.sequence_parallel else 1)
+        p2p = 2 * layout.vpp * msg / bw
+    return StageTime(stage, gemm, elementwise, overhead, comm, p2p)
+
+
+def _dp_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, st: StageTime,
+             n_params: int) -> float:
+    d = layout.dp
+    if d == 1:
+        return 0.0
+    pb = PRECISION_BYTES[req.precision]
+    bw = dev.intra_bw if layout.tp * d <= req.gpus_per_node else dev.inter_bw
+    grad_bytes = n_params * pb["grad"]
+    if layout.zero_stage == 2:
+        reduce = (d - 1) / d * grad_bytes / bw
+    else:
+        reduce = ring_factor(d) * grad_bytes / bw
+    # buckets go out during the last microbatch's backward
+    bwd_share = 0.75 if layout.recompute else 2.0 / 3.0
+    window = bwd_share * (st.gemm + st.elementwise + st.overhead) + st.tp
+    last_bucket = ring_factor(d) * min(BUCKET_BYTES, grad_bytes) / bw
+    out = max(reduce - window, min(reduce, last_bucket))
+    if layout.zero_stage >= 1:
+        out += (d - 1) / d * n_params * pb["param"] / bw
+    return out
+
+
+def _optimizer_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage: int,
+                    n_params: int) -> float:
+    pb = PRECISION_BYTES[req.precision]
+    shard = n_params / (layout.dp if layout.zero_stage >= 1 else 1)
+    moved = shard * ADAMW_BYTES + n_params * pb["grad"]          # update, zero grads
+    if pb["master"]:
+        moved += shard * (pb["master"] + pb["param"])            # publish bf16 params
+    device_s = moved / dev.mem_bw
+    host_s = ADAMW_OPS * param_tensors(req.config, stage, layout.pp) * dev.op_overhead
+    return device_s + _device_and_host(dev, device_s, host_s)
+
+
+def predict_time(req: PlanRequest, layout: Layout, dev: DeviceProfile) -> TimeEstimate:
+    p, m, v = layout.pp, layout.num_microbatches, layout.vpp
+    stages, dp_times, opt_times = [], [], []
+    for s in range(p):
+        st = stage_time(req, layout, dev, s)
+        n = stage_params(req.config, layout, s)
+        stages.append(st)
+        dp_times.append(_dp_time(req, layout, dev, st, n))
+        opt_times.append(_optimizer_time(req, layout, dev, s, n))
+    slow = max(stages, key=lambda st: st.per_microbatch)
+    bubble = (sum(st.per_microbatch for st in stages) - slow.per_microbatch) / v
+    return TimeEstimate(gemm=m * slow.gemm, elementwise=m * slow.elementwise,
+                        overhead=m * slow.overhead, tp=m * slow.tp, p2p=m * slow.p2p,
+                        bubble=bubble, dp=max(dp_times), optimizer=max(opt_times),
+                        bubble_fraction=(p - 1) / (v * m + p - 1),
+                        tokens=req.global_batch * req.seq_len)
