@@ -74,6 +74,7 @@ class ParallelConfig:
     pp: int = 1
     dp: int = 0                       # 0: whatever the world size leaves after tp * pp
     vpp: int = 1
+    sequence_parallel: bool = False   # with tp > 1: norms / residual sharded along seq
     schedule: str = "1f1b"            # none | gpipe | 1f1b | interleaved
     zero_stage: int = 0
     timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then

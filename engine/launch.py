@@ -32,7 +32,15 @@ def parallel_state(cfg: RunConfig):
     dims = ParallelDims(tp=pc.tp, pp=pc.pp, dp=dp, vpp=pc.vpp)
     dims.validate(world, cfg.model.num_layers)
     if pc.tp > 1:
-        raise ValueError("parallel.tp > 1 is not wired into the trainer yet (issue 4)")
+        heads, groups = cfg.model.num_attention_heads, cfg.model.multi_query_group_num
+        if heads % pc.tp or (pc.tp <= groups and groups % pc.tp) or (
+                pc.tp > groups and pc.tp % groups):
+            raise ValueError(f"parallel.tp={pc.tp} does not divide the model's "
+                             f"{heads} heads / {groups} KV groups evenly")
+        if cfg.model.ffn_hidden_size % pc.tp or cfg.model.padded_vocab_size % pc.tp:
+            raise ValueError(f"parallel.tp={pc.tp} must divide ffn_hidden_size="
+                             f"{cfg.model.ffn_hidden_size} and padded_vocab_size="
+                             f"{cfg.model.padded_vocab_size}")
     if world == 1:
         return None
     return init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)

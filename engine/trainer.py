@@ -113,6 +113,16 @@ class Trainer:
             ckpt.check_tokenizer(tokenizer_sha256)
             for chunk in self.chunks:
                 ckpt_lib.load_model_weights(chunk, ckpt)
+        # same default generator on every rank (replicated dropout); tensor parallelism
+        # keeps its own per-rank stream for sharded tensors
+        torch.manual_seed(tc.seed)
+        self.tp = state.dims.tp if state else 1
+        self.tp_rank = state.coords.tp if state else 0
+        if self.tp > 1:
+            # TP weights are slices of the full stage just built (and loaded)
+            from engine.tensor_parallel import parallelize
+            for chunk in self.chunks:
+                parallelize(chunk, state.tp_group, sequence_parallel=pc.sequence_parallel)
         self.aux_modules = torch.nn.ModuleDict(aux_modules or {}).to(self.device)
         # ---- the objective
         if forward_step is None and loss_fn is not None:
@@ -137,7 +147,8 @@ class Trainer:
         if self.pp > 1:
             from engine.p2p import P2P
             from engine.optim.config import PRECISIONS
-            self.comm = P2P(state, cfg.model.hidden_size, dtype=PRECISIONS[param_precision])
+            self.comm = P2P(state, cfg.model.hidden_size, dtype=PRECISIONS[param_precision],
+                            seq_shards=self.tp if pc.sequence_parallel else 1)
         # ---- the optimizer takes over the parameters' storage: build it last
         self.optimizer = DistributedOptimizer(
             list(self.named_trained_parameters()),
@@ -145,7 +156,7 @@ class Trainer:
                         weight_decay=tc.weight_decay, max_grad_norm=tc.grad_clip,
                         zero_stage=pc.zero_stage, precision=param_precision),
             dp_group=state.dp_group if state and self.dp > 1 else None,
-            model_parallel_group=mp_group)
+            model_parallel_group=mp_group, tp_rank=self.tp_rank)
         self.step = 0
         self.flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
         if self.rank == 0:
@@ -234,18 +245,17 @@ class Trainer:
         model and optimizer tensors under their global names (layout-free)."""
         path = path or os.path.join(self.cfg.train.out_dir, "checkpoint")
         full = self.optimizer.full_state()   # collective over dp
+        tensors = self._full_tensors(list(self.named_trained_parameters()))  # over tp
+        optim = {}
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            gathered = self._full_tensors([(n, st[key]) for n, st in full["params"].items()])
+            optim.update({f"{key}/{n}": t for n, t in gathered.items()})
         if self.rank == 0:
             ckpt_lib.begin_save(path)
         self._barrier()
         tmp = ckpt_lib.temp_dir_for(path)
-        if self.dp_rank == 0:
-            tensors = {}
-            for chunk in self.chunks:
-                tensors.update(chunk.state_dict())
-            tensors.update({f"aux.{k}": v for k, v in self.aux_modules.state_dict().items()})
+        if self.dp_rank == 0 and self.tp_rank == 0:
             ckpt_lib.write_tensors(tmp, f"model/stage{self.stage}.safetensors", tensors)
-            optim = {f"{key}/{name}": t for name, st in full["params"].items()
-                     for key, t in st.items()}
             ckpt_lib.write_tensors(tmp, f"optim/stage{self.stage}.safetensors", optim)
         self._barrier()
         if self.rank == 0:
@@ -256,8 +266,9 @@ class Trainer:
                 "data_position": {"step": self.step},
                 "rng": ckpt_lib.rng_state(),
                 "tokenizer_sha256": self.tokenizer_sha256,
-                "layout": {"tp": dims.tp if dims else 1, "pp": self.pp, "dp": self.dp,
+                "layout": {"tp": self.tp, "pp": self.pp, "dp": self.dp,
                            "vpp": dims.vpp if dims else 1,
+                           "sequence_parallel": self.cfg.parallel.sequence_parallel,
                            "zero_stage": self.cfg.parallel.zero_stage},
                 "optimizer": {k: v for k, v in full.items() if k != "params"},
                 **self.extra_meta,
@@ -266,17 +277,45 @@ class Trainer:
         self._barrier()
         return path
 
+    def _full_tensors(self, named: list) -> dict:
+        """This rank's (name, tensor) pairs -> full-shape tensors (collective over tp)."""
+        if self.tp == 1:
+            return {n: t.detach() for n, t in named}
+        from engine.tensor_parallel import gather_full_tensors
+        model = [(n, t) for n, t in named if not n.startswith("aux.")]
+        out = gather_full_tensors(model, self.cfg.model, self.state.tp_group)
+        out.update({n: t.detach() for n, t in named if n.startswith("aux.")})
+        return out
+
+    def _local_tensors(self, full: dict, prefix: str = "") -> dict:
+        """Full-shape tensors (keys optionally prefixed) -> this TP rank's slices, keyed
+        by parameter name."""
+        full = {n[len(prefix):]: t for n, t in full.items()}
+        if self.tp == 1:
+            return full
+        from engine.tensor_parallel import shard_state_dict
+        model = {n: t for n, t in full.items() if not n.startswith("aux.")}
+        out = shard_state_dict(model, self.tp_rank, self.tp, self.cfg.model)
+        out.update({n: t for n, t in full.items() if n.startswith("aux.")})
+        return out
+
     def resume(self, path: str):
         ckpt = ckpt_lib.Checkpoint(path)
         ckpt.check_tokenizer(self.tokenizer_sha256)
         names = [n for n, _ in self.named_trained_parameters()]
-        weights = ckpt.load("model", names)
+        weights = self._local_tensors(ckpt.load("model", names))
         with torch.no_grad():
             for n, p in self.named_trained_parameters():
+                if weights[n].shape != p.shape:
+                    raise ckpt_lib.CheckpointError(
+                        f"checkpoint tensor {n} has shape {tuple(weights[n].shape)}, this "
+                        f"layout expects {tuple(p.shape)} (a different model config?)")
                 p.copy_(weights[n])
         keys = ("master", "exp_avg", "exp_avg_sq")
-        optim = ckpt.load("optim", [f"{k}/{n}" for n in names for k in keys])
-        state = {"params": {n: {k: optim[f"{k}/{n}"] for k in keys} for n in names},
+        per_key = {k: self._local_tensors(
+            {n: t for n, t in ckpt.load("optim", [f"{k}/{n}" for n in names]).items()},
+            prefix=f"{k}/") for k in keys}
+        state = {"params": {n: {k: per_key[k][n] for k in keys} for n in names},
                  **ckpt.meta["optimizer"]}
         self.optimizer.load_state_dict(state)
         self.step = int(ckpt.meta["step"])

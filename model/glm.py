@@ -128,6 +128,9 @@ class GLM(nn.Module):
         if self.pre_process:
             b, s = input_ids.shape
             x = self.embedding(input_ids).transpose(0, 1)  # [s, b, h]
+            # embedding dropout belongs to the first stage only: a later stage's input has
+            # already been through it
+            x = dropout(x, c.hidden_dropout, self.training, self.dropout_rng)
         else:
             s, b = hidden_states.shape[:2]
             x = hidden_states
@@ -138,7 +141,6 @@ class GLM(nn.Module):
                                  10000.0 * c.rope_ratio)
         # [b, s, d/2] -> [s, b, 1, d/2], broadcast over heads
         cos, sin = (t.transpose(0, 1).unsqueeze(2) for t in (cos, sin))
-        x = dropout(x, c.hidden_dropout, self.training, self.dropout_rng)
         for layer in self.layers.values():
             x = layer(x, cos, sin, prefix_lens, pad_lens, kv_cache)
         if kv_cache is not None:

@@ -105,9 +105,7 @@ class DistributedOptimizer:
         self._build_buffers()
         self._decay_ranges = self._ranges(
             lambda slot: cfg.decay_1d_params or len(slot.shape) >= 2)
-        self._norm_ranges = self._ranges(
-            lambda slot: tp_rank == 0 or not getattr(self.params[slot.index],
-                                                     "tp_replicated", False))
+        self._norm_ranges = self._count_once_ranges(tp_rank)
         self.grads = GradBuckets(self.params, self.layout, cfg.reduce_dtype, dp_group,
                                  self.shard_rank, self.dp_size, scatter=cfg.zero_stage == 2)
 
@@ -139,6 +137,28 @@ class DistributedOptimizer:
         if len(kept) == len(self._segments):
             return None
         return _merge(kept)
+
+    def _count_once_ranges(self, tp_rank: int) -> list[tuple[int, int]] | None:
+        """Shard-local ranges that enter the global grad norm, so that every gradient
+        element of the model is counted once across tensor-parallel ranks: a parameter
+        replicated over TP (`tp_replicated`) only on tp rank 0, and the rows of a KV group
+        that several TP ranks hold (`tp_duplicate_range`, flat [lo, hi) of the local
+        tensor) only on the first holder."""
+        kept, dropped = [], False
+        for slot, plo, phi, slo in self._segments:
+            p = self.params[slot.index]
+            if tp_rank != 0 and getattr(p, "tp_replicated", False):
+                dropped = True
+                continue
+            dup = getattr(p, "tp_duplicate_range", None)
+            pieces = [(plo, phi)]
+            if dup is not None:
+                lo, hi = dup
+                pieces = [(a, b) for a, b in ((plo, min(phi, lo)), (max(plo, hi), phi))
+                          if a < b]
+                dropped = True
+            kept += [(slo + a - plo, slo + b - plo) for a, b in pieces]
+        return _merge(kept) if dropped else None
 
     @staticmethod
     def _local(ranges, slo: int, shi: int) -> list[tuple[int, int]] | None:
