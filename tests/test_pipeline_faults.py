@@ -6,9 +6,8 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from dist import _entry, decode, free_port, run_workers
+from dist import run_workers, spawn_workers
 from engine.p2p import P2P, PeerError, Side
 from engine.parallel import ParallelDims, init_distributed
 from engine.schedules import build_stage, forward_backward, glm_forward_step
@@ -20,33 +19,10 @@ CFG6 = GLMConfig.preset("tiny", num_layers=6)   # splits over 2 and 3 stages
 
 
 def run_allowing_deaths(fn, world, *args, timeout=60.0, pg_timeout=30.0):
-    """Like dist.run_workers, but a worker that dies is a result, not a failure: returns
-    {rank: (ok, value)} for the ranks that reported and every process's exit code."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args, pg_timeout),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(results) < world and time.monotonic() < deadline:
-            if not queue.empty():
-                rank, ok, value = queue.get()
-                results[rank] = (ok, decode(value) if ok else value)
-            elif all(not p.is_alive() for p in procs):
-                if queue.empty():
-                    break
-            else:
-                time.sleep(0.02)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return results, [p.exitcode for p in procs]
+    """A worker that dies is a result here, not a failure: {rank: (ok, value)} of the
+    ranks that reported, and every process's exit code."""
+    return spawn_workers(fn, world, *args, timeout=timeout, pg_timeout=pg_timeout,
+                         tolerate_deaths=True)
 
 
 def _faulty_step(rank, world, mode, victim, p2p_timeout, hang_s=0.0):
