@@ -46,7 +46,8 @@ def translate(model, tok, sources: list[str], *, batch_size=32, max_new_tokens=6
         prompts = [prompt_ids(tok, s, max_source) for s in sources[i:i + batch_size]]
         t0 = time.perf_counter()
         out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eop_id,
-                       pad_id=tok.pad_id, sop_id=tok.sop_id, mode=mode, num_beams=num_beams)
+                       pad_id=tok.pad_id, sop_id=tok.sop_id, mode=mode, num_beams=num_beams,
+                       vocab_size=tok.vocab_size)
         seconds += time.perf_counter() - t0
         n_tokens += sum(len(o) for o in out)
         hyps += [tok.decode(o).strip() for o in out]
@@ -59,7 +60,8 @@ def measure_latency(model, tok, sources: list[str], max_new_tokens=64, max_sourc
     for s in sources:
         t0 = time.perf_counter()
         generate(model, [prompt_ids(tok, s, max_source)], max_new_tokens=max_new_tokens,
-                 eos_id=tok.eop_id, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy")
+                 eos_id=tok.eop_id, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
+                 vocab_size=tok.vocab_size)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.mean(times) if times else float("nan")
 

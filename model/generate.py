@@ -43,6 +43,7 @@ class GenerationConfig:
     num_beams: int = 4
     length_penalty: float = 1.0  # beam score = sum log p / (generated length ** this)
     seed: int | None = None     # sampling RNG; None draws from torch's global RNG
+    vocab_size: int | None = None  # ids >= this (embedding padding) are never generated
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -156,6 +157,15 @@ def decode_step(model, tokens: torch.Tensor, batch: PromptBatch,
     return logits[:, -1]
 
 
+def restrict_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """-inf for ids >= vocab_size: the model's padded vocabulary rows are no tokens of
+    the tokenizer, and an undertrained model may still rank them high."""
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.arange(vocab_size, logits.shape[-1],
+                                              device=logits.device), float("-inf"))
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """-inf outside the top-k tokens and outside the smallest set whose probability mass
     reaches top_p (always at least the most likely token). logits [..., V]."""
@@ -188,12 +198,12 @@ def _validate_ids(model, prompts, **ids):
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              sop_id: int, mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
-             seed: int | None = None, mask_id: int | Iterable[int] | None = None
-             ) -> list[list[int]]:
+             seed: int | None = None, mask_id: int | Iterable[int] | None = None,
+             vocab_size: int | None = None) -> list[list[int]]:
     """Continue each GLM prompt; returns the generated ids per prompt, without the prompt
     and without the eos. Needs a whole model (embedding and head on this stage)."""
     cfg = GenerationConfig(mode, max_new_tokens, temperature, top_k, top_p, num_beams,
-                           length_penalty, seed)
+                           length_penalty, seed, vocab_size)
     if not (model.pre_process and model.post_process
             and model.layer_range == (0, model.config.num_layers)):
         raise ValueError("generate needs the whole model, not a pipeline stage "
@@ -223,7 +233,7 @@ def _sample(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
     # the last sampled token is never fed back, hence - 1
     cache = model.new_kv_cache(batch.rows, batch.width + cfg.max_new_tokens - 1)
-    logits = prefill(model, batch, cache)  # [b, V]
+    logits = restrict_vocab(prefill(model, batch, cache), cfg.vocab_size)  # [b, V]
     out = [[] for _ in range(batch.rows)]
     done = torch.zeros(batch.rows, dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):
@@ -239,7 +249,7 @@ def _sample(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
         done |= tok == eos_id
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
-        logits = decode_step(model, tok, batch, cache)
+        logits = restrict_vocab(decode_step(model, tok, batch, cache), cfg.vocab_size)
     return out
 
 
@@ -256,7 +266,7 @@ def _beam_search(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
     lp = cfg.length_penalty
     device = batch.input_ids.device
     cache = model.new_kv_cache(B, batch.width + T - 1)
-    logits = prefill(model, batch, cache)  # [B, V]: one prefill per prompt, not per beam
+    logits = restrict_vocab(prefill(model, batch, cache), cfg.vocab_size)  # [B, V]: one prefill per prompt, not per beam
     expand = torch.arange(B, device=device).repeat_interleave(K)
     cache.reorder(expand)
     batch = batch.select(expand)
@@ -311,8 +321,9 @@ def _beam_search(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
         if all(done) or step == T - 1:
             break
         cache.reorder(torch.tensor(rows, device=device))
-        logits = decode_step(model, torch.tensor(sum(next_tok, []), device=device), batch,
-                             cache)
+        logits = restrict_vocab(
+            decode_step(model, torch.tensor(sum(next_tok, []), device=device), batch, cache),
+            cfg.vocab_size)
 
     results = []
     for bi in range(B):

@@ -219,3 +219,18 @@ def test_generate_restores_mode_and_validates(model):
     stage = GLM.build(model.config, seed=0, layer_range=(0, 2), post_process=False)
     with pytest.raises(ValueError, match="pipeline stage"):
         generate(stage, PROMPTS, 2, EOS, PAD, SOP)
+
+
+def test_padded_vocabulary_rows_are_never_generated():
+    from model import GLM, GLMConfig
+    from model.generate import generate
+    model = GLM.build(GLMConfig.preset("tiny"), seed=0)
+    with torch.no_grad():  # make the padding rows the model's favourite tokens
+        model.output_layer.weight[900:] *= 50
+    prompts = [[5, 6, 7, 3], [9, 3]]
+    free = generate(model, prompts, 6, eos_id=999, pad_id=0, sop_id=4, mask_id=3)
+    assert any(t >= 900 for row in free for t in row)
+    for mode in ("greedy", "beam"):
+        out = generate(model, prompts, 6, eos_id=999, pad_id=0, sop_id=4, mask_id=3,
+                       mode=mode, vocab_size=900)
+        assert all(t < 900 for row in out for t in row), out
