@@ -1,0 +1,163 @@
+"""Knowledge distillation: train a (pruned) student against a frozen teacher, through the
+same Trainer as pretraining, on the pretraining data (both languages) by default.
+
+    python runners/distill.py --teacher runs/teacher/checkpoint \
+        --student runs/student/pruned --config configs/demo_distill.json \
+        --data.dir data --train.out_dir runs/student/kd
+    # the baseline: the same student shape from a random init, plain cross-entropy
+    python runners/distill.py --student runs/student/pruned --from-scratch \
+        --config configs/demo_distill.json --distill.kl_weight 0 --distill.hidden_weight 0 \
+        --train.out_dir runs/student/scratch
+
+The config file has the run sections of runners/pretrain.py (train, data, parallel) plus
+"distill" (engine/compress/distill.py: DistillConfig); any --section.field VALUE
+overrides it. There is no "model" section: the student's shape is its checkpoint's.
+Loss terms are logged per label token next to the total. Any pp x dp layout the engine
+supports runs under torchrun (the teacher sits whole on the last-stage ranks):
+
+    torchrun --nproc_per_node 2 runners/distill.py ... --parallel.pp 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any --section.field VALUE overrides the config file.")
+    p.add_argument("--teacher", default=None,
+                   help="teacher checkpoint (needed unless kl and hidden weights are 0)")
+    p.add_argument("--student", required=True,
+                   help="student checkpoint (runners/prune.py output, or any GLM checkpoint)")
+    p.add_argument("--config", help="JSON or YAML: train / data / parallel / distill sections")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="random-init the student's shape instead of loading its weights")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <train.out_dir>/checkpoint")
+    args, rest = p.parse_known_args(argv)
+    return args, rest
+
+
+def split_config(base: dict, overrides: dict):
+    """Take the "distill" section out of the run config; refuse a "model" section."""
+    base, overrides = dict(base), dict(overrides)
+    dist = {**base.pop("distill", {}), **overrides.pop("distill", {})}
+    if "model" in base or "model" in overrides:
+        raise ValueError("distill runs take the student's shape from --student; drop the "
+                         "model section / --model.* overrides")
+    return base, overrides, dist
+
+
+def train_tokens(meta: dict) -> int | None:
+    """Tokens (positions) a checkpoint's own training run consumed, from its meta.json."""
+    try:
+        t = meta["config"]["train"]
+        dp = max(1, int(meta.get("layout", {}).get("dp", 1)))
+        return int(meta["step"]) * t["num_microbatches"] * t["micro_batch_size"] * t["seq_len"] * dp
+    except (KeyError, TypeError):
+        return None
+
+
+def main(argv=None):
+    args, rest = parse_args(argv)
+    import torch.distributed as dist
+
+    from engine import checkpoint as ckpt_lib
+    from engine.compress.distill import DistillConfig
+    from engine.compress.distill_run import distill_trainer, is_last_stage
+    from engine.compress.export import load_glm
+    from engine.config import build_run_config, load_file, parse_overrides
+    from engine.data.loaders import make_datasets
+    from engine.evaluate import dev_loss
+    from engine.launch import parallel_state
+    from model import GLMConfig
+
+    state = None
+    try:
+        base, over, dist_cfg = split_config(load_file(args.config) if args.config else {},
+                                            parse_overrides(rest))
+        dcfg = DistillConfig(**dist_cfg)
+        cfg = build_run_config(base, over)
+        if cfg.train.init_from:
+            raise ValueError("train.init_from is not used here: the student comes from "
+                             "--student")
+        if dcfg.needs_teacher and not args.teacher:
+            raise ValueError("--teacher is required when distill.kl_weight or "
+                             "distill.hidden_weight is > 0")
+        s_ckpt = ckpt_lib.Checkpoint(args.student)
+        cfg.model = GLMConfig.from_dict(s_ckpt.meta["config"]["model"])
+        # the Trainer builds this rank's stages and loads them by name, as for any run
+        cfg.train.init_from = "" if args.from_scratch else args.student
+        tc = cfg.train
+        state = parallel_state(cfg)
+        tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
+                                        cfg.model.padded_vocab_size, cfg.data.objective)
+        s_ckpt.check_tokenizer(tok.sha256, os.path.join(cfg.data.dir, "tokenizer"))
+        teacher = t_ckpt = None
+        if args.teacher and is_last_stage(state):
+            teacher, t_ckpt = load_glm(args.teacher)
+            t_ckpt.check_tokenizer(tok.sha256, os.path.join(cfg.data.dir, "tokenizer"))
+        kept = None if args.from_scratch else (
+            (s_ckpt.meta.get("pruning") or {}).get("selection", {}).get("hidden"))
+        tokens = tc.steps * tc.num_microbatches * tc.micro_batch_size * tc.seq_len * (
+            state.dims.dp if state else 1)
+        extra = {"distill": {**dcfg.to_dict(), "from_scratch": args.from_scratch,
+                             "teacher": os.path.abspath(args.teacher) if args.teacher else None,
+                             "student": os.path.abspath(args.student), "tokens": tokens}}
+        rank0 = state is None or state.rank == 0
+        trainer, loss_fn = distill_trainer(
+            cfg, dcfg, train, dev, teacher=teacher, kept_hidden=kept, state=state,
+            tokenizer_sha256=tok.sha256, extra_meta=extra,
+            log=lambda m: print(m, flush=True) if rank0 else None)
+
+        def log(msg: str):
+            # a training line: add each term's per-token mean since the last one (known on
+            # the rank computing the loss; with pp > 1 that is not rank 0)
+            stats = loss_fn.pop_stats() if "| lr " in msg else {}
+            print(msg + "".join(f" | {k} {v:.4f}" for k, v in stats.items()), flush=True)
+
+        trainer.log = log if rank0 else (lambda *a, **k: None)
+        ckpt_dir = os.path.join(tc.out_dir, "checkpoint")
+        if args.resume:
+            if not os.path.isdir(ckpt_dir):
+                raise ValueError(f"--resume: no checkpoint at {ckpt_dir}")
+            trainer.resume(ckpt_dir)
+            trainer.log(f"resumed from {ckpt_dir} at step {trainer.step}")
+        t_tokens = train_tokens(t_ckpt.meta) if t_ckpt is not None else None
+        n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
+        trainer.log(
+            f"student: {n_params:,} trained parameters on rank 0"
+            + (f" | teacher: {teacher.num_params():,}" if teacher is not None else "")
+            + f" | task {cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
+            f"{tc.micro_batch_size} x {tc.seq_len} = {tokens:,} tokens"
+            + (f" ({tokens / t_tokens:.1%} of the teacher checkpoint's own run, {t_tokens:,})"
+               if t_tokens else ""))
+        trainer.log("distill: " + " ".join(f"{k}={v}" for k, v in dcfg.to_dict().items())
+                    + (" | from scratch" if args.from_scratch else ""))
+        trainer.fit()
+        path = trainer.save(ckpt_dir)
+        s_loss = trainer.evaluate()  # the student's own cross-entropy (DistillLoss, no_grad)
+        if rank0:
+            shutil.copy(os.path.join(cfg.data.dir, "tokenizer", "tokenizer.model"),
+                        os.path.join(path, "tokenizer.model"))
+            line = f"dev loss ({cfg.data.task}, {tc.eval_batches} batches): student {s_loss:.4f}"
+            if teacher is not None and next(teacher.parameters()).device.type == "cpu":
+                t_loss = dev_loss(teacher, dev, tc.eval_batches, tc.micro_batch_size)
+                line += f" | teacher {t_loss:.4f}"
+            print(line)
+            print(f"saved {path}")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if state is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
