@@ -5,7 +5,7 @@ DATA    := data
 RUNS    := runs/demo
 THREADS ?= 2
 
-.PHONY: setup test test-fast demo data clean
+.PHONY: setup test demo data paper clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv .venv
@@ -34,5 +34,10 @@ demo: data
 	$(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint \
 	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval
 
+# the paper's tables and figures (reports/*.md, *.png) regenerated at small scale
+paper: data
+	.venv/bin/pip install -q -e ".[report]" || echo "matplotlib unavailable: tables only"
+	$(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS)
+
 clean:
-	rm -rf $(RUNS) .pytest_cache
+	rm -rf $(RUNS) runs/paper reports .pytest_cache

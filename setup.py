@@ -13,6 +13,8 @@ setup(
     extras_require={
         "test": ["pytest"],
         "triton": ["triton"],
+        # plots for runners/report.py (make paper); the tables need nothing extra
+        "report": ["matplotlib"],
         # more zh_CN gettext catalogues to extract training pairs from
         "data": ["jupyterlab-language-pack-zh-cn", "sphinx", "django"],
     },

@@ -1,0 +1,50 @@
+"""Quality, size and speed of one checkpoint, the same way for every row of every table:
+engine.evaluate for English -> Chinese (BLEU tokenize="zh", chrF, exact match, latency,
+size on disk), plus Chinese -> English BLEU (the D_d task; tokenize="13a")."""
+from __future__ import annotations
+
+import torch
+from sacrebleu.metrics import BLEU
+
+from engine.compress.export import load_glm
+from engine.data.corpus import read_tsv
+from engine.evaluate import evaluate
+from model.generate import generate
+from model.tokenizer import Tokenizer
+
+
+class _Tokenizer(Tokenizer):
+    """The model's vocabulary is padded past the tokenizer's (8192 > 8000); an undertrained
+    model can emit a padding id, which Tokenizer.decode rejects. Those ids have no text:
+    drop them before decoding."""
+
+    def decode(self, ids) -> str:
+        return super().decode([i for i in ids if i < self.vocab_size])
+
+
+@torch.no_grad()
+def zh_en_bleu(model, tok, pairs, max_new_tokens: int, batch_size: int = 32,
+               max_source: int = 96) -> float:
+    hyps = []
+    for i in range(0, len(pairs), batch_size):
+        prompts = [[tok.zh_id] + tok.encode(zh)[:max_source] + [tok.gmask_id]
+                   for _, zh in pairs[i:i + batch_size]]
+        out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eop_id,
+                       pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy")
+        hyps += [tok.decode(o).strip() for o in out]
+    return BLEU(tokenize="13a").corpus_score(hyps, [[en for en, _ in pairs]]).score
+
+
+def measure(checkpoint: str, test_tsv: str, tokenizer_path: str, n: int,
+            max_new_tokens: int, latency_samples: int) -> dict:
+    from pathlib import Path
+    model, _ = load_glm(checkpoint)
+    model.eval()
+    tok = _Tokenizer(tokenizer_path)
+    pairs = read_tsv(Path(test_tsv))[:n]
+    r = evaluate(model, tok, pairs, max_new_tokens=max_new_tokens,
+                 latency_samples=latency_samples, checkpoint_dir=checkpoint, n_examples=2)
+    return {"params": r.params, "disk_mb": r.disk_mb, "latency_ms": r.latency_ms,
+            "bleu": r.bleu, "chrf": r.chrf, "exact_match": r.exact_match,
+            "bleu_zh_en": zh_en_bleu(model, tok, pairs, max_new_tokens),
+            "examples": r.examples}

@@ -1,0 +1,141 @@
+"""Mixed-language fine-tuning (paper Section 3.3, Algorithm 3): the teacher on a random
+mixture of the source task D_s and the target task D_d (Eq. 11-12), then continued
+distillation of the student on D_d (Eq. 13).
+
+    # lines 1-8: the teacher, strategy mixed | source | target
+    python runners/finetune.py teacher --config configs/finetune.json \
+        --train.init_from runs/teacher/checkpoint --train.out_dir runs/ft/teacher
+    # lines 9-14: the student (a runners/prune.py output) learns from that teacher on D_d
+    python runners/finetune.py student --config configs/finetune.json \
+        --teacher runs/ft/teacher/checkpoint --student runs/student/pruned \
+        --train.out_dir runs/ft/student
+    # any layout the Trainer supports, e.g. a 2-stage 1F1B pipeline:
+    torchrun --nproc_per_node 2 runners/finetune.py teacher ... --parallel.pp 2
+
+D_s / D_d default to the prepared translation pairs read English-input (en-zh) and
+Chinese-input (zh-en); --source-tsv / --target-tsv replace them with any TSV task files.
+The config holds the run sections of runners/pretrain.py plus "finetune"
+(engine/finetune.py: FinetuneConfig); --section.field VALUE overrides it. Writes
+<out_dir>/checkpoint and <out_dir>/finetune.json (alpha, sampling p, losses, seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any --section.field VALUE overrides the config file.")
+    p.add_argument("stage", choices=["teacher", "student"],
+                   help="teacher: hybrid fine-tuning (Eq. 12); student: continued "
+                        "distillation on D_d (Eq. 13)")
+    p.add_argument("--config", help="JSON or YAML: model / train / data / parallel / finetune")
+    g = p.add_argument_group("tasks")
+    g.add_argument("--source-tsv", default="", help="D_s training pairs (default: the shards)")
+    g.add_argument("--target-tsv", default="", help="D_d training pairs (default: the shards)")
+    g = p.add_argument_group("student stage")
+    g.add_argument("--teacher", default="", help="fine-tuned teacher checkpoint")
+    g.add_argument("--student", default="", help="student checkpoint (e.g. runners/prune.py)")
+    return p.parse_known_args(argv)
+
+
+def split_config(base: dict, overrides: dict):
+    base, overrides = dict(base), dict(overrides)
+    ft = {**base.pop("finetune", {}), **overrides.pop("finetune", {})}
+    return base, overrides, ft
+
+
+def main(argv=None):
+    args, rest = parse_args(argv)
+    import time
+
+    import torch.distributed as dist
+
+    from engine import checkpoint as ckpt_lib
+    from engine.config import build_run_config, load_file, parse_overrides
+    from engine.finetune import FinetuneConfig, build_tasks, teacher_objective
+    from engine.launch import model_parallel_group, parallel_state
+    from model import GLMConfig
+
+    state = None
+    try:
+        base, over, ft = split_config(load_file(args.config) if args.config else {},
+                                      parse_overrides(rest))
+        fcfg = FinetuneConfig(**ft)
+        cfg = build_run_config(base, over)
+        if args.stage == "student":
+            if not args.student or (fcfg.lam > 0 and not args.teacher):
+                raise ValueError("the student stage needs --student and (lam > 0) --teacher")
+            cfg.model = GLMConfig.from_dict(
+                ckpt_lib.Checkpoint(args.student).meta["config"]["model"])
+            cfg.train.init_from = args.student
+        tc = cfg.train
+        state = parallel_state(cfg)
+        rank0 = state is None or state.rank == 0
+        log = (lambda m: print(m, flush=True)) if rank0 else (lambda *a, **k: None)
+        log("layout: " + (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
+                          f"vpp={state.dims.vpp} schedule={cfg.parallel.schedule}"
+                          if state else "single process"))
+        tok, d_s, d_d, dev_s, dev_d = build_tasks(cfg.data.dir, fcfg, tc.seq_len, tc.seed,
+                                                  cfg.model.padded_vocab_size,
+                                                  args.source_tsv, args.target_tsv)
+        record = {"stage": args.stage, "finetune": fcfg.to_dict(), "n_s": len(d_s),
+                  "n_d": len(d_d)}
+        if args.stage == "teacher":
+            from engine.trainer import Trainer
+            train, loss, alpha, p = teacher_objective(fcfg, d_s, d_d, tc.seed)
+            record.update(alpha=alpha, p=p, w_source=loss.w_source, w_target=loss.w_target)
+            log(f"teacher fine-tuning: strategy {fcfg.strategy} | n_s {len(d_s):,} n_d "
+                f"{len(d_d):,} | alpha {alpha:.4f} | P(D_s) {p:.4f} | loss weights "
+                f"source {loss.w_source:.3f} target {loss.w_target:.3f}")
+            trainer = Trainer(cfg, train, dev_d, state=state, tokenizer_sha256=tok.sha256,
+                              log=log, forward_step=loss.forward_step,
+                              mp_group=model_parallel_group(state),
+                              extra_meta={"finetune": record})
+        else:
+            from engine.compress.distill_run import distill_trainer, is_last_stage
+            from engine.compress.export import load_glm
+            teacher = None
+            if args.teacher and is_last_stage(state):
+                teacher, _ = load_glm(args.teacher)
+            dcfg = fcfg.distill_config()
+            record.update(lam=fcfg.lam, distill=dcfg.to_dict(), teacher=args.teacher,
+                          student=args.student)
+            log(f"continued distillation on D_d ({fcfg.target_direction}): lambda "
+                f"{fcfg.lam} -> kl_weight {dcfg.kl_weight} ce_weight {dcfg.ce_weight:.3f}, "
+                f"T {dcfg.temperature}")
+            trainer, _ = distill_trainer(cfg, dcfg, d_d, dev_d, teacher=teacher, state=state,
+                                         tokenizer_sha256=tok.sha256, log=log,
+                                         extra_meta={"finetune": record})
+        t0 = time.perf_counter()
+        history = trainer.fit()
+        record["train_seconds"] = time.perf_counter() - t0
+        record["step_seconds"] = sum(h.seconds for h in history)
+        path = trainer.save(os.path.join(tc.out_dir, "checkpoint"))
+        # dev losses of both tasks (the student's own cross-entropy in the student stage)
+        record["dev_loss_target"] = trainer.evaluate(dev_d)
+        record["dev_loss_source"] = trainer.evaluate(dev_s)
+        if rank0:
+            shutil.copy(os.path.join(cfg.data.dir, "tokenizer", "tokenizer.model"),
+                        os.path.join(path, "tokenizer.model"))
+            with open(os.path.join(tc.out_dir, "finetune.json"), "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1)
+            log(f"dev loss: D_d {record['dev_loss_target']:.4f} | D_s "
+                f"{record['dev_loss_source']:.4f} | {record['step_seconds']:.1f} s training")
+            log(f"saved {path}")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if state is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

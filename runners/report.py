@@ -1,0 +1,65 @@
+"""Regenerate the paper's experiments (Tables 4-5, Figures 3-5) at small scale on CPU:
+runs the recipe (base model, hybrid fine-tuning strategies, pipeline training, pruning,
+continued distillation, schedule timing), then writes reports/*.md and PNG plots.
+
+    python runners/report.py                  # full: about 25 minutes on 2 cores
+    python runners/report.py --quick          # smoke run, about a minute
+    python runners/report.py --scale 0.5      # half the training steps of either
+    make paper
+
+Plots need matplotlib (pip install -e ".[report]"); without it the markdown tables are
+still written and say the plots were skipped. Numbers come from the runs (results.json
+beside the tables), never typed in.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (about a minute)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
+    p.add_argument("--out", default="reports", help="folder for the markdown and plots")
+    p.add_argument("--work-dir", default="runs/paper", help="checkpoints and stage logs")
+    p.add_argument("--data-dir", default="data", help="prepared data (prepare_data.py)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, one process")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from engine.reports.budget import ReportConfig
+    from engine.reports.recipe import Recipe
+    from engine.reports.stages import StageError
+    from engine.reports.write import write_reports
+
+    try:
+        kw = dict(out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir,
+                  threads=args.threads)
+        rc = ReportConfig.quick(**kw) if args.quick else ReportConfig(**kw)
+        rc = rc.scaled(args.scale) if args.scale != 1.0 else rc
+        if not os.path.isfile(os.path.join(rc.data_dir, "manifest.json")):
+            raise ValueError(f"no prepared data in {rc.data_dir}: run `make data` first")
+        torch.set_num_threads(rc.threads)
+        t0 = time.perf_counter()
+        results = Recipe(rc, log=lambda m: print(m, flush=True)).run()
+        written = write_reports(results, rc.out_dir)
+    except (ValueError, StageError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {', '.join(written['markdown'] + written['plots'])} to {rc.out_dir} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    if written["plots_skipped"]:
+        print(written["plots_skipped"])
+
+
+if __name__ == "__main__":
+    main()
