@@ -31,8 +31,19 @@ demo: data
 	$(PY) runners/pretrain.py --config configs/demo_translate.json \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
 	    --train.init_from $(RUNS)/pretrain/checkpoint
-	$(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint \
+	$(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint --name teacher \
 	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval
+	# compression: prune the teacher to ~50% of its non-embedding weights, then distil
+	$(PY) runners/prune.py --teacher $(RUNS)/translate/checkpoint --data-dir $(DATA) \
+	    --out $(RUNS)/student/pruned --method activation --layer-metric loss \
+	    --calib-task translation --seq-len 48 --layers 3 --keep 0.5 --threads $(THREADS)
+	$(PY) runners/distill.py --teacher $(RUNS)/translate/checkpoint \
+	    --student $(RUNS)/student/pruned --config configs/demo_distill.json \
+	    --data.dir $(DATA) --train.out_dir $(RUNS)/student/kd --train.threads $(THREADS)
+	$(PY) runners/evaluate.py --checkpoint $(RUNS)/student/kd/checkpoint --name student \
+	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval_student
+	@echo; echo "teacher vs student (held-out catalogues: wget, tar, sed, grep)"
+	@cat $(RUNS)/eval/eval.md; tail -n 1 $(RUNS)/eval_student/eval.md
 
 # the paper's tables and figures (reports/*.md, *.png) regenerated at small scale
 paper: data
