@@ -68,6 +68,10 @@ class DataConfig:
             raise ValueError(f"data.objective={self.objective!r} must be 'glm' or 'causal'")
 
 
+# device profiles `--parallel auto` accepts (engine/planner/devices.py has the named ones)
+AUTO_DEVICES = ("measure", "cpu", "h100", "a100")
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1
@@ -78,6 +82,13 @@ class ParallelConfig:
     schedule: str = "1f1b"            # none | gpipe | 1f1b | interleaved
     zero_stage: int = 0
     timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then
+    # auto (`--parallel auto`): engine.planner chooses tp, pp, dp, vpp, schedule, zero_stage,
+    # sequence_parallel and train.micro_batch_size / num_microbatches for the world size,
+    # keeping the global batch (micro_batch_size * num_microbatches * dp as given)
+    auto: bool = False
+    device: str = "measure"           # auto's device profile: measure (calibrate this
+    #                                   machine at start), cpu (calibrate the CPU), h100, a100
+    memory_gb: float = 0.0            # auto's per-device memory; 0: the device profile's
 
     def __post_init__(self):
         for name in ("tp", "pp", "vpp"):
@@ -90,6 +101,12 @@ class ParallelConfig:
                              "1f1b or interleaved")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if self.device not in AUTO_DEVICES:
+            raise ValueError(f"parallel.device={self.device!r} must be one of "
+                             f"{', '.join(AUTO_DEVICES)}")
+        if self.memory_gb < 0:
+            raise ValueError(f"parallel.memory_gb={self.memory_gb} must be >= 0 (0 = the "
+                             "device's)")
 
 
 @dataclass
@@ -155,11 +172,21 @@ def load_file(path: str) -> dict:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """['--train.lr', '3e-4', '--model.preset=small'] -> {'train': {'lr': 3e-4}, ...}"""
+    """['--train.lr', '3e-4', '--model.preset=small'] -> {'train': {'lr': 3e-4}, ...}
+    `--parallel auto` (or --parallel=auto) is short for --parallel.auto true."""
     out: dict = {}
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg == "--parallel" or arg.startswith("--parallel="):
+            value = arg.split("=", 1)[1] if "=" in arg else (
+                args[i + 1] if i + 1 < len(args) else "")
+            if value != "auto":
+                raise ValueError(f"--parallel takes only 'auto' (got {value!r}); set fields "
+                                 "with --parallel.field value")
+            out.setdefault("parallel", {})["auto"] = True
+            i += 1 if "=" in arg else 2
+            continue
         if not arg.startswith("--") or "." not in arg:
             raise ValueError(f"unrecognised argument {arg!r}: overrides look like "
                              "--section.field value")

@@ -2,9 +2,12 @@
 tokenizer check, resume, final save."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from engine.config import RunConfig
@@ -46,6 +49,107 @@ def parallel_state(cfg: RunConfig):
     return init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
 
 
+# ---- --parallel auto --------------------------------------------------------------------
+
+def _given_dp(cfg: RunConfig, world: int) -> int:
+    pc = cfg.parallel
+    if pc.dp:
+        return pc.dp
+    if world % (pc.tp * pc.pp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp={pc.tp * pc.pp}")
+    return world // (pc.tp * pc.pp)
+
+
+def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None = None):
+    """The planner's layout for this run, as a new RunConfig: (config, candidates best
+    first, chosen candidate). Pure: no process group, the device profile is given.
+
+    Global batch = micro_batch_size * num_microbatches * dp of `cfg` (sequences), kept.
+    The trainer has no activation recompute, so only layouts without it are considered;
+    sequence parallelism needs seq_len divisible by tp (else that tp runs without it)."""
+    from engine.planner import PlanRequest, best, plan
+    from engine.planner.search import Candidate
+    tc, pc = cfg.train, cfg.parallel
+    local_world = local_world or world
+    global_batch = tc.micro_batch_size * tc.num_microbatches * _given_dp(cfg, world)
+    memory_gb = pc.memory_gb or profile.memory_bytes / 1e9
+    if not profile.async_launch:
+        memory_gb /= local_world       # CPU ranks of one host share its memory
+    precision = profile.precision if tc.precision == "auto" else (
+        "fp32" if tc.precision == "fp32" else "bf16")   # fp16 keeps bf16's byte counts
+    kernels = {"torch": "torch", "triton": "fused"}.get(cfg.model.kernels, profile.kernels)
+    common = dict(config=cfg.model, world_size=world, device_memory_gb=memory_gb,
+                  seq_len=tc.seq_len, global_batch=global_batch,
+                  gpus_per_node=min(world, local_world), precision=precision,
+                  kernels=kernels, recompute=(False,))
+    cands = [c for c in plan(PlanRequest(**common, sequence_parallel=True), profile)
+             if c.layout.tp == 1 or tc.seq_len % c.layout.tp == 0]
+    cands += [c for c in plan(PlanRequest(**common, sequence_parallel=False), profile)
+              if c.layout.tp > 1 and tc.seq_len % c.layout.tp]
+    cands.sort(key=Candidate.sort_key)
+    chosen = best(cands)
+    lay = chosen.layout
+    parallel = dataclasses.replace(pc, tp=lay.tp, pp=lay.pp, dp=lay.dp, vpp=lay.vpp,
+                                   schedule=lay.schedule if lay.pp > 1 else pc.schedule,
+                                   zero_stage=lay.zero_stage,
+                                   sequence_parallel=lay.sequence_parallel, auto=False)
+    train = dataclasses.replace(tc, micro_batch_size=lay.micro_batch_size,
+                                num_microbatches=lay.num_microbatches)
+    return dataclasses.replace(cfg, parallel=parallel, train=train), cands, chosen
+
+
+def _join_world(timeout_s: float):
+    """The default process group from the torchrun environment (init_distributed reuses
+    it), so every rank can calibrate together and agree on one plan."""
+    if dist.is_initialized():
+        return
+    device = None
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device is not None else "gloo",
+                            timeout=timedelta(seconds=timeout_s), device_id=device)
+
+
+def resolve_parallel(cfg: RunConfig, log=print) -> RunConfig:
+    """`--parallel auto`: fill the layout fields from the planner before anything is
+    built; any other config comes back unchanged. Under torchrun every rank joins the
+    default group and calibrates (collectives are measured too), rank 0 plans, and its
+    choice is broadcast, so all ranks build the same layout even where measurements
+    differ between them. Rank 0 logs the choice and the head of the candidate table."""
+    if not cfg.parallel.auto:
+        return cfg
+    from engine.planner import calibrate, device_profile, format_table
+    world = world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world > 1:
+        _join_world(cfg.parallel.timeout_s)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = cfg.parallel.device
+    profile = calibrate(repeats=3) if name == "measure" else (
+        calibrate(torch.device("cpu"), repeats=3) if name == "cpu" else device_profile(name))
+    box = [None]
+    if rank == 0:
+        try:
+            box[0] = plan_parallel(cfg, world, profile, local_world)
+        except ValueError as e:
+            box[0] = e
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], ValueError):     # every rank fails with rank 0's one-line error
+        raise ValueError(f"--parallel auto: {box[0]}")
+    resolved, cands, chosen = box[0]
+    if rank == 0:
+        m, t, lay = chosen.memory.peak, chosen.time, chosen.layout
+        log(f"parallel auto: {world} rank(s), {profile.name}, seq {cfg.train.seq_len}, global "
+            f"batch {lay.dp * lay.micro_batch_size * lay.num_microbatches}: chose "
+            f"{lay.short()} (schedule {lay.schedule}; predicted {m.total / 1e9:.2f} GB per "
+            f"device, {t.total:.3f} s per step)")
+        log("\n".join(format_table(cands, top=5).splitlines()[:7]))
+    return resolved
+
+
 def model_parallel_group(state):
     """Ranks holding the pieces of one model replica (same dp coordinate): the group the
     optimizer sums squared gradient norms over. new_group is collective: all ranks create
@@ -64,6 +168,7 @@ def model_parallel_group(state):
 
 
 def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
+    cfg = resolve_parallel(cfg, log)
     tc = cfg.train
     state = parallel_state(cfg)
     try:

@@ -51,6 +51,21 @@ def test_pretrain_finetune_evaluate(data_dir, tmp_path):
     meta = json.load(open(ft / "checkpoint" / "meta.json"))
     assert meta["step"] == 2 and meta["data_position"] == {"step": 2}
 
+    # compression: prune the fine-tuned model to ~half its layers, distil, evaluate
+    st = tmp_path / "student"
+    run("runners/prune.py", "--teacher", str(ft / "checkpoint"), "--data-dir", str(data_dir),
+        "--out", str(st / "pruned"), "--layers", "2", "--keep", "0.5", "--calib-batches", "2",
+        "--batch-size", "2", "--seq-len", "48")
+    run("runners/distill.py", "--teacher", str(ft / "checkpoint"), "--student",
+        str(st / "pruned"), "--data.dir", str(data_dir), "--train.steps", "2",
+        "--train.micro_batch_size", "4", "--train.seq_len", "48", "--train.eval_batches", "1",
+        "--train.out_dir", str(st / "kd"))
+    out = run("runners/evaluate.py", "--checkpoint", str(st / "kd" / "checkpoint"), "--input",
+              str(data_dir / "pairs" / "test.tsv"), "--limit", "4", "--max-new-tokens", "4",
+              "--latency-samples", "1", "--name", "student").stdout
+    student = json.load(open(st / "kd" / "checkpoint" / "meta.json"))
+    assert student["config"]["model"]["num_layers"] == 2 and "| student |" in out
+
     # a resumed run continues from the saved step
     out = run("runners/pretrain.py", *TINY, "--data.dir", str(data_dir), "--train.steps", "4",
               "--train.out_dir", str(pre), "--resume").stdout

@@ -13,12 +13,12 @@ Single process (any micro-batch size, recompute, sequence length):
     got = measure_layout(req, layout)           # tp = pp = dp = 1
     got.total, got.activations, got.step_time
 
-Multi-rank layouts (the engine's schedules, under torchrun): on every rank,
+Multi-rank layouts (the engine's trainer, under torchrun or tests/dist.py): on every rank,
 
-    got = measure_step(chunk_params, optimizer,
-                       lambda: forward_backward(...))   # every microbatch of one step
+    got = measure_trainer(trainer, timed_steps=5)   # collective: every rank calls it
     # got.total on rank r  vs  predict_memory(req, layout).stages[stage of r]
     #                              .states_and_activations
+    # got.step_time: median over steps of the slowest rank's time, the same on all ranks
 
 `step` must run forward and backward in this thread (the hooks are thread-local) and
 must not install saved-tensor hooks of its own (the innermost hooks win).
@@ -122,30 +122,112 @@ class Measured:
         return self.params + self.grads + self.optimizer + self.activations
 
 
+def _zero_grads(optimizer):
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
+    else:
+        optimizer.zero_grad()   # engine/optim: its buckets stay allocated; step() zeroes too
+
+
+def _metered_step(params, optimizer, step, optimizer_step=None) -> tuple[int, int, int, int]:
+    """One step under the saved-tensor meter: (params, grads, optimizer, activations)."""
+    meter = SavedTensorMeter(params)
+    with meter.hooks():
+        step()
+    p_bytes, g_bytes, _ = model_state_bytes(params, optimizer)   # gradients exist now
+    (optimizer_step or optimizer.step)()
+    _, _, o_bytes = model_state_bytes(params, optimizer)         # and the optimizer state
+    _zero_grads(optimizer)
+    return p_bytes, g_bytes, o_bytes, meter.peak
+
+
 def measure_step(params, optimizer, step, timed_steps: int = 2) -> Measured:
     """Run `step()` (forward + backward of one optimizer step's microbatches) then
     `optimizer.step()`: once under the meter (memory; it also warms up), then
     `timed_steps` more times for the best wall time."""
     params = list(params)
-
-    def zero():
-        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
-
-    meter = SavedTensorMeter(params)
-    with meter.hooks():
-        step()
-    p_bytes, g_bytes, _ = model_state_bytes(params, optimizer)   # gradients exist now
-    optimizer.step()
-    _, _, o_bytes = model_state_bytes(params, optimizer)         # and the optimizer state
-    zero()
+    sizes = _metered_step(params, optimizer, step)
     best = float("inf")
     for _ in range(timed_steps):
         t0 = time.perf_counter()
         step()
         optimizer.step()
         best = min(best, time.perf_counter() - t0)
-        zero()
-    return Measured(p_bytes, g_bytes, o_bytes, meter.peak, best)
+        _zero_grads(optimizer)
+    return Measured(*sizes, best)
+
+
+def trainer_step(trainer):
+    """(params, optimizer, step, optimizer_step) for measuring an engine.trainer.Trainer:
+    `step()` runs forward and backward of this rank's microbatches of the trainer's
+    current step through its schedule, `optimizer_step()` the DistributedOptimizer step at
+    the configured lr. The step counter, data position and schedule do not move, so every
+    call repeats the same work."""
+    params = [p for _, p in trainer.named_trained_parameters()]
+    mbs = trainer.microbatches(trainer.train_data, trainer.step)
+    opt = trainer.optimizer
+
+    def step():
+        trainer._run(mbs)
+
+    def optimizer_step():
+        opt.step(trainer.cfg.train.lr)
+
+    return params, opt, step, optimizer_step
+
+
+def trainer_memory(trainer) -> Measured:
+    """This rank's memory in one step of a (possibly multi-rank) Trainer, under the meter:
+    parameters, gradient buckets and optimizer shards as DistributedOptimizer.state_bytes
+    reports them, and the peak of saved activations over the step's schedule. Collective
+    when the trainer is (every rank of its layout calls it). step_time is not measured
+    (nan): see measure_trainer."""
+    params, opt, step, optimizer_step = trainer_step(trainer)
+    return Measured(*_metered_step(params, opt, step, optimizer_step), float("nan"))
+
+
+def schedule_meter_peak(trainer) -> int:
+    """Peak bytes of one step as engine.schedules.SavedActivationMeter counts them: the
+    same saved tensors as SavedTensorMeter, plus each stage output while the schedule
+    holds it (until it is sent and its .data freed). Equal to trainer_memory's
+    activations without a pipeline; at most one microbatch's [s, b, h] output more with
+    one. Collective like trainer_memory."""
+    from engine.schedules import SavedActivationMeter, forward_backward
+    from engine.trainer import count_tokens
+    params, opt, _, optimizer_step = trainer_step(trainer)
+    mbs = trainer.microbatches(trainer.train_data, trainer.step)
+    meter = SavedActivationMeter(params)
+    forward_backward(trainer.schedule, trainer.chunks, mbs,
+                     trainer._global_count(count_tokens(mbs)), trainer.comm, trainer.state,
+                     no_sync=opt.no_sync, forward_step=trainer.forward_step,
+                     autocast=trainer.autocast, meter=meter, scale_loss=opt.scale_loss)
+    optimizer_step()
+    return meter.peak
+
+
+def measure_trainer(trainer, timed_steps: int = 5, group=None) -> Measured:
+    """trainer_memory, then the step time as the median over `timed_steps` steps of the
+    slowest rank's time: a barrier over `group` (the trainer's ranks; None: the default
+    group) lines the ranks up before each step and the per-step times are max-reduced,
+    so every rank returns the same figure."""
+    import statistics
+
+    import torch.distributed as dist
+    mem = trainer_memory(trainer)
+    _, _, step, optimizer_step = trainer_step(trainer)
+    distributed = dist.is_available() and dist.is_initialized()
+    times = []
+    for _ in range(timed_steps):
+        if distributed:
+            dist.barrier(group)
+        t0 = time.perf_counter()
+        step()
+        optimizer_step()
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        if distributed:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+        times.append(float(elapsed))
+    return replace(mem, step_time=statistics.median(times))
 
 
 # ---- single-process layouts ------------------------------------------------------------

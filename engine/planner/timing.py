@@ -20,23 +20,42 @@ Per pipeline stage s and microbatch (T = b * s tokens, one tp rank):
               fused: ~40, one launch per kernel and matmul) x op_overhead; on a GPU the
               host issues them while earlier kernels run, so only the excess over the
               device time shows; on a CPU they add
+    host      on a host with fewer cores than ranks (DeviceProfile.host_cores), ranks
+              computing at once share them: gemm + elementwise + overhead take
+              max(1, busy / host_cores) as long, busy = world x (1 - bubble fraction)
+              / (1 + straggler): stages idle in the bubble, and ranks waiting for a
+              straggler, leave their core to the others (the optimizer: no bubble)
+    straggler with more than one rank, gemm + elementwise + overhead (and the optimizer)
+              take (1 + straggler) as long: ranks that synchronise wait for the slowest,
+              ~0 on dedicated devices, measured by calibrate() on time-sliced hosts
     tp        4 all-reduces of T*h elements per layer (2 forward, 2 backward; 6 with
               recompute), ring cost 2 (t - 1) / t * bytes / bw; sequence parallelism
-              swaps each for a reduce-scatter + all-gather of the same volume
+              swaps each for a reduce-scatter + all-gather of the same volume (on gloo,
+              which has no reduce-scatter, mappings.py all-reduces and slices: the
+              reduce-scatter then costs an all-reduce); each collective also pays the
+              device's latency
+    tp_extra  the other tensor-parallel collectives: the embedding's all-reduce (sp:
+              reduce-scatter, and an all-gather backward), the head's input all-reduce
+              in backward (sp: all-gather + reduce-scatter) and the vocab-parallel
+              loss's two [T] all-reduces, the sum over replicated KV rows (t > groups),
+              and under sp the norm-weight gradient all-reduces (2 per layer, 1 final)
     p2p       one activation forward and one gradient backward per chunk boundary,
-              T*h*e bytes each (/ t with sequence parallelism), not overlapped (the
-              schedule's exchanges block)
+              T*h*e bytes each (/ t with sequence parallelism), plus the latency of
+              each exchange, not overlapped (the schedule's exchanges block)
 
     pipeline  m * max_s t_s + (sum_s t_s - max_s t_s) / vpp; for equal stages that is
               (m + (p - 1) / vpp) t: bubble fraction (p - 1) / (vpp m + p - 1)
     dp        ZeRO 0/1: all-reduce of the fp32 gradient buckets, 2 (d - 1) / d * bytes;
               ZeRO 2: reduce-scatter, (d - 1) / d; overlapped with the last microbatch's
               backward except one bucket; ZeRO 1/2 then all-gather the updated
-              parameters, (d - 1) / d * param bytes, exposed
+              parameters, (d - 1) / d * param bytes, exposed; plus the latency of
+              every bucket's collective
     optimizer unfused AdamW (engine/optim/adamw.py = torch's foreach=False): 8
               elementwise passes, 80 bytes per fp32 parameter of this rank's shard, plus
               zeroing the gradients, plus (bf16) publishing the parameter; ~10 ops per
-              parameter tensor
+              parameter tensor; plus the latency of the step's small collectives (the
+              global-norm sums over dp and the model-parallel ranks, the loss over pp
+              and dp, the token count over dp, the pipeline's shape handshake)
 """
 from __future__ import annotations
 
@@ -90,12 +109,14 @@ class StageTime:
     gemm: float             # per microbatch, seconds
     elementwise: float
     overhead: float         # host dispatch not hidden behind device work
-    tp: float
+    tp: float               # the layers' activation collectives
     p2p: float
+    tp_extra: float = 0.0   # embedding, head / loss, norm-gradient and KV-replica sums
 
     @property
     def per_microbatch(self) -> float:
-        return self.gemm + self.elementwise + self.overhead + self.tp + self.p2p
+        return (self.gemm + self.elementwise + self.overhead + self.tp + self.tp_extra
+                + self.p2p)
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,21 @@ class TimeEstimate:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.total
+
+
+def bubble_fraction(layout: Layout) -> float:
+    p, m, v = layout.pp, layout.num_microbatches, layout.vpp
+    return (p - 1) / (v * m + p - 1)
+
+
+def host_slowdown(req: PlanRequest, layout: Layout, dev: DeviceProfile,
+                  busy_share: float | None = None) -> float:
+    """How much longer compute takes when more ranks compute at once than the host has
+    cores for (1 on devices of their own)."""
+    if not dev.host_cores:
+        return 1.0
+    share = 1.0 - bubble_fraction(layout) if busy_share is None else busy_share
+    return max(1.0, req.world_size * share / (1.0 + dev.straggler) / dev.host_cores)
 
 
 def _device_and_host(dev: DeviceProfile, device_s: float, host_s: float) -> float:
@@ -164,18 +200,50 @@ def stage_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage: int)
     ops = n_layers * OPS_PER_LAYER[k] * (1 + RECOMPUTE_OP_SHARE if rc else 1.0)
     ops += OPS_OUTSIDE_LAYERS[k] if (first or last) else 0
     overhead = _device_and_host(dev, gemm + elementwise, ops * dev.op_overhead)
+    stretch = host_slowdown(req, layout, dev) * (1.0 + (req.world_size > 1) * dev.straggler)
+    gemm, elementwise, overhead = gemm * stretch, elementwise * stretch, overhead * stretch
 
-    comm = 0.0
+    comm, extra = 0.0, 0.0
     if t > 1:
-        msg = tokens * cfg.hidden_size * e
-        comm = n_layers * (6 if rc else 4) * ring_factor(t) * msg / dev.intra_bw
+        comm, extra = _tp_times(req, layout, dev, first, last, n_layers)
     p2p = 0.0
     if p > 1:
         bw = dev.p2p_bw or (dev.intra_bw if req.world_size <= req.gpus_per_node
                             else dev.inter_bw)
         msg = tokens * cfg.hidden_size * e / (t if layout.sequence_parallel else 1)
-        p2p = 2 * layout.vpp * msg / bw
-    return StageTime(stage, gemm, elementwise, overhead, comm, p2p)
+        p2p = 2 * layout.vpp * (msg / bw + dev.latency)
+    return StageTime(stage, gemm, elementwise, overhead, comm, p2p, extra)
+
+
+def _tp_times(req: PlanRequest, layout: Layout, dev: DeviceProfile, first: bool,
+              last: bool, n_layers: int) -> tuple[float, float]:
+    """(layers, extra) tensor-parallel communication per microbatch on one stage."""
+    cfg, t, sp = req.config, layout.tp, layout.sequence_parallel
+    e = PRECISION_BYTES[req.precision]["act"]
+    h, bw, lat = cfg.hidden_size, dev.intra_bw, dev.latency
+    msg = layout.micro_batch_size * req.seq_len * h * e          # [T, h]
+    all_reduce = ring_factor(t) * msg / bw + lat
+    all_gather = (t - 1) / t * msg / bw + lat
+    reduce_scatter = ((t - 1) / t if dev.native_reduce_scatter else ring_factor(t)) \
+        * msg / bw + lat
+    # per layer: 2 collectives per forward (run twice with recompute), 2 in backward
+    count = 6 if layout.recompute else 4
+    layers = n_layers * count * ((all_gather + reduce_scatter) if sp else all_reduce)
+    extra = 0.0
+    if first:      # embedding: all-reduce / (sp) reduce-scatter forward, all-gather back
+        extra += (reduce_scatter + all_gather) if sp else all_reduce
+    if last:       # head input (backward sum; sp: gather + scatter), loss max and sums
+        extra += ((all_gather + reduce_scatter) if sp else all_reduce) + 2 * lat
+    small = ring_factor(t) * h * 4 / bw + lat                    # one norm weight's grad
+    if sp:
+        extra += (2 * n_layers + last) * small
+    if t > cfg.multi_query_group_num:
+        # replicated KV weight rows: their gradient summed per microbatch, one all-reduce
+        # of a [groups, 2 d, h] buffer (mappings.copy_to_replicas)
+        kv = cfg.multi_query_group_num * 2 * cfg.kv_channels * h \
+            * PRECISION_BYTES[req.precision]["param"]
+        extra += n_layers * (ring_factor(t) * kv / bw + lat)
+    return layers, extra
 
 
 def _dp_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, st: StageTime,
@@ -186,17 +254,19 @@ def _dp_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, st: StageTime
     pb = PRECISION_BYTES[req.precision]
     bw = dev.intra_bw if layout.tp * d <= req.gpus_per_node else dev.inter_bw
     grad_bytes = n_params * pb["grad"]
+    buckets = -(-grad_bytes // BUCKET_BYTES)
     if layout.zero_stage == 2:
         reduce = (d - 1) / d * grad_bytes / bw
     else:
         reduce = ring_factor(d) * grad_bytes / bw
+    reduce += buckets * dev.latency
     # buckets go out during the last microbatch's backward
     bwd_share = 0.75 if layout.recompute else 2.0 / 3.0
     window = bwd_share * (st.gemm + st.elementwise + st.overhead) + st.tp
-    last_bucket = ring_factor(d) * min(BUCKET_BYTES, grad_bytes) / bw
+    last_bucket = ring_factor(d) * min(BUCKET_BYTES, grad_bytes) / bw + dev.latency
     out = max(reduce - window, min(reduce, last_bucket))
     if layout.zero_stage >= 1:
-        out += (d - 1) / d * n_params * pb["param"] / bw
+        out += (d - 1) / d * n_params * pb["param"] / bw + dev.latency
     return out
 
 
@@ -209,7 +279,15 @@ def _optimizer_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage:
         moved += shard * (pb["master"] + pb["param"])            # publish bf16 params
     device_s = moved / dev.mem_bw
     host_s = ADAMW_OPS * param_tensors(req.config, stage, layout.pp) * dev.op_overhead
-    return device_s + _device_and_host(dev, device_s, host_s)
+    # the step's small collectives: norm sums (dp shards, model-parallel ranks), loss
+    # (pp, dp), token count (dp), the pipeline's shape handshake (pp)
+    small = ((layout.dp > 1) * (2 + (layout.zero_stage > 0))
+             + (layout.tp * layout.pp > 1) + 2 * (layout.pp > 1))
+    compute = device_s + _device_and_host(dev, device_s, host_s)
+    compute *= host_slowdown(req, layout, dev, busy_share=1.0)
+    if req.world_size > 1:
+        compute *= 1.0 + dev.straggler
+    return compute + small * dev.latency
 
 
 def predict_time(req: PlanRequest, layout: Layout, dev: DeviceProfile) -> TimeEstimate:
@@ -224,7 +302,8 @@ def predict_time(req: PlanRequest, layout: Layout, dev: DeviceProfile) -> TimeEs
     slow = max(stages, key=lambda st: st.per_microbatch)
     bubble = (sum(st.per_microbatch for st in stages) - slow.per_microbatch) / v
     return TimeEstimate(gemm=m * slow.gemm, elementwise=m * slow.elementwise,
-                        overhead=m * slow.overhead, tp=m * slow.tp, p2p=m * slow.p2p,
+                        overhead=m * slow.overhead, tp=m * (slow.tp + slow.tp_extra),
+                        p2p=m * slow.p2p,
                         bubble=bubble, dp=max(dp_times), optimizer=max(opt_times),
-                        bubble_fraction=(p - 1) / (v * m + p - 1),
+                        bubble_fraction=bubble_fraction(layout),
                         tokens=req.global_batch * req.seq_len)

@@ -1,0 +1,161 @@
+"""Convert checkpoints between the native format and the ChatGLM2/3 / GLM-4 naming.
+
+    # a native checkpoint (any tp x pp x dp layout saved it) -> ChatGLM safetensors + config
+    python runners/convert_checkpoint.py --to-chatglm runs/pretrain/checkpoint out/chatglm
+    # a ChatGLM directory (config.json + *.safetensors [+ index]) -> a native checkpoint
+    python runners/convert_checkpoint.py --from-chatglm /models/chatglm3-6b ckpt/chatglm3
+    python runners/pretrain.py --config ... --train.init_from ckpt/chatglm3
+
+Only names change (model/convert.py): values and shapes are copied as stored unless
+--dtype casts them. An imported checkpoint holds the weights, meta.json with the config
+and step 0, and no optimizer state: start a run from it with --train.init_from, not
+--resume. Outputs are written to a temporary sibling and renamed into place; an existing
+output is replaced only with --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from engine import checkpoint as ckpt_lib  # noqa: E402
+from engine.config import RunConfig  # noqa: E402
+from model import GLM, GLMConfig  # noqa: E402
+from model.convert import export_chatglm, load_chatglm  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER = "tokenizer.model"
+GB = 1024 ** 3
+
+
+def native_model(ckpt: ckpt_lib.Checkpoint, dtype: torch.dtype | None = None) -> GLM:
+    """The whole GLM from a native checkpoint's model tensors (full names, whatever layout
+    wrote them). Built on the meta device and filled tensor by tensor, so peak memory is
+    the checkpoint's tensors once; auxiliary tensors ("aux.*") are left out."""
+    try:
+        config = GLMConfig.from_dict(ckpt.meta["config"]["model"])
+    except (KeyError, TypeError):
+        raise ckpt_lib.CheckpointError(f"checkpoint {ckpt.path} has no model config in "
+                                       "meta.json") from None
+    with torch.device("meta"):
+        model = GLM(config)
+    names = [n for n, _ in model.named_parameters()]
+    tensors = ckpt.load("model", names)
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        want = tuple(getattr(module, leaf).shape)
+        t = tensors.pop(name)
+        if tuple(t.shape) != want:
+            raise ckpt_lib.CheckpointError(f"checkpoint tensor {name} has shape "
+                                           f"{tuple(t.shape)}, its config expects {want}")
+        setattr(module, leaf, nn.Parameter(t if dtype is None else t.to(dtype),
+                                           requires_grad=False))
+    return model
+
+
+def to_chatglm(src: str, out: str, dtype: torch.dtype | None = None,
+               max_shard_gb: float = 2.0, overwrite: bool = False) -> list[str]:
+    """Native checkpoint directory -> ChatGLM directory; returns the shard file names."""
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    ckpt = ckpt_lib.Checkpoint(src)
+    names = export_chatglm(native_model(ckpt, dtype), out,
+                           max_shard_bytes=int(max_shard_gb * GB), overwrite=overwrite)
+    if os.path.isfile(os.path.join(src, TOKENIZER)):   # ChatGLM keeps it beside the weights
+        shutil.copy(os.path.join(src, TOKENIZER), os.path.join(out, TOKENIZER))
+    return names
+
+
+def _shards(named: list[tuple[str, torch.Tensor]], max_bytes: int):
+    """Consecutive groups of tensors of at most max_bytes (a bigger tensor alone)."""
+    group, size = [], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if group and size + nbytes > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append((name, t))
+        size += nbytes
+    if group:
+        yield group
+
+
+def from_chatglm(src: str, out: str, dtype: torch.dtype | None = None,
+                 max_shard_gb: float = 2.0, overwrite: bool = False) -> str:
+    """ChatGLM directory -> native checkpoint (weights, config, step 0, no optimizer)."""
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    model = load_chatglm(src, dtype=dtype)
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    tok = os.path.join(src, TOKENIZER)
+    meta = {
+        "config": RunConfig(model=model.config).to_dict(),
+        "step": 0,
+        "data_position": {"step": 0},
+        "rng": ckpt_lib.rng_state(),
+        "tokenizer_sha256": ckpt_lib.sha256_file(tok) if os.path.isfile(tok) else None,
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "sequence_parallel": False,
+                   "zero_stage": 0},
+        "optimizer": None,
+        "imported_from": os.path.abspath(src),
+    }
+    tmp = ckpt_lib.begin_save(out)
+    try:
+        shards = list(_shards(named, int(max_shard_gb * GB)))
+        for i, group in enumerate(shards):
+            ckpt_lib.write_tensors(tmp, f"model/part-{i + 1:05d}-of-{len(shards):05d}"
+                                        ".safetensors", dict(group))
+        if meta["tokenizer_sha256"]:
+            shutil.copy(tok, os.path.join(tmp, TOKENIZER))
+        ckpt_lib.finish_save(out, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("direction (exactly one)")
+    way = g.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-chatglm", nargs=2, metavar=("CKPT", "OUT"),
+                     help="native checkpoint directory -> ChatGLM directory")
+    way.add_argument("--from-chatglm", nargs=2, metavar=("DIR", "OUT"),
+                     help="ChatGLM directory -> native checkpoint directory")
+    g = p.add_argument_group("output")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast the weights (default: keep the stored dtype, bit for bit)")
+    g.add_argument("--max-shard-gb", type=float, default=2.0,
+                   help="largest safetensors file to write, GiB")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    try:
+        if args.max_shard_gb <= 0:
+            raise ValueError(f"--max-shard-gb={args.max_shard_gb} must be positive")
+        if args.to_chatglm:
+            src, out = args.to_chatglm
+            files = to_chatglm(src, out, dtype, args.max_shard_gb, args.overwrite)
+            print(f"wrote {out}: {len(files)} safetensors file(s), config.json, index")
+        else:
+            src, out = args.from_chatglm
+            from_chatglm(src, out, dtype, args.max_shard_gb, args.overwrite)
+            print(f"wrote {out}: native checkpoint at step 0 (use --train.init_from {out})")
+    except (ValueError, OSError) as e:       # bad input: one line, never a traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
