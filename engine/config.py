@@ -203,6 +203,13 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def pop_section(base: dict, overrides: dict, name: str):
+    """Split a runner's own section (e.g. "distill", "finetune") off the file config and
+    the overrides: (base, overrides) without it, and its merged fields."""
+    base, overrides = dict(base), dict(overrides)
+    return base, overrides, {**base.pop(name, {}), **overrides.pop(name, {})}
+
+
 def build_run_config(base: dict | None = None, overrides: dict | None = None) -> RunConfig:
     merged: dict = {}
     for src in (base or {}, overrides or {}):

@@ -46,8 +46,8 @@ def parse_args(argv=None):
 
 def split_config(base: dict, overrides: dict):
     """Take the "distill" section out of the run config; refuse a "model" section."""
-    base, overrides = dict(base), dict(overrides)
-    dist = {**base.pop("distill", {}), **overrides.pop("distill", {})}
+    from engine.config import pop_section
+    base, overrides, dist = pop_section(base, overrides, "distill")
     if "model" in base or "model" in overrides:
         raise ValueError("distill runs take the student's shape from --student; drop the "
                          "model section / --model.* overrides")

@@ -46,12 +46,6 @@ def parse_args(argv=None):
     return p.parse_known_args(argv)
 
 
-def split_config(base: dict, overrides: dict):
-    base, overrides = dict(base), dict(overrides)
-    ft = {**base.pop("finetune", {}), **overrides.pop("finetune", {})}
-    return base, overrides, ft
-
-
 def main(argv=None):
     args, rest = parse_args(argv)
     import time
@@ -59,15 +53,15 @@ def main(argv=None):
     import torch.distributed as dist
 
     from engine import checkpoint as ckpt_lib
-    from engine.config import build_run_config, load_file, parse_overrides
+    from engine.config import build_run_config, load_file, parse_overrides, pop_section
     from engine.finetune import FinetuneConfig, build_tasks, teacher_objective
     from engine.launch import model_parallel_group, parallel_state
     from model import GLMConfig
 
     state = None
     try:
-        base, over, ft = split_config(load_file(args.config) if args.config else {},
-                                      parse_overrides(rest))
+        base, over, ft = pop_section(load_file(args.config) if args.config else {},
+                                     parse_overrides(rest), "finetune")
         fcfg = FinetuneConfig(**ft)
         cfg = build_run_config(base, over)
         if args.stage == "student":
