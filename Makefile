@@ -3,6 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 DATA    := data
 RUNS    := runs/demo
+PRETRAINED := $(RUNS)/pretrain/checkpoint/meta.json
 THREADS ?= 2
 
 .PHONY: setup test demo data paper clean
@@ -23,11 +24,14 @@ test: setup
 data: setup
 	$(PY) runners/prepare_data.py --out $(DATA)
 
-# pretraining runs as a 2-stage 1F1B pipeline, one process per core
-demo: data
+# the pretrained LM (shared by demo and paper; kept until make clean): a 2-stage 1F1B
+# pipeline, one process per core. meta.json is written last, so a killed run is redone.
+$(PRETRAINED): | data
 	OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 runners/pretrain.py \
 	    --config configs/demo_pretrain.json --parallel.pp 2 \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/pretrain --train.threads 1
+
+demo: data $(PRETRAINED)
 	$(PY) runners/pretrain.py --config configs/demo_translate.json \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
 	    --train.init_from $(RUNS)/pretrain/checkpoint
@@ -46,9 +50,11 @@ demo: data
 	@cat $(RUNS)/eval/eval.md; tail -n 1 $(RUNS)/eval_student/eval.md
 
 # the paper's tables and figures (reports/*.md, *.png) regenerated at small scale
-paper: data
+# (the fine-tuning, compression and distillation runs start from make demo's pretrained LM)
+paper: data $(PRETRAINED)
 	.venv/bin/pip install -q -e ".[report]" || echo "matplotlib unavailable: tables only"
-	$(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS)
+	$(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS) \
+	    --pretrained $(RUNS)/pretrain/checkpoint
 
 clean:
 	rm -rf $(RUNS) runs/paper reports .pytest_cache

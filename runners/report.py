@@ -2,10 +2,11 @@
 runs the recipe (base model, hybrid fine-tuning strategies, pipeline training, pruning,
 continued distillation, schedule timing), then writes reports/*.md and PNG plots.
 
-    python runners/report.py                  # full: about 25 minutes on 2 cores
-    python runners/report.py --quick          # smoke run, about a minute
-    python runners/report.py --scale 0.5      # half the training steps of either
-    make paper
+    # full: the small preset from a pretrained LM (make demo's), about 35 min on 2 cores
+    python runners/report.py --pretrained runs/demo/pretrain/checkpoint
+    python runners/report.py --quick          # smoke run (tiny, from scratch), about a minute
+    python runners/report.py --scale 0.5 ...  # half the training steps of either
+    make paper                                # pretrains first if make demo has not
 
 Plots need matplotlib (pip install -e ".[report]"); without it the markdown tables are
 still written and say the plots were skipped. Numbers come from the runs (results.json
@@ -29,6 +30,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="reports", help="folder for the markdown and plots")
     p.add_argument("--work-dir", default="runs/paper", help="checkpoints and stage logs")
     p.add_argument("--data-dir", default="data", help="prepared data (prepare_data.py)")
+    p.add_argument("--pretrained", default="",
+                   help="pretrained LM checkpoint the base model starts from (e.g. "
+                        "runs/demo/pretrain/checkpoint); without it the base trains from "
+                        "scratch, which at the full size's budget does not learn to "
+                        "translate")
     p.add_argument("--threads", type=int, default=2, help="torch threads, one process")
     return p.parse_args(argv)
 
@@ -44,7 +50,7 @@ def main(argv=None):
 
     try:
         kw = dict(out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir,
-                  threads=args.threads)
+                  threads=args.threads, pretrained=args.pretrained)
         rc = ReportConfig.quick(**kw) if args.quick else ReportConfig(**kw)
         rc = rc.scaled(args.scale) if args.scale != 1.0 else rc
         if not os.path.isfile(os.path.join(rc.data_dir, "manifest.json")):

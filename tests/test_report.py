@@ -33,10 +33,15 @@ def quick_report(tmp_path_factory):
     if not os.path.isfile(os.path.join(data, "manifest.json")):   # a fresh clone
         data = str(tmp / "data")
         _run("runners/prepare_data.py", "--out", data, "--vocab-size", "2000")
+    # the base starts from a pretrained LM, as in `make paper` (here: 2 steps of tiny)
+    lm = tmp / "lm"
+    _run("runners/pretrain.py", "--model.preset", "tiny", "--model.padded_vocab_size", "8192",
+         "--data.dir", data, "--train.steps", "2", "--train.micro_batch_size", "2",
+         "--train.seq_len", "32", "--train.eval_every", "0", "--train.out_dir", str(lm))
     out = tmp / "reports"
     p = _run("runners/report.py", "--quick", "--out", str(out), "--work-dir",
-             str(tmp / "work"), "--data-dir", data)
-    return out, p.stdout
+             str(tmp / "work"), "--data-dir", data, "--pretrained", str(lm / "checkpoint"))
+    return out, p.stdout, str(lm / "checkpoint"), data
 
 
 def _has_matplotlib():
@@ -53,7 +58,7 @@ def _numeric_rows(text):
 
 
 def test_quick_report_writes_tables(quick_report):
-    out, stdout = quick_report
+    out, stdout, lm, _ = quick_report
     for name in MARKDOWN:
         text = (out / name).read_text(encoding="utf-8")
         assert len(_numeric_rows(text)) >= 2, name
@@ -68,6 +73,7 @@ def test_quick_report_writes_tables(quick_report):
     assert res["quality"]["st_mixed_0.5"]["params"] < res["quality"]["ft_mixed"]["params"]
     assert [res["runs"][f"ft_{s}"]["alpha"] for s in ("source", "target", "mixed")] == \
         [1.0, 0.0, 0.65]
+    assert res["config"]["pretrained"] == lm and f"pretrained LM {lm}" in t5
     assert set(res["figure3"]["epoch_seconds"]) == {
         "no pipeline", "GPipe (pp=2)", "1F1B (pp=2)", "interleaved 1F1B (pp=2, vpp=2)"}
     if _has_matplotlib():
@@ -82,7 +88,7 @@ def test_markdown_without_matplotlib(quick_report, tmp_path, monkeypatch):
     """Whatever this environment has installed: with matplotlib unimportable the same
     results still give every table, and the markdown says the plots were skipped."""
     from engine.reports.write import write_reports
-    out, _ = quick_report
+    out, _, _, _ = quick_report
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     real_import = builtins.__import__
 
@@ -98,3 +104,22 @@ def test_markdown_without_matplotlib(quick_report, tmp_path, monkeypatch):
         text = (tmp_path / name).read_text(encoding="utf-8")
         assert "plots skipped" in text and ".png" not in text
         assert _numeric_rows(text)
+
+
+def test_pretrained_checkpoint_is_checked_before_training(quick_report, tmp_path):
+    """A missing checkpoint or one of another shape is a one-line error up front."""
+    from engine.reports.budget import ReportConfig
+    from engine.reports.recipe import Recipe
+    _, _, lm, data = quick_report
+    with pytest.raises(ValueError, match="--pretrained.*num_layers"):
+        Recipe(ReportConfig(preset="small", pretrained=lm,
+                            work_dir=str(tmp_path / "w")))._pretrained()
+    assert Recipe(ReportConfig.quick(pretrained=lm, work_dir=str(tmp_path / "w")))._pretrained() == lm
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "runners/report.py", "--quick", "--pretrained",
+                        str(tmp_path / "nope"), "--work-dir", str(tmp_path / "w2"),
+                        "--data-dir", data,
+                        "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: --pretrained")
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -1,7 +1,8 @@
 """The runs behind the report, in order, at the sizes of a ReportConfig:
 
-  base            one model trained on both directions 50/50 from scratch (the "ChatGLM"
-                  every variant starts from; Algorithm 3 line 1's initialised teacher)
+  base            one model trained on both directions 50/50 (the "ChatGLM" every variant
+                  starts from; Algorithm 3 line 1's initialised teacher), from the
+                  pretrained LM checkpoint `rc.pretrained` (from scratch without one)
   ft_<strategy>   teacher hybrid fine-tuning from base (Eq. 11-12): source | target | mixed
   ft_<s>_pp       the same under a 2-stage 1F1B pipeline (torchrun, gloo)
   pruned_<...>    structured pruning (activation importance; random for Figure 4)
@@ -49,6 +50,7 @@ class Recipe:
         return ["--data.dir", rc.data_dir, "--data.task", "translation",
                 "--train.steps", str(steps), "--train.seq_len", str(rc.seq_len),
                 "--train.micro_batch_size", str(rc.micro_batch_size),
+                "--train.num_microbatches", str(rc.num_microbatches),
                 "--train.warmup_steps", str(max(1, steps // 10)),
                 "--train.eval_every", str(rc.eval_every),
                 "--train.eval_batches", str(rc.eval_batches),
@@ -113,16 +115,40 @@ class Recipe:
         self.log(f"  eval {name}: BLEU {q['bleu']:.2f} chrF {q['chrf']:.2f} "
                  f"({time.perf_counter() - t0:.1f} s)")
 
+    def _pretrained(self) -> str:
+        """The pretrained LM the base starts from, checked against the report's preset
+        before anything trains (a shape mismatch would otherwise fail minutes in)."""
+        rc = self.rc
+        if not rc.pretrained:
+            return ""
+        from engine.checkpoint import Checkpoint, CheckpointError
+        from model import GLMConfig
+        try:
+            meta = Checkpoint(rc.pretrained).meta
+        except CheckpointError as e:
+            raise ValueError(f"--pretrained: {e}") from None
+        have = GLMConfig.from_dict(meta["config"]["model"]).to_dict()
+        want = GLMConfig.preset(rc.preset, padded_vocab_size=rc.vocab).to_dict()
+        diff = [f"{k} {have.get(k)} != {v}" for k, v in want.items()
+                if k != "kernels" and have.get(k) != v]
+        if diff:
+            raise ValueError(f"--pretrained {rc.pretrained} is not preset {rc.preset} with "
+                             f"vocab {rc.vocab}: {', '.join(diff)}")
+        return rc.pretrained
+
     # ---- the whole recipe ------------------------------------------------------------
     def run(self) -> dict:
         rc = self.rc
         t_start = time.perf_counter()
+        pretrained = self._pretrained()
         n = _subset(os.path.join(rc.data_dir, "pairs", "train.tsv"), self.train_tsv,
                     rc.train_pairs, rc.seed)
         _subset(os.path.join(rc.data_dir, "pairs", "test.tsv"), self.test_tsv,
                 rc.test_sentences, rc.seed)
-        self.log(f"report: {n} training pairs per task, preset {rc.preset}")
-        base = self.teacher("base", "mixed", rc.base_steps, alpha=0.5)
+        self.log(f"report: {n} training pairs per task, preset {rc.preset}, base from "
+                 f"{pretrained or 'scratch'}")
+        base = self.teacher("base", "mixed", rc.base_steps, init=pretrained,
+                            alpha=0.5)
         teachers = {}
         for strategy in ("source", "target", "mixed"):            # Figure 5
             teachers[strategy] = self.teacher(f"ft_{strategy}", strategy, rc.finetune_steps,
