@@ -74,12 +74,18 @@ class Trainer:
     model: a ready GLM to train instead of building one (single stage only).
     loss_fn(model, batch, device) -> summed token loss (single stage), or forward_step
     (chunk, batch, hidden, side) -> per-token loss on the last stage (any layout).
-    aux_modules: trained beside the model, saved as "aux.<name>.*" (e.g. a projection)."""
+    aux_modules: trained beside the model, saved as "aux.<name>.*" (e.g. a projection).
+    Two hooks, each called on every rank at the same point, so they may hold collectives:
+    before_step(microbatches) runs before each training forward/backward (distillation
+    runs a pipelined teacher over the same microbatches there); log_terms() -> {name:
+    float} adds values to each log line and metrics record (distillation's per-term
+    means, reduced over the job)."""
 
     def __init__(self, cfg: RunConfig, train_data, dev_data=None, *, state=None,
                  tokenizer_sha256: str | None = None, log=print, device=None, model=None,
                  extra_meta: dict | None = None, loss_fn=None, forward_step=None,
-                 aux_modules: dict | None = None, mp_group=None):
+                 aux_modules: dict | None = None, mp_group=None, before_step=None,
+                 log_terms=None):
         self.cfg, self.state = cfg, state
         self.train_data, self.dev_data = train_data, dev_data
         self.tokenizer_sha256 = tokenizer_sha256
@@ -132,6 +138,7 @@ class Trainer:
             forward_step = (lambda chunk, batch, hidden, side:  # noqa: E731
                             loss_fn(chunk, batch, self.device))
         self.forward_step = forward_step or glm_forward_step
+        self.before_step, self.log_terms = before_step, log_terms
         self.schedule = pc.schedule if self.pp > 1 else "none"
         # ---- precision. "auto": fp32 on CPU; on CUDA bf16 autocast over fp32 parameters.
         # "bf16" / "fp16": parameters and gradients in that dtype, fp32 master weights in
@@ -199,6 +206,8 @@ class Trainer:
             raise ValueError(f"step {self.step}: the global batch has no label tokens")
         for c in self.chunks:
             c.train(not forward_only)
+        if self.before_step is not None and not forward_only:
+            self.before_step(mbs)
         return forward_backward(self.schedule, self.chunks, mbs, num_tokens, self.comm,
                                 self.state, forward_only=forward_only,
                                 no_sync=None if forward_only else self.optimizer.no_sync,
@@ -340,9 +349,12 @@ class Trainer:
                 tps = window_tokens / max(window_time, 1e-9)
                 record["tokens_per_s"] = tps
                 record["flops_per_s"] = tps * self.flops_per_token
+                terms = self.log_terms() if self.log_terms is not None else {}
+                record.update(terms)
                 self.log(f"step {st.step:5d}/{tc.steps} | loss {st.loss:.4f} | lr {st.lr:.2e}"
                          f" | gnorm {st.grad_norm:.3f} | {tps:,.0f} tok/s"
                          f" | {tps * self.flops_per_token / 1e9:.2f} GFLOP/s"
+                         + "".join(f" | {k} {v:.4f}" for k, v in terms.items())
                          + (" | skipped (inf/nan grads)" if st.skipped else ""))
                 window_tokens, window_time = 0, 0.0
             if self.dev_data is not None and tc.eval_every and (

@@ -12,10 +12,19 @@ same Trainer as pretraining, on the pretraining data (both languages) by default
 The config file has the run sections of runners/pretrain.py (train, data, parallel) plus
 "distill" (engine/compress/distill.py: DistillConfig); any --section.field VALUE
 overrides it. There is no "model" section: the student's shape is its checkpoint's.
-Loss terms are logged per label token next to the total. Any pp x dp layout the engine
-supports runs under torchrun (the teacher sits whole on the last-stage ranks):
+Loss terms (ce, kl, hidden) are logged per label token of the whole job next to the
+total, and written to metrics.jsonl. Any tp x pp x dp layout the engine supports runs
+under torchrun, sequence parallelism included:
 
-    torchrun --nproc_per_node 2 runners/distill.py ... --parallel.pp 2
+    torchrun --nproc_per_node 4 runners/distill.py ... --parallel.tp 2 --parallel.pp 2
+
+--distill.teacher_layout chooses where the frozen teacher runs:
+  same  (default) split like the student: its stage s on the ranks of the student's
+        stage s, TP-sharded alike, run forward-only over each step's microbatches; no
+        rank holds the whole teacher. Needs its layers divisible by pp*vpp and its
+        heads / FFN by tp.
+  last  whole on each last-stage rank: any teacher shape, but its memory and compute
+        all land on the last stage.
 """
 from __future__ import annotations
 
@@ -66,17 +75,17 @@ def train_tokens(meta: dict) -> int | None:
 
 def main(argv=None):
     args, rest = parse_args(argv)
+    import torch
     import torch.distributed as dist
 
     from engine import checkpoint as ckpt_lib
     from engine.compress.distill import DistillConfig
-    from engine.compress.distill_run import distill_trainer, is_last_stage
-    from engine.compress.export import load_glm
+    from engine.compress.distill_run import distill_trainer, teacher_weights
     from engine.config import build_run_config, load_file, parse_overrides
     from engine.data.loaders import make_datasets
     from engine.evaluate import dev_loss
     from engine.launch import parallel_state
-    from model import GLMConfig
+    from model import GLM, GLMConfig
 
     state = None
     try:
@@ -99,10 +108,13 @@ def main(argv=None):
         tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
                                         cfg.model.padded_vocab_size, cfg.data.objective)
         s_ckpt.check_tokenizer(tok.sha256, os.path.join(cfg.data.dir, "tokenizer"))
-        teacher = t_ckpt = None
-        if args.teacher and is_last_stage(state):
-            teacher, t_ckpt = load_glm(args.teacher)
+        t_ckpt = t_params = None
+        if args.teacher:
+            # every rank: each loads the part of the teacher its layout needs
+            t_ckpt = ckpt_lib.Checkpoint(args.teacher)
             t_ckpt.check_tokenizer(tok.sha256, os.path.join(cfg.data.dir, "tokenizer"))
+            with torch.device("meta"):
+                t_params = GLM(teacher_weights(t_ckpt)[0]).num_params()
         kept = None if args.from_scratch else (
             (s_ckpt.meta.get("pruning") or {}).get("selection", {}).get("hidden"))
         tokens = tc.steps * tc.num_microbatches * tc.micro_batch_size * tc.seq_len * (
@@ -112,17 +124,9 @@ def main(argv=None):
                              "student": os.path.abspath(args.student), "tokens": tokens}}
         rank0 = state is None or state.rank == 0
         trainer, loss_fn = distill_trainer(
-            cfg, dcfg, train, dev, teacher=teacher, kept_hidden=kept, state=state,
-            tokenizer_sha256=tok.sha256, extra_meta=extra,
+            cfg, dcfg, train, dev, teacher=t_ckpt if dcfg.needs_teacher else None,
+            kept_hidden=kept, state=state, tokenizer_sha256=tok.sha256, extra_meta=extra,
             log=lambda m: print(m, flush=True) if rank0 else None)
-
-        def log(msg: str):
-            # a training line: add each term's per-token mean since the last one (known on
-            # the rank computing the loss; with pp > 1 that is not rank 0)
-            stats = loss_fn.pop_stats() if "| lr " in msg else {}
-            print(msg + "".join(f" | {k} {v:.4f}" for k, v in stats.items()), flush=True)
-
-        trainer.log = log if rank0 else (lambda *a, **k: None)
         ckpt_dir = os.path.join(tc.out_dir, "checkpoint")
         if args.resume:
             if not os.path.isdir(ckpt_dir):
@@ -133,7 +137,7 @@ def main(argv=None):
         n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
         trainer.log(
             f"student: {n_params:,} trained parameters on rank 0"
-            + (f" | teacher: {teacher.num_params():,}" if teacher is not None else "")
+            + (f" | teacher: {t_params:,}" if t_params is not None else "")
             + f" | task {cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
             f"{tc.micro_batch_size} x {tc.seq_len} = {tokens:,} tokens"
             + (f" ({tokens / t_tokens:.1%} of the teacher checkpoint's own run, {t_tokens:,})"
@@ -147,6 +151,8 @@ def main(argv=None):
             shutil.copy(os.path.join(cfg.data.dir, "tokenizer", "tokenizer.model"),
                         os.path.join(path, "tokenizer.model"))
             line = f"dev loss ({cfg.data.task}, {tc.eval_batches} batches): student {s_loss:.4f}"
+            # the teacher's dev loss where rank 0 holds it whole
+            teacher = getattr(loss_fn.teacher, "model", None)
             if teacher is not None and next(teacher.parameters()).device.type == "cpu":
                 t_loss = dev_loss(teacher, dev, tc.eval_batches, tc.micro_batch_size)
                 line += f" | teacher {t_loss:.4f}"

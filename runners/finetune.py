@@ -94,19 +94,16 @@ def main(argv=None):
                               mp_group=model_parallel_group(state),
                               extra_meta={"finetune": record})
         else:
-            from engine.compress.distill_run import distill_trainer, is_last_stage
-            from engine.compress.export import load_glm
-            teacher = None
-            if args.teacher and is_last_stage(state):
-                teacher, _ = load_glm(args.teacher)
+            from engine.compress.distill_run import distill_trainer
             dcfg = fcfg.distill_config()
             record.update(lam=fcfg.lam, distill=dcfg.to_dict(), teacher=args.teacher,
                           student=args.student)
             log(f"continued distillation on D_d ({fcfg.target_direction}): lambda "
                 f"{fcfg.lam} -> kl_weight {dcfg.kl_weight} ce_weight {dcfg.ce_weight:.3f}, "
                 f"T {dcfg.temperature}")
-            trainer, _ = distill_trainer(cfg, dcfg, d_d, dev_d, teacher=teacher, state=state,
-                                         tokenizer_sha256=tok.sha256, log=log,
+            # each rank loads the part of the teacher its layout needs
+            trainer, _ = distill_trainer(cfg, dcfg, d_d, dev_d, teacher=args.teacher or None,
+                                         state=state, tokenizer_sha256=tok.sha256, log=log,
                                          extra_meta={"finetune": record})
         t0 = time.perf_counter()
         history = trainer.fit()

@@ -1,5 +1,8 @@
 """Distillation losses against plain references (values and gradients), the frozen
-teacher, the loss inside the Trainer, and the same loss from a pipeline's last stage."""
+teacher, the loss inside the Trainer, and parity: every tp / pp / sequence-parallel
+layout, with the teacher split like the student or whole on the last stage, reproduces
+the single-process distillation run (losses, grad norms, gradients, updated student and
+projection weights, per-term logs on rank 0) while the teacher never changes."""
 import os
 
 import pytest
@@ -9,8 +12,9 @@ from engine.compress.distill import DistillConfig, DistillLoss, distill_loss, ma
 from engine.compress.importance import random_importance
 from engine.compress.prune import PruneTarget, prune_model, select
 from engine.config import build_run_config
-from engine.trainer import Trainer, lm_loss
+from engine.trainer import Trainer, count_tokens, lm_loss, lr_at
 from test_prune import build, make_batch, zero_hidden
+from test_trainer_parity import MixedBatches
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,8 +120,10 @@ def test_config_validation_names_the_field():
         DistillConfig(hidden_loss="l1")
     with pytest.raises(ValueError, match="all 0"):
         DistillConfig(ce_weight=0, kl_weight=0, hidden_weight=0)
+    with pytest.raises(ValueError, match="distill.teacher_layout='stages'"):
+        DistillConfig(teacher_layout="stages")
     with pytest.raises(ValueError, match="need a teacher"):
-        DistillLoss(None, DistillConfig())
+        DistillLoss(None, DistillConfig())(build(), make_batch(), "cpu")
 
 
 class Data:
@@ -171,75 +177,259 @@ def test_teacher_never_changes_while_the_student_learns(tmp_path):
     assert "aux.proj.weight" in names and "embedding.weight" in names
 
 
-# ---- the pipeline: the last stage computes the same loss -------------------------------
-PP_STEPS = 2
+def test_a_teacher_that_cannot_be_split_gets_a_clear_error(tmp_path):
+    """Config-only checks, so every rank fails alike before any collective."""
+    from types import SimpleNamespace
+
+    from engine.compress.distill_run import check_teacher, distill_trainer
+    from model import GLMConfig
+
+    def state(tp=1, pp=1, vpp=1):
+        return SimpleNamespace(dims=SimpleNamespace(tp=tp, pp=pp, vpp=vpp))
+
+    run = build_run_config({"train": {"out_dir": str(tmp_path)}})
+    run.model = GLMConfig.preset("tiny")
+    six_heads = GLMConfig.preset("tiny", num_attention_heads=6)
+    same, last = DistillConfig(), DistillConfig(teacher_layout="last")
+    with pytest.raises(ValueError, match="num_attention_heads=6 is not divisible by tp=4"):
+        check_teacher(six_heads, run, same, state(tp=4))
+    with pytest.raises(ValueError, match=r"num_layers=4 is not divisible by pp\*vpp=3"):
+        check_teacher(run.model, run, same, state(pp=3))
+    check_teacher(six_heads, run, last, state(tp=4))       # "last" keeps it whole
+    with pytest.raises(ValueError, match="teacher vocab 2048 != student vocab 1024"):
+        check_teacher(GLMConfig.preset("tiny", padded_vocab_size=2048), run, last, state())
+    with pytest.raises(ValueError, match="need a teacher"):
+        distill_trainer(run, same, Data(), teacher=None)
 
 
-def _pp_setup(tmp_dir):
-    """Teacher = tiny seed 0 (rebuilt identically in every process); student = its
-    pruned copy, saved as a checkpoint for the Trainer's init_from."""
+# ---- the loss itself under tensor parallelism -----------------------------------------
+def _tp_loss_inputs(labels_all_ignored=False):
+    """Whole tensors: logits [b, s, V], hidden [s, b, h], labels [b, s], a projection."""
+    g = torch.Generator().manual_seed(3)
+    b, s, V, hs, ht = 2, 6, 12, 6, 8
+    x = {k: torch.randn(*shape, generator=g) for k, shape in (
+        ("s_logits", (b, s, V)), ("t_logits", (b, s, V)), ("s_hidden", (s, b, hs)),
+        ("t_hidden", (s, b, ht)))}
+    x["labels"] = torch.randint(0, V, (b, s), generator=g)
+    x["labels"][0, :3] = -100
+    x["labels"][1, 5] = -100
+    if labels_all_ignored:
+        x["labels"][:] = -100
+    proj = make_projection(hs, ht)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(ht, hs, generator=g))
+    return x, proj
+
+
+TP_LOSS_CFG = DistillConfig(ce_weight=0.7, kl_weight=1.3, hidden_weight=0.4, temperature=2.0)
+
+
+def _tp_loss(x, proj, tp=None):
+    """distill_loss on this rank's pieces; -> (total, parts, grads of the pieces)."""
+    cut = (lambda t, dim: t) if tp is None else (lambda t, dim: (
+        tp.vocab(t) if dim == -1 else tp.sequence(t, dim)))
+    s_logits = cut(x["s_logits"], -1).clone().requires_grad_()
+    s_hidden = cut(x["s_hidden"], 0).clone().requires_grad_()
+    total, parts = distill_loss(s_logits, s_hidden, cut(x["t_logits"], -1),
+                                cut(x["t_hidden"], 0), x["labels"], TP_LOSS_CFG, proj, tp=tp)
+    total.backward()
+    return total.item(), {k: v.item() for k, v in parts.items()}, s_logits.grad, \
+        s_hidden.grad, proj.weight.grad
+
+
+def _tp_loss_worker(rank, world):
+    import torch.distributed as dist
+
+    from engine.compress.distill import TPShards
+    from engine.tensor_parallel.mappings import all_reduce_grad_hook
+    out = {}
+    for sp in (False, True):
+        for empty in (False, True):
+            x, proj = _tp_loss_inputs(empty)
+            if sp:   # as distill_run does: each rank's hidden term covers its own rows
+                proj.weight.register_hook(all_reduce_grad_hook(dist.group.WORLD))
+            out[sp, empty] = _tp_loss(x, proj, TPShards(dist.group.WORLD, rank, world, sp))
+    return out
+
+
+def test_vocab_parallel_kl_and_sequence_parallel_hidden_term_match_one_process():
+    """tp=2, with and without sequence parallelism: the same replicated loss and parts on
+    every rank, each rank's gradient the matching piece of the one-process gradient (not
+    tp times it), the projection's gradient whole on both; no label at all: zeros."""
+    from dist import run_workers
+    ranks = run_workers(_tp_loss_worker, 2, timeout=60)
+    for empty in (False, True):
+        x, proj = _tp_loss_inputs(empty)
+        total, parts, g_logits, g_hidden, g_proj = _tp_loss(x, proj)
+        for r, out in enumerate(ranks):
+            for sp in (False, True):
+                t, p, gl, gh, gp = out[sp, empty]
+                assert t == pytest.approx(total, rel=1e-6, abs=1e-7), (r, sp, empty)
+                assert p == pytest.approx(parts, rel=1e-6, abs=1e-7), (r, sp, empty)
+                torch.testing.assert_close(gl, g_logits.chunk(2, -1)[r], rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(gh, g_hidden.chunk(2, 0)[r] if sp else g_hidden,
+                                           rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(gp, g_proj, rtol=1e-5, atol=1e-7)
+        if empty:
+            assert total == 0.0
+
+
+# ---- parity: every layout reproduces the single-process distillation -------------------
+KD_STEPS, KD_MB, KD_SEQ = 2, 4, 24     # steps; microbatches per step over the whole job
+KD = DistillConfig(temperature=2.0)    # CE, KL (T = 2) and hidden MSE all weighted in
+
+
+def _kd_setup(tmp_dir, tp=1, pp=1, dp=1, sp=False, layout="same"):
+    """Teacher: tiny (4 layers, hidden 64, seed 0); student: its pruned copy (2 layers,
+    hidden 48, so the projection is trained). Both are checkpoints (the first caller
+    writes them); the Trainer loads the student's stages by name (init_from)."""
     from engine import checkpoint as ckpt_lib
     teacher = build()
     c = teacher.config
     sel = select(random_importance(c, seed=0), c,
                  PruneTarget(num_layers=2, kv_channels=8, ffn_hidden_size=64, hidden_size=48))
     student = prune_model(teacher, sel)
-    path = os.path.join(tmp_dir, "student")
-    if not os.path.isdir(path):
-        ckpt_lib.save_checkpoint(path, student.state_dict(), {},
-                                 {"config": {"model": student.config.to_dict()}, "step": 0})
-    run = build_run_config({"parallel": {"pp": 1}, "train": {
-        "steps": PP_STEPS, "micro_batch_size": 2, "num_microbatches": 2, "seq_len": 24,
-        "warmup_steps": 0, "eval_every": 0, "lr": 1e-2, "out_dir": os.path.join(tmp_dir, "o"),
-        "init_from": path}})
+    paths = {n: os.path.join(tmp_dir, n) for n in ("teacher", "student")}
+    for name, model in (("teacher", teacher), ("student", student)):
+        if not os.path.isdir(paths[name]):
+            ckpt_lib.save_checkpoint(paths[name], model.state_dict(), {},
+                                     {"config": {"model": model.config.to_dict()}, "step": 0})
+    run = build_run_config({
+        "parallel": {"tp": tp, "pp": pp, "dp": dp, "sequence_parallel": sp,
+                     "schedule": "1f1b"},
+        "train": {"steps": KD_STEPS, "micro_batch_size": 2, "num_microbatches": KD_MB // dp,
+                  "seq_len": KD_SEQ, "warmup_steps": 0, "lr": 3e-3, "grad_clip": 0.5,
+                  "eps": 1e-4, "eval_every": 0, "out_dir": os.path.join(tmp_dir, "out"),
+                  "init_from": paths["student"]}})
     run.model = student.config
-    return teacher, sel, run
+    dcfg = DistillConfig(**{**KD.to_dict(), "teacher_layout": layout})
+    # "last" takes the teacher from memory, "same" from its checkpoint: both sources
+    return (teacher if layout == "last" else paths["teacher"]), paths["teacher"], dcfg, \
+        run, sel.hidden
 
 
-def _pp_steps(trainer):
+def _kd_steps(tr, gather):
+    """Each step by hand: loss, grad norm, reduced gradients and the updated parameters
+    (full shapes), and the per-term means the log line gets (the Trainer's hook)."""
     out = []
-    for _ in range(PP_STEPS):
-        trainer.train_step()
-        out.append({n: p.detach().clone() for n, p in trainer.named_trained_parameters()})
-    return out, trainer.evaluate(Data(), 1)
+    for _ in range(KD_STEPS):
+        mbs = tr.microbatches(tr.train_data, tr.step)
+        loss = tr._run(mbs)
+        grads = gather(list(tr.optimizer.full_grads().items()))
+        res = tr.optimizer.step(lr_at(tr.step, tr.cfg.train))
+        tr.step += 1
+        params = gather([(n, p.detach()) for n, p in tr.named_trained_parameters()])
+        out.append((loss, res.grad_norm, grads, params, tr.log_terms()))
+    return out, tr.evaluate(MixedBatches(), 2)
 
 
-def _pp_worker(rank, world, tmp_dir):
+def _teacher_unchanged(loss_fn, t_path) -> bool:
+    """This rank's teacher parameters (gathered to full shape when TP-sharded) equal the
+    checkpoint's, are frozen and in eval mode."""
+    from engine import checkpoint as ckpt_lib
+    from engine.tensor_parallel import gather_full_tensors
+    t = loss_fn.teacher
+    if t is None:
+        return True
+    modules = t.chunks if hasattr(t, "chunks") else [t.model]
+    ckpt = ckpt_lib.Checkpoint(t_path)
+    for m in modules:
+        named = list(m.named_parameters())
+        if m.training or any(p.requires_grad or p.grad is not None for _, p in named):
+            return False
+        group = getattr(m, "tp_group", None)
+        full = (gather_full_tensors(named, m.config, group) if group is not None
+                else {n: p.detach() for n, p in named})
+        ref = ckpt.load("model", list(full))
+        if not all(torch.equal(full[n], ref[n]) for n in full):
+            return False
+    return True
+
+
+def _kd_worker(rank, world, tmp_dir, layout):
     from engine.compress.distill_run import distill_trainer
     from engine.parallel import ParallelDims, init_distributed
-    teacher, sel, run = _pp_setup(tmp_dir)
-    run.parallel.pp = 2
-    state = init_distributed(ParallelDims(pp=2), timeout=60, num_layers=2)
-    trainer, _ = distill_trainer(run, DistillConfig(), Data(), teacher=teacher if rank else None,
-                                 kept_hidden=sel.hidden, state=state, log=lambda *a: None)
-    return _pp_steps(trainer)
+    from engine.tensor_parallel import gather_full_tensors
+    teacher, t_path, dcfg, run, kept = _kd_setup(tmp_dir, **layout)
+    pc = run.parallel
+    state = init_distributed(ParallelDims(tp=pc.tp, pp=pc.pp, dp=pc.dp), timeout=90,
+                             num_layers=run.model.num_layers)
+    tr, loss_fn = distill_trainer(run, dcfg, MixedBatches(), teacher=teacher,
+                                  kept_hidden=kept, state=state, log=lambda *a: None)
+
+    def gather(named):
+        if pc.tp == 1:
+            return {n: t.detach().clone() for n, t in named}
+        # the projection is replicated: each TP rank's own copy is compared
+        out = gather_full_tensors([(n, t) for n, t in named if not n.startswith("aux.")],
+                                  run.model, state.tp_group)
+        out.update({n: t.detach().clone() for n, t in named if n.startswith("aux.")})
+        return out
+
+    steps, dev = _kd_steps(tr, gather)
+    return steps, dev, _teacher_unchanged(loss_fn, t_path)
 
 
-def test_pipeline_last_stage_computes_the_same_distillation(tmp_path):
+@pytest.fixture(scope="module")
+def kd_reference(tmp_path_factory):
+    from engine.compress.distill_run import distill_trainer
+    tmp = str(tmp_path_factory.mktemp("kd"))
+    teacher, t_path, dcfg, run, kept = _kd_setup(tmp)
+    tr, loss_fn = distill_trainer(run, dcfg, MixedBatches(), teacher=teacher, kept_hidden=kept,
+                                  log=lambda *a: None)
+    steps, dev = _kd_steps(tr, lambda named: {n: t.detach().clone() for n, t in named})
+    # evaluation (no_grad) reports the student's own per-token cross-entropy
+    batches = [MixedBatches().get_batch(i, 2) for i in range(2)]
+    ce = sum(lm_loss(tr.model, b, "cpu").item() for b in batches) / count_tokens(batches)
+    assert dev == pytest.approx(ce, rel=1e-6)
+    assert _teacher_unchanged(loss_fn, t_path)
+    return tmp, steps, dev
+
+
+# "same" unless named "last". pp2-dp2-last: rank 0 is not on the last stage and the
+# per-term logs must add the two replicas; tp2-pp2-sp: the teacher's activations cross
+# the pipeline as sequence shards
+KD_LAYOUTS = {
+    "tp2": dict(tp=2),
+    "tp2-sp": dict(tp=2, sp=True),
+    "tp2-sp-last": dict(tp=2, sp=True, layout="last"),
+    "pp2": dict(pp=2),
+    "pp2-dp2-last": dict(pp=2, dp=2, layout="last"),
+    "tp2-pp2-sp": dict(tp=2, pp=2, sp=True),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    # relative to the tensor's scale: elementwise relative error means nothing for
+    # elements that are ~0 by cancellation (as in test_trainer_parity._close)
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+@pytest.mark.parametrize("name", list(KD_LAYOUTS))
+def test_distillation_layout_matches_single_process(name, kd_reference):
     from dist import run_workers
-    from engine.compress.distill_run import distill_trainer
-    teacher, sel, run = _pp_setup(str(tmp_path))
-    trainer, loss_fn = distill_trainer(run, DistillConfig(), Data(), teacher=teacher,
-                                       kept_hidden=sel.hidden, log=lambda *a: None)
-    ref_params, ref_eval = _pp_steps(trainer)
-    # evaluation (no_grad) reports the student's own cross-entropy
-    b = Data().get_batch(0, 2)
-    ce = lm_loss(trainer.model, b, "cpu").item() / int((b["labels"] != -100).sum())
-    assert ref_eval == pytest.approx(ce, rel=1e-6)
-    stages = run_workers(_pp_worker, 2, str(tmp_path), timeout=120)
-    merged = {**stages[0][0][-1], **stages[1][0][-1]}
-    assert "aux.proj.weight" in stages[1][0][-1] and "aux.proj.weight" not in stages[0][0][-1]
-    assert set(merged) == set(ref_params[-1])
-    for n, p in ref_params[-1].items():
-        torch.testing.assert_close(merged[n], p, rtol=1e-4, atol=1e-5, msg=n)
-    assert stages[0][1] == pytest.approx(ref_eval, rel=1e-5)
-
-
-def test_tensor_parallel_is_refused_with_a_clear_error(tmp_path):
-    from types import SimpleNamespace
-
-    from engine.compress.distill_run import distill_trainer
-    run = build_run_config({"train": {"out_dir": str(tmp_path)}})
-    state = SimpleNamespace(dims=SimpleNamespace(tp=2, pp=1))
-    with pytest.raises(ValueError, match="parallel.tp > 1"):
-        distill_trainer(run, DistillConfig(), Data(), teacher=build(), state=state)
+    tmp, ref, ref_dev = kd_reference
+    layout = KD_LAYOUTS[name]
+    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
+    ranks = run_workers(_kd_worker, world, tmp, layout, timeout=240, pg_timeout=120)
+    worst, seen = 0.0, set()
+    for r, (steps, dev, teacher_ok) in enumerate(ranks):
+        assert teacher_ok, f"{name} rank {r}: the teacher changed or is not frozen"
+        for t, ((loss, norm, grads, params, terms), (rl, rn, rg, rp, rt)) in enumerate(
+                zip(steps, ref)):
+            where = f"{name} rank {r} step {t}"
+            errs = {"loss": abs(loss - rl) / abs(rl), "grad norm": abs(norm - rn) / rn}
+            # every rank (rank 0 included, whatever its stage) logs the job's terms
+            assert set(terms) == set(rt) == {"ce", "kl", "hidden"}, (where, terms)
+            errs.update({f"log {k}": abs(terms[k] - rt[k]) / abs(rt[k]) for k in rt})
+            for n in grads:
+                assert grads[n].shape == rg[n].shape, (where, n, grads[n].shape)
+                errs[f"grad {n}"] = _rel(grads[n], rg[n])
+                errs[f"param {n}"] = _rel(params[n], rp[n])
+            bad = {k: v for k, v in errs.items() if v > 1e-5}
+            assert not bad, f"{where}: relative errors above 1e-5: {bad}"
+            worst = max(worst, *errs.values())
+            seen |= set(grads)
+        assert abs(dev - ref_dev) <= 1e-5 * ref_dev, (name, r, dev, ref_dev)
+    assert seen == set(ref[0][2])   # the ranks together cover every parameter
+    print(f"\n{name}: worst relative error {worst:.2e}")   # shown with pytest -s

@@ -22,30 +22,64 @@ pipeline stage holds anyway. When the widths differ a learned projection (studen
 teacher h) maps the student's; for a pruned student it starts as the channel selection,
 which is exact at step 0 when the pruned channels were zero.
 
+Tensor parallelism (`TPShards`). The logits of both models are this rank's vocabulary
+rows (the VocabParallelHead split; never gathered), and with sequence parallelism the
+final hidden states are this rank's sequence rows. The engine's convention holds: every
+TP rank ends with the same (replicated) loss and backpropagates it through its own
+shards. The CE is the vocab-parallel one; the KL all-reduces each token's max, sums of
+exponentials and KL (`vocab_parallel_kl`); the hidden term under sequence parallelism
+sums the ranks' partial sums with a forward all-reduce whose backward is the identity
+(each rank's rows get exactly their own gradient). The projection is replicated: its
+gradient is whole on every rank, except under sequence parallelism where each rank's is
+the part of its rows (engine.compress.distill_run sums it over the TP group).
+
 `distill_loss` is a pure function of (student logits, student hidden, teacher logits,
-teacher hidden, labels): a last pipeline stage can compute it from what it holds once
-the teacher's outputs for the microbatch are there. `DistillLoss` is the single-process
-`loss_fn` for engine.trainer.Trainer.
+teacher hidden, labels): a last pipeline stage computes it from what it holds once the
+teacher's outputs for the microbatch are there. `DistillLoss` is the Trainer's objective
+(loss_fn for one process, forward_step for any layout).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from engine.tensor_parallel.layers import VocabParallelHead
+from engine.tensor_parallel.mappings import reduce_from_region
+
 IGNORE = -100
 HIDDEN_LOSSES = ("sum_sq", "mse")
+TEACHER_LAYOUTS = ("same", "last")
+TERMS = ("ce", "kl", "hidden")     # the loss terms, in the order pop_stats reduces them
 
 
 @dataclass
 class DistillConfig:
+    """teacher_layout: where the frozen teacher runs in a pipeline / tensor-parallel run.
+
+      "same"  split like the student: stage s of the teacher on the ranks of stage s,
+              TP-sharded like the student; it runs forward-only over the step's
+              microbatches before the student's step and hands the last stage its final
+              hidden state per microbatch. No rank holds the whole teacher, and its
+              compute is spread over the stages like the student's (the default: a
+              teacher is bigger than its student, so holding and running it whole next
+              to the student's last stage is what runs out of memory or makes that stage
+              the pipeline's bottleneck). Needs the teacher's layers divisible by
+              pp * vpp and its heads / FFN / vocabulary by tp.
+      "last"  whole (no pp, no TP) on each rank of the last stage, run per microbatch;
+              under TP each rank keeps its own vocabulary (and sequence) rows. For any
+              teacher shape; memory and time of the whole teacher on the last stage.
+    With one stage and no TP both are the same thing: the whole teacher on every rank."""
     ce_weight: float = 1.0
     kl_weight: float = 1.0
     hidden_weight: float = 1.0
     hidden_loss: str = "mse"       # "sum_sq" (Eq. 10) | "mse"
     temperature: float = 1.0       # the paper's "smoothed logits", T = 1
+    teacher_layout: str = "same"   # "same" | "last"
 
     def __post_init__(self):
         for name in ("ce_weight", "kl_weight", "hidden_weight"):
@@ -59,6 +93,9 @@ class DistillConfig:
                              f"{', '.join(HIDDEN_LOSSES)}")
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
             raise ValueError(f"distill.temperature={self.temperature!r} must be > 0")
+        if self.teacher_layout not in TEACHER_LAYOUTS:
+            raise ValueError(f"distill.teacher_layout={self.teacher_layout!r} must be one of "
+                             f"{', '.join(TEACHER_LAYOUTS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +103,29 @@ class DistillConfig:
     @property
     def needs_teacher(self) -> bool:
         return self.kl_weight > 0 or self.hidden_weight > 0
+
+    def weight(self, term: str) -> float:
+        return getattr(self, f"{term}_weight")
+
+
+@dataclass(frozen=True)
+class TPShards:
+    """This rank's pieces of the last stage's outputs under tensor parallelism (tp > 1):
+    logits hold vocabulary rows [rank * V/tp, (rank + 1) * V/tp) (VocabParallelHead's
+    split); with sequence parallelism the final hidden state [s, b, h] holds sequence
+    rows [rank * s/tp, (rank + 1) * s/tp), else all of them."""
+    group: object
+    rank: int
+    size: int
+    sequence_parallel: bool = False
+
+    def vocab(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., V] -> this rank's [..., V/tp]."""
+        return t.chunk(self.size, dim=-1)[self.rank]
+
+    def sequence(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The whole sequence along `dim` -> this rank's rows (sequence parallelism)."""
+        return t.chunk(self.size, dim=dim)[self.rank] if self.sequence_parallel else t
 
 
 def make_projection(student_hidden: int, teacher_hidden: int,
@@ -86,40 +146,119 @@ def make_projection(student_hidden: int, teacher_hidden: int,
     return proj
 
 
-def distill_loss(student_logits: torch.Tensor, student_hidden: torch.Tensor,
+def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final hidden state [s, b, h] -> fp32 logits [b, s, V]; for a VocabParallelHead this
+    rank's vocabulary rows [b, s, V/tp] of the whole sequence. The head's own input
+    mapping (sequence all-gather, or copy-to-region) makes the backward sum the ranks'
+    partial gradients of the hidden state, as for its vocab-parallel CE."""
+    if isinstance(head, VocabParallelHead):
+        hidden = head._enter(hidden)
+    return F.linear(hidden, head.weight).transpose(0, 1).float()
+
+
+def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Per-token KL(softmax(t / T) || softmax(s / T)) [N] over a vocabulary split across
+    `group` (None: all of it is here). Each rank subtracts the all-reduced row max and
+    log-sum-exp from its shard, so it holds exact log-probabilities for its rows; the
+    KL's per-rank partial sums are all-reduced, so every rank returns the same values.
+    d KL / d s = (softmax(s / T) - softmax(t / T)) / T needs only this rank's rows: it
+    is computed in forward and is the one [N, V/tp] buffer kept for backward (no
+    communication there, like the vocab-parallel CE)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, group):
+        s = student.float() / temperature      # fresh fp32 tensors: worked on in place
+        t = teacher.float() / temperature
+        m = torch.stack([s.max(dim=-1).values, t.max(dim=-1).values])       # [2, N]
+        _all_reduce(m, group, dist.ReduceOp.MAX)
+        s.sub_(m[0].unsqueeze(-1))
+        t.sub_(m[1].unsqueeze(-1))
+        sum_exp = _all_reduce(torch.stack([s.exp().sum(dim=-1), t.exp().sum(dim=-1)]), group)
+        s.sub_(sum_exp[0].log().unsqueeze(-1))     # log softmax(s / T), this rank's rows
+        t.sub_(sum_exp[1].log().unsqueeze(-1))
+        p = t.exp()
+        kl = _all_reduce((p * (t - s)).sum(dim=-1), group)
+        grad = s.exp_().sub_(p).div_(temperature)
+        ctx.save_for_backward(grad)
+        ctx.dtype = student.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (grad * g.unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      group=None) -> torch.Tensor:
+    """student, teacher [N, V] logits (or this rank's [N, V/tp] rows, the same rows of
+    both, with `group` the TP group) -> per-token KL(teacher || student) at temperature
+    T [N] fp32, identical on every rank of the group; no gradient to the teacher."""
+    return _VocabParallelKL.apply(student, teacher.detach(), float(temperature), group)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TPShards | None):
+    flat, y = logits.float().flatten(0, 1), labels.flatten()
+    if tp is None:
+        return F.cross_entropy(flat, y, ignore_index=IGNORE, reduction="sum")
+    return vocab_parallel_cross_entropy(flat, y, tp.group, tp.rank * flat.shape[-1],
+                                        IGNORE).sum()
+
+
+def _hidden_term(s_hidden, t_hidden, labels, cfg, proj, tp: TPShards | None):
+    mask = labels != IGNORE
+    if tp is not None:
+        mask = tp.sequence(mask, dim=1)          # this rank's sequence rows, [b, s/tp]
+    hs = s_hidden.transpose(0, 1)[mask].float()                      # [n, hs]
+    ht = t_hidden.transpose(0, 1)[mask].float()                      # [n, ht]
+    if proj is not None:
+        hs = proj(hs)
+    if hs.shape[-1] != ht.shape[-1]:
+        raise ValueError(f"hidden distillation: student width {hs.shape[-1]} != teacher "
+                         f"{ht.shape[-1]} and no projection given")
+    sq = (ht - hs).pow(2)
+    hid = 0.5 * sq.sum() if cfg.hidden_loss == "sum_sq" else sq.mean(-1).sum()
+    if tp is not None and tp.sequence_parallel:
+        # partial sums over this rank's rows -> the replicated total; backward identity:
+        # each rank's rows receive the gradient of the one loss exactly once
+        hid = reduce_from_region(hid, tp.group)
+    return hid
+
+
+def distill_loss(student_logits: torch.Tensor | None, student_hidden: torch.Tensor | None,
                  teacher_logits: torch.Tensor | None, teacher_hidden: torch.Tensor | None,
-                 labels: torch.Tensor, cfg: DistillConfig, proj: nn.Module | None = None):
+                 labels: torch.Tensor, cfg: DistillConfig, proj: nn.Module | None = None, *,
+                 token_ce: torch.Tensor | None = None, tp: TPShards | None = None):
     """Summed per-token loss over label tokens, and its parts (summed, detached).
 
-    student_logits, teacher_logits [b, s, V]; student_hidden [s, b, hs], teacher_hidden
-    [s, b, ht] (the model's layouts); labels [b, s]. Teacher tensors may be None when
-    their weight is 0."""
-    mask = labels != IGNORE                                          # [b, s]
+    student_logits, teacher_logits [b, s, V] (under `tp` this rank's [b, s, V/tp]);
+    student_hidden [s, b, hs], teacher_hidden [s, b, ht] (the model's layouts; this rank's
+    sequence rows under sequence parallelism); labels [b, s], always whole. token_ce: the
+    student's per-token CE [b, s] when the caller has it (the model's own head loss);
+    otherwise it comes from student_logits. Tensors may be None where their term's
+    weight is 0."""
     parts = {}
-    total = student_logits.new_zeros(())
+    total = torch.zeros((), device=labels.device)
     if cfg.ce_weight > 0:
-        ce = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(),
-                             ignore_index=IGNORE, reduction="sum")
+        ce = token_ce.float().sum() if token_ce is not None else _cross_entropy(
+            student_logits, labels, tp)
         parts["ce"] = ce.detach()
         total = total + cfg.ce_weight * ce
     if cfg.kl_weight > 0:
+        mask = labels != IGNORE
         t = cfg.temperature
-        # fp32 softmax: the student's log-probs and the teacher's probs of rare tokens
-        s_logp = F.log_softmax(student_logits[mask].float() / t, dim=-1)   # [n, V]
-        t_logp = F.log_softmax(teacher_logits[mask].float() / t, dim=-1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum() * t * t
+        kl = vocab_parallel_kl(student_logits[mask], teacher_logits[mask], t,
+                               tp.group if tp is not None else None).sum() * t * t
         parts["kl"] = kl.detach()
         total = total + cfg.kl_weight * kl
     if cfg.hidden_weight > 0:
-        hs = student_hidden.transpose(0, 1)[mask].float()            # [n, hs]
-        ht = teacher_hidden.transpose(0, 1)[mask].float()            # [n, ht]
-        if proj is not None:
-            hs = proj(hs)
-        if hs.shape[-1] != ht.shape[-1]:
-            raise ValueError(f"hidden distillation: student width {hs.shape[-1]} != teacher "
-                             f"{ht.shape[-1]} and no projection given")
-        sq = (ht - hs).pow(2)
-        hid = 0.5 * sq.sum() if cfg.hidden_loss == "sum_sq" else sq.mean(-1).sum()
+        hid = _hidden_term(student_hidden, teacher_hidden, labels, cfg, proj, tp)
         parts["hidden"] = hid.detach()
         total = total + cfg.hidden_weight * hid
     return total, parts
@@ -133,29 +272,59 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+class WholeTeacher:
+    """The teacher as one frozen GLM, run by the rank computing the loss on the batch's
+    input_ids (teacher_layout "last", and any run with one stage and no TP). Under TP
+    every rank of the last stage runs it whole and keeps its own rows of the outputs."""
+
+    def __init__(self, model: nn.Module, tp: TPShards | None = None):
+        self.model, self.tp = freeze(model), tp
+
+    def outputs(self, batch: dict, side):
+        """-> (logits [b, s, V(/tp)], final hidden [s(/tp), b, h]) for this rank."""
+        logits, hidden = self.model(batch["input_ids"].to(side.position_ids.device),
+                                    position_ids=side.position_ids,
+                                    block_position_ids=side.block_position_ids,
+                                    prefix_lens=side.prefix_lens, return_hidden=True)
+        if self.tp is not None:
+            logits, hidden = self.tp.vocab(logits), self.tp.sequence(hidden, dim=0)
+        return logits, hidden
+
+
 class DistillLoss:
     """The objective for engine.trainer.Trainer, in both of its forms:
 
       loss_fn(model, batch, device)            one process, the whole student
-      forward_step(chunk, batch, hidden, side) any pipeline layout: non-last chunks run the
-                                               plain GLM step; the last one computes the
-                                               student's logits + final hidden from its
-                                               input and the loss from the teacher's
-                                               outputs for the same batch
+      forward_step(chunk, batch, hidden, side) any layout: non-last chunks run the plain
+                                               GLM step; the last one computes the
+                                               student's per-token CE (its own head loss,
+                                               vocab-parallel under TP) and final hidden,
+                                               the logits from that hidden when the KL
+                                               needs them, and the loss with the
+                                               teacher's outputs for the same batch
 
-    The teacher is a whole, frozen GLM on the device that computes the loss (for a
-    pipeline: on the ranks holding the last stage); it reads the batch's input_ids.
+    teacher: a whole GLM (run here, see WholeTeacher), an object whose
+    outputs(batch, side) gives this rank's (logits | None, final hidden) for the batch
+    (engine.compress.distill_run.StagedTeacher), or None on ranks that never compute the
+    loss. tp: this rank's TPShards (None without tensor parallelism).
+
+    With a KL term the student's head runs twice on the last stage (inside the fused CE,
+    and for the KL's logits): GLM.forward has no "final hidden only" mode, and without
+    labels it would gather the whole vocabulary's logits on every TP rank.
+
     Under no_grad (the trainer's evaluation) the value is the student's own summed
     cross-entropy, so dev losses compare across distillation weights and with runs that
     had no teacher. Running sums of each term feed `pop_stats` (per-token means)."""
 
-    def __init__(self, teacher: nn.Module | None, cfg: DistillConfig,
-                 proj: nn.Module | None = None):
-        if cfg.needs_teacher and teacher is None:
-            raise ValueError("distill: kl_weight / hidden_weight > 0 need a teacher")
-        self.teacher = freeze(teacher) if teacher is not None else None
-        self.cfg, self.proj = cfg, proj
-        self._sums, self._tokens = {}, 0
+    def __init__(self, teacher, cfg: DistillConfig, proj: nn.Module | None = None,
+                 tp: TPShards | None = None):
+        if isinstance(teacher, nn.Module):
+            teacher = WholeTeacher(teacher, tp)
+        self.teacher, self.cfg, self.proj, self.tp = teacher, cfg, proj, tp
+        self._reset()
+
+    def _reset(self):
+        self._sums, self._tokens = dict.fromkeys(TERMS, 0.0), 0
 
     def __call__(self, model, batch: dict, device) -> torch.Tensor:
         from engine.p2p import Side
@@ -172,23 +341,37 @@ class DistillLoss:
         labels = batch["labels"].to(device)
         if not torch.is_grad_enabled():
             return chunk(input_ids, hidden_states=hidden_states, labels=labels, **kw)
-        s_logits, s_hidden = chunk(input_ids, hidden_states=hidden_states, return_hidden=True,
-                                   **kw)
+        if self.cfg.needs_teacher and self.teacher is None:
+            raise ValueError("distill: kl_weight / hidden_weight > 0 need a teacher")
+        token_ce, s_hidden = chunk(input_ids, hidden_states=hidden_states, labels=labels,
+                                   return_hidden=True, **kw)
+        s_logits = head_logits(chunk.output_layer, s_hidden) if self.cfg.kl_weight > 0 else None
         t_logits = t_hidden = None
         if self.cfg.needs_teacher:
             with torch.no_grad():
-                self.teacher.eval()
-                t_logits, t_hidden = self.teacher(batch["input_ids"].to(device),
-                                                  return_hidden=True, **kw)
+                t_logits, t_hidden = self.teacher.outputs(batch, side)
         total, parts = distill_loss(s_logits, s_hidden, t_logits, t_hidden, labels, self.cfg,
-                                    self.proj)
+                                    self.proj, token_ce=token_ce, tp=self.tp)
         for k, v in parts.items():
-            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+            self._sums[k] += float(v)
         self._tokens += int((labels != IGNORE).sum())
         return total
 
-    def pop_stats(self) -> dict:
-        n = max(self._tokens, 1)
-        out = {k: v / n for k, v in self._sums.items()}
-        self._sums, self._tokens = {}, 0
-        return out
+    def pop_stats(self, state=None) -> dict:
+        """Per-token means of the weighted-in terms since the last call. With a
+        ParallelState it is a collective over the whole job, so every rank must call it
+        at the same point (the Trainer's log hook does): the sums live on the last stage
+        and are identical on its TP ranks, so TP rank 0 of each data-parallel replica
+        contributes, and one all-reduce over the world adds the replicas and brings the
+        result to every rank, rank 0 included, whatever its stage."""
+        device = state.device if state is not None else "cpu"
+        sums = torch.tensor([self._sums[k] for k in TERMS] + [self._tokens],
+                            dtype=torch.float64, device=device)
+        self._reset()
+        if state is not None:
+            if state.coords.tp != 0:
+                sums.zero_()
+            dist.all_reduce(sums)
+        values = sums.tolist()
+        n = max(values[-1], 1.0)
+        return {k: v / n for k, v in zip(TERMS, values) if self.cfg.weight(k) > 0}
