@@ -116,13 +116,16 @@ class GLM(nn.Module):
     # ---- forward ---------------------------------------------------------------------
     def forward(self, input_ids=None, *, hidden_states=None, position_ids=None,
                 block_position_ids=None, prefix_lens=None, pad_lens=None, labels=None,
-                kv_cache: KVCache | None = None, return_hidden: bool = False):
+                kv_cache: KVCache | None = None, return_hidden: bool = False,
+                head: bool = True):
         """First stage takes input_ids [b, s]; later stages take hidden_states [s, b, h].
 
         Returns, on a non-final stage, hidden states [s, b, h]; on the final stage the
         logits [b, s, vocab] (fp32), or with `labels` the per-token losses [b, s] (fp32,
         0 where the label is -100) so that the caller decides how to average. With
-        `return_hidden` the final-normed hidden states [s, b, h] come back as well.
+        `return_hidden` the final-normed hidden states [s, b, h] come back as well; with
+        `head=False` only they do (a caller that needs the logits for more than one loss,
+        e.g. distillation's CE + KL, applies the output layer itself, once).
         """
         c = self.config
         if self.pre_process:
@@ -148,6 +151,8 @@ class GLM(nn.Module):
         if not self.post_process:
             return x
         h = self.final_norm(x)
+        if not head:
+            return h
         if labels is not None:
             flat = h.reshape(-1, h.shape[-1])  # [s*b, h]: seq-major, no transpose copy
             labels = labels.transpose(0, 1).reshape(-1)  # [s*b], matching flat's order

@@ -308,9 +308,9 @@ class DistillLoss:
     (engine.compress.distill_run.StagedTeacher), or None on ranks that never compute the
     loss. tp: this rank's TPShards (None without tensor parallelism).
 
-    With a KL term the student's head runs twice on the last stage (inside the fused CE,
-    and for the KL's logits): GLM.forward has no "final hidden only" mode, and without
-    labels it would gather the whole vocabulary's logits on every TP rank.
+    With a KL term the student's head runs once, for logits that feed both the CE and
+    the KL (GLM.forward head=False gives the final hidden state; head_logits keeps this
+    rank's vocabulary rows); without one the model's fused head loss gives the CE.
 
     Under no_grad (the trainer's evaluation) the value is the student's own summed
     cross-entropy, so dev losses compare across distillation weights and with runs that
@@ -343,9 +343,15 @@ class DistillLoss:
             return chunk(input_ids, hidden_states=hidden_states, labels=labels, **kw)
         if self.cfg.needs_teacher and self.teacher is None:
             raise ValueError("distill: kl_weight / hidden_weight > 0 need a teacher")
-        token_ce, s_hidden = chunk(input_ids, hidden_states=hidden_states, labels=labels,
-                                   return_hidden=True, **kw)
-        s_logits = head_logits(chunk.output_layer, s_hidden) if self.cfg.kl_weight > 0 else None
+        if self.cfg.kl_weight > 0:
+            # the KL needs the logits anyway: one head pass feeds both CE and KL
+            token_ce, s_hidden = None, chunk(input_ids, hidden_states=hidden_states,
+                                             head=False, **kw)
+            s_logits = head_logits(chunk.output_layer, s_hidden)
+        else:   # the model's fused head loss (vocab-parallel under TP), no logits formed
+            token_ce, s_hidden = chunk(input_ids, hidden_states=hidden_states, labels=labels,
+                                       return_hidden=True, **kw)
+            s_logits = None
         t_logits = t_hidden = None
         if self.cfg.needs_teacher:
             with torch.no_grad():

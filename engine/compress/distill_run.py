@@ -130,12 +130,10 @@ class StagedTeacher:
             self.comm = P2P(state, chunks[0].config.hidden_size,
                             dtype=next(chunks[0].parameters()).dtype,
                             seq_shards=state.dims.tp if sequence_parallel else 1)
+        # the last stage's chunk stops at the final norm (head=False): no logits are
+        # formed there (without labels GLM.forward would gather every vocabulary row on
+        # each TP rank); outputs() applies the head when the KL needs it
         self.head_chunk = chunks[-1] if is_last_stage(state) else None
-        if self.head_chunk is not None:
-            # a trunk: its forward stops before the final norm, so no logits are formed
-            # (without labels GLM.forward would gather every vocabulary row on each TP
-            # rank); _forward_step applies the norm, outputs() the head when needed
-            self.head_chunk.post_process = False
         self._hidden: dict[int, torch.Tensor] = {}
 
     def attach(self, trainer):
@@ -155,8 +153,13 @@ class StagedTeacher:
 
     def _forward_step(self, chunk, batch, hidden_states, side):
         from engine.schedules import glm_forward_step
-        out = glm_forward_step(chunk, batch, hidden_states, side)
-        return chunk.final_norm(out) if chunk is self.head_chunk else out
+        if chunk is not self.head_chunk:
+            return glm_forward_step(chunk, batch, hidden_states, side)
+        input_ids = batch["input_ids"].to(side.position_ids.device) if chunk.pre_process \
+            else None
+        return chunk(input_ids, hidden_states=hidden_states, position_ids=side.position_ids,
+                     block_position_ids=side.block_position_ids,
+                     prefix_lens=side.prefix_lens, head=False)
 
     def outputs(self, batch: dict, side):
         hidden = self._hidden.pop(id(batch))
