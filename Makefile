@@ -51,10 +51,11 @@ demo: data $(PRETRAINED)
 
 # the paper's tables and figures (reports/*.md, *.png) regenerated at small scale
 # (the fine-tuning, compression and distillation runs start from make demo's pretrained LM)
+# --resume: a re-run continues a failed or interrupted one (make clean starts over)
 paper: data $(PRETRAINED)
 	.venv/bin/pip install -q -e ".[report]" || echo "matplotlib unavailable: tables only"
 	$(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS) \
-	    --pretrained $(RUNS)/pretrain/checkpoint
+	    --pretrained $(RUNS)/pretrain/checkpoint --resume
 
 clean:
 	rm -rf $(RUNS) runs/paper reports .pytest_cache

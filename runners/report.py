@@ -36,6 +36,9 @@ def parse_args(argv=None):
                         "scratch, which at the full size's budget does not learn to "
                         "translate")
     p.add_argument("--threads", type=int, default=2, help="torch threads, one process")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the stages a previous run with the same settings finished "
+                        "in --work-dir (evaluation and Figure 3 run again)")
     return p.parse_args(argv)
 
 
@@ -57,7 +60,7 @@ def main(argv=None):
             raise ValueError(f"no prepared data in {rc.data_dir}: run `make data` first")
         torch.set_num_threads(rc.threads)
         t0 = time.perf_counter()
-        results = Recipe(rc, log=lambda m: print(m, flush=True)).run()
+        results = Recipe(rc, log=lambda m: print(m, flush=True), resume=args.resume).run()
         written = write_reports(results, rc.out_dir)
     except (ValueError, StageError) as e:
         sys.exit(f"error: {e}")

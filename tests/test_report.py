@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,7 +42,8 @@ def quick_report(tmp_path_factory):
     out = tmp / "reports"
     p = _run("runners/report.py", "--quick", "--out", str(out), "--work-dir",
              str(tmp / "work"), "--data-dir", data, "--pretrained", str(lm / "checkpoint"))
-    return out, p.stdout, str(lm / "checkpoint"), data
+    return SimpleNamespace(out=out, stdout=p.stdout, lm=str(lm / "checkpoint"), data=data,
+                           work=str(tmp / "work"))
 
 
 def _has_matplotlib():
@@ -58,7 +60,7 @@ def _numeric_rows(text):
 
 
 def test_quick_report_writes_tables(quick_report):
-    out, stdout, lm, _ = quick_report
+    out, stdout, lm = quick_report.out, quick_report.stdout, quick_report.lm
     for name in MARKDOWN:
         text = (out / name).read_text(encoding="utf-8")
         assert len(_numeric_rows(text)) >= 2, name
@@ -88,7 +90,7 @@ def test_markdown_without_matplotlib(quick_report, tmp_path, monkeypatch):
     """Whatever this environment has installed: with matplotlib unimportable the same
     results still give every table, and the markdown says the plots were skipped."""
     from engine.reports.write import write_reports
-    out, _, _, _ = quick_report
+    out = quick_report.out
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     real_import = builtins.__import__
 
@@ -110,7 +112,7 @@ def test_pretrained_checkpoint_is_checked_before_training(quick_report, tmp_path
     """A missing checkpoint or one of another shape is a one-line error up front."""
     from engine.reports.budget import ReportConfig
     from engine.reports.recipe import Recipe
-    _, _, lm, data = quick_report
+    lm, data = quick_report.lm, quick_report.data
     with pytest.raises(ValueError, match="--pretrained.*num_layers"):
         Recipe(ReportConfig(preset="small", pretrained=lm,
                             work_dir=str(tmp_path / "w")))._pretrained()
@@ -123,3 +125,25 @@ def test_pretrained_checkpoint_is_checked_before_training(quick_report, tmp_path
                        text=True, env=env, timeout=120)
     assert p.returncode != 0 and p.stderr.strip().startswith("error: --pretrained")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_resume_reuses_finished_stages_and_refuses_other_settings(quick_report, tmp_path):
+    """--resume on the same work dir trains nothing again and gives the same training
+    records; with other settings it refuses in one line instead of mixing runs."""
+    q = quick_report
+    args = ("runners/report.py", "--quick", "--work-dir", q.work, "--data-dir", q.data,
+            "--pretrained", q.lm, "--resume")
+    p = _run(*args, "--out", str(tmp_path / "r"))
+    # a stage that ran logs "  <name>: <seconds> s"; a reused one "  <name>: reused from"
+    ran = [ln for ln in p.stdout.splitlines()
+           if re.fullmatch(r"  (base|ft_|pruned_|st_)\S*: [\d.]+ s", ln)]
+    assert ran == [], ran
+    assert "base: reused" in p.stdout and "st_random_0.5: reused" in p.stdout
+    first = json.loads((q.out / "results.json").read_text(encoding="utf-8"))
+    again = json.loads((tmp_path / "r" / "results.json").read_text(encoding="utf-8"))
+    assert again["runs"] == first["runs"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    bad = subprocess.run([sys.executable, *args, "--scale", "2", "--out", str(tmp_path / "b")],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "other settings (base_steps" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

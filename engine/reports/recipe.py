@@ -13,6 +13,7 @@ Training time of a row = the sum of its stages' step times (finetune.json
 "step_seconds": optimizer steps only, no start-up or evaluation)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -35,8 +36,12 @@ def _subset(src: str, dst: str, n: int, seed: int) -> int:
 
 
 class Recipe:
-    def __init__(self, rc: ReportConfig, log=print):
-        self.rc, self.log = rc, log
+    """resume: reuse the stages a previous run of the same ReportConfig finished in
+    work_dir (checkpoint + finetune.json, or a pruned checkpoint), so a report that
+    failed late costs only what is left; evaluation and Figure 3 always run again."""
+
+    def __init__(self, rc: ReportConfig, log=print, resume: bool = False):
+        self.rc, self.log, self.resume = rc, log, resume
         self.work = rc.work_dir
         os.makedirs(self.work, exist_ok=True)
         self.train_tsv = os.path.join(self.work, "train_subset.tsv")
@@ -64,6 +69,26 @@ class Recipe:
         fn()
         self.log(f"  {name}: {time.perf_counter() - t0:.1f} s")
 
+    def _reuse(self, name: str, done: str) -> bool:
+        if self.resume and os.path.isfile(done):
+            self.log(f"  {name}: reused from {os.path.dirname(done)}")
+            return True
+        return False
+
+    def _check_resume(self):
+        """A work dir remembers the settings that made it; --resume refuses others (the
+        reused stages would not be what the tables say they are)."""
+        path = os.path.join(self.work, "report_config.json")
+        mine = {k: v for k, v in self.rc.to_dict().items() if k != "out_dir"}
+        if self.resume and os.path.isfile(path):
+            old = read_json(path)
+            diff = sorted(k for k in set(mine) | set(old) if mine.get(k) != old.get(k))
+            if diff:
+                raise ValueError(f"--resume: {self.work} was made with other settings "
+                                 f"({', '.join(diff)}); use a new --work-dir")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(mine, f, indent=1)
+
     def teacher(self, name: str, strategy: str, steps: int, init: str = "", pp: int = 1,
                 alpha: float | None = None):
         out = os.path.join(self.work, name)
@@ -73,7 +98,8 @@ class Recipe:
                 "--finetune.alpha", str(self.rc.alpha if alpha is None else alpha)]
         if init:
             argv += ["--train.init_from", init]
-        self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
+        if not self._reuse(name, os.path.join(out, "finetune.json")):
+            self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
         self._record(name, out)
         return os.path.join(out, "checkpoint")
 
@@ -85,14 +111,16 @@ class Recipe:
                 "--calib-batches", str(rc.calib_batches), "--batch-size", "8",
                 "--seq-len", str(rc.seq_len), "--seed", str(rc.seed),
                 "--threads", str(rc.threads)]
-        self._timed(name, lambda: run_stage("prune", argv, out + ".log"))
+        if not self._reuse(name, os.path.join(out, "meta.json")):
+            self._timed(name, lambda: run_stage("prune", argv, out + ".log"))
         return out
 
     def student(self, name: str, teacher: str, pruned: str, pp: int = 1):
         out = os.path.join(self.work, name)
         argv = ["student", *self._common(self.rc.distill_steps, out, pp),
                 "--teacher", teacher, "--student", pruned]
-        self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
+        if not self._reuse(name, os.path.join(out, "finetune.json")):
+            self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
         self._record(name, out)
         return os.path.join(out, "checkpoint")
 
@@ -140,7 +168,11 @@ class Recipe:
     def run(self) -> dict:
         rc = self.rc
         t_start = time.perf_counter()
+        from model import GLMConfig
+        # settings that would fail late fail here, before anything trains
+        schedule_timing.interleave_vpp(GLMConfig.preset(rc.preset).num_layers)
         pretrained = self._pretrained()
+        self._check_resume()
         n = _subset(os.path.join(rc.data_dir, "pairs", "train.tsv"), self.train_tsv,
                     rc.train_pairs, rc.seed)
         _subset(os.path.join(rc.data_dir, "pairs", "test.tsv"), self.test_tsv,
@@ -176,7 +208,6 @@ class Recipe:
         for key, ckpt in students.items():
             name = f"st_{key}" if key.startswith("mixed_0") else f"st_{key}_{k}"
             self.evaluate(name, ckpt)
-        from model import GLMConfig
         self.log("Figure 3: schedule timing on gloo")
         t0 = time.perf_counter()
         self.results["figure3"] = schedule_timing.measure(

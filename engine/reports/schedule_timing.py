@@ -1,6 +1,7 @@
 """Figure 3: training time per epoch against batch size, for no pipeline (one process,
 gradient accumulation over the same microbatches, all threads) and 2-stage GPipe, 1F1B and
-interleaved 1F1B (vpp=2) on gloo, one process per stage with one thread each.
+interleaved 1F1B (the smallest vpp >= 2 that splits the layers evenly: 2 for 4 or 8
+layers, 3 for the small preset's 6) on gloo, one process per stage with one thread each.
 
 Measured with the engine itself (engine.schedules.forward_backward over build_stage chunks
 and engine.p2p.P2P): the median over `reps` timed steps (after one warm-up step) of one
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue as queue_lib
 import socket
 import statistics
 import time
@@ -59,6 +61,17 @@ def time_no_pipeline(cfg, batch_sizes, mbs, seq_len, reps, threads) -> dict:
     return out
 
 
+def interleave_vpp(num_layers: int, pp: int = 2) -> int:
+    """Virtual stages per rank for the interleaved variant: the smallest v >= 2 with
+    num_layers divisible by pp * v (one layer per chunk at most)."""
+    for v in range(2, num_layers // pp + 1):
+        if num_layers % (pp * v) == 0:
+            return v
+    raise ValueError(f"Figure 3: num_layers={num_layers} cannot be split into pp={pp} x "
+                     "vpp>=2 equal chunks for interleaved 1F1B; use a preset with an even "
+                     "number of layers >= 4")
+
+
 def _worker(rank, cfg, batch_sizes, mbs, seq_len, reps, port, queue):
     from engine.p2p import P2P
     from engine.parallel import ParallelDims, init_distributed
@@ -71,7 +84,7 @@ def _worker(rank, cfg, batch_sizes, mbs, seq_len, reps, port, queue):
     try:
         result = {}
         for schedule in SCHEDULES:
-            vpp = 2 if schedule == "interleaved" else 1
+            vpp = interleave_vpp(cfg.num_layers) if schedule == "interleaved" else 1
             state = init_distributed(ParallelDims(pp=2, vpp=vpp), timeout=120,
                                      num_layers=cfg.num_layers)
             chunks = build_stage(cfg, 2, vpp, state.coords.pp, seed=0)
@@ -103,15 +116,25 @@ def measure(cfg, batch_sizes, micro_batch, seq_len, reps, epoch_samples, threads
                                                 reps, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
+    result = None
     try:
-        result = queue.get(timeout=1800)
+        deadline = time.monotonic() + 1800
+        while result is None:
+            try:
+                result = queue.get(timeout=1.0)
+            except queue_lib.Empty:
+                # a dead worker never puts a result: stop at once instead of at the deadline
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"Figure 3 workers failed: exit codes "
+                                       f"{[p.exitcode for p in procs]}") from None
     finally:
         for p in procs:
             p.join(timeout=60)
-    if any(p.exitcode for p in procs):
-        raise RuntimeError(f"Figure 3 workers failed: exit codes {[p.exitcode for p in procs]}")
+            if p.is_alive():
+                p.kill()
     names = {"gpipe": "GPipe (pp=2)", "1f1b": "1F1B (pp=2)",
-             "interleaved": "interleaved 1F1B (pp=2, vpp=2)"}
+             "interleaved": f"interleaved 1F1B (pp=2, vpp={interleave_vpp(cfg.num_layers)})"}
     for (schedule, b), t in result.items():
         step_s.setdefault(names[schedule], {})[b] = t
     epoch = {v: {b: t * math.ceil(epoch_samples / b) for b, t in d.items()}
