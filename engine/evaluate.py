@@ -26,6 +26,7 @@ class EvalResult:
     params: int
     disk_mb: float | None
     latency_ms: float          # one sentence at a time, greedy, mean
+    latency_ms_per_token: float  # the same runs' time / generated tokens (length-free)
     decode_tokens_per_s: float  # batched decoding throughput
     examples: list
 
@@ -54,16 +55,22 @@ def translate(model, tok, sources: list[str], *, batch_size=32, max_new_tokens=6
     return hyps, seconds, n_tokens
 
 
-def measure_latency(model, tok, sources: list[str], max_new_tokens=64, max_source=96) -> float:
-    """Mean wall time per sentence, batch 1 (what one user waits)."""
-    times = []
+def measure_latency(model, tok, sources: list[str], max_new_tokens=64,
+                    max_source=96) -> tuple[float, float]:
+    """Batch 1, greedy: (mean wall ms per sentence -- what one user waits --, ms per
+    generated token over the same runs). Compare models by the second: a model that
+    stops early (or rambles to max_new_tokens) changes the first without being faster."""
+    times, tokens = [], 0
     for s in sources:
         t0 = time.perf_counter()
-        generate(model, [prompt_ids(tok, s, max_source)], max_new_tokens=max_new_tokens,
-                 eos_id=tok.eop_id, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
-                 vocab_size=tok.vocab_size)
+        out = generate(model, [prompt_ids(tok, s, max_source)], max_new_tokens=max_new_tokens,
+                       eos_id=tok.eop_id, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
+                       vocab_size=tok.vocab_size)
         times.append(time.perf_counter() - t0)
-    return 1000 * statistics.mean(times) if times else float("nan")
+        tokens += max(len(out[0]), 1)    # the end token is generated too
+    if not times:
+        return float("nan"), float("nan")
+    return 1000 * statistics.mean(times), 1000 * sum(times) / tokens
 
 
 def score(hyps: list[str], refs: list[str]) -> dict:
@@ -104,12 +111,13 @@ def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, dev_batches=
                                         num_beams=num_beams)
     s = score(hyps, refs)
     dl = dev_loss(model, dev, dev_batches, batch_size) if dev is not None else None
+    ms_sent, ms_token = measure_latency(model, tok, sources[:latency_samples], max_new_tokens)
     return EvalResult(
         n_sentences=len(pairs), bleu=s["bleu"], chrf=s["chrf"], exact_match=s["exact_match"],
         dev_loss=dl, dev_ppl=math.exp(min(dl, 50)) if dl is not None else None,
         params=model.num_params(),
         disk_mb=dir_size_mb(checkpoint_dir) if checkpoint_dir else None,
-        latency_ms=measure_latency(model, tok, sources[:latency_samples], max_new_tokens),
+        latency_ms=ms_sent, latency_ms_per_token=ms_token,
         decode_tokens_per_s=n_tokens / max(seconds, 1e-9),
         examples=[{"en": a, "ref": r, "hyp": h}
                   for a, r, h in list(zip(sources, refs, hyps))[:n_examples]])
@@ -117,12 +125,14 @@ def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, dev_batches=
 
 def markdown_table(rows: dict[str, EvalResult]) -> str:
     head = ("| model | params | disk MB | dev loss | ppl | BLEU | chrF | exact % | "
-            "latency ms/sent | decode tok/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "latency ms/sent | ms/token | decode tok/s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for name, r in rows.items():
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {name} | {r.params:,} | {fmt(r.disk_mb, '.1f')} | "
                      f"{fmt(r.dev_loss, '.3f')} | {fmt(r.dev_ppl, '.1f')} | {r.bleu:.2f} | "
                      f"{r.chrf:.2f} | {r.exact_match:.1f} | {r.latency_ms:.1f} | "
+                     f"{r.latency_ms_per_token:.2f} | "
                      f"{r.decode_tokens_per_s:,.0f} |")
     return "\n".join(lines)

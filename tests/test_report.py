@@ -142,6 +142,10 @@ def test_resume_reuses_finished_stages_and_refuses_other_settings(quick_report, 
     first = json.loads((q.out / "results.json").read_text(encoding="utf-8"))
     again = json.loads((tmp_path / "r" / "results.json").read_text(encoding="utf-8"))
     assert again["runs"] == first["runs"]
+    assert "resumed: " in (tmp_path / "r" / "table5_ablation.md").read_text(encoding="utf-8")
+    assert "resumed" not in (q.out / "table5_ablation.md").read_text(encoding="utf-8")
+    # latency per generated token is measured for every evaluated checkpoint
+    assert all(v["latency_ms_per_token"] > 0 for v in again["quality"].values())
     env = {**os.environ, "PYTHONPATH": ROOT}
     bad = subprocess.run([sys.executable, *args, "--scale", "2", "--out", str(tmp_path / "b")],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)

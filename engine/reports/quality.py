@@ -45,6 +45,7 @@ def measure(checkpoint: str, test_tsv: str, tokenizer_path: str, n: int,
     r = evaluate(model, tok, pairs, max_new_tokens=max_new_tokens,
                  latency_samples=latency_samples, checkpoint_dir=checkpoint, n_examples=2)
     return {"params": r.params, "disk_mb": r.disk_mb, "latency_ms": r.latency_ms,
+            "latency_ms_per_token": r.latency_ms_per_token,
             "bleu": r.bleu, "chrf": r.chrf, "exact_match": r.exact_match,
             "bleu_zh_en": zh_en_bleu(model, tok, pairs, max_new_tokens),
             "examples": r.examples}

@@ -72,6 +72,7 @@ class Recipe:
     def _reuse(self, name: str, done: str) -> bool:
         if self.resume and os.path.isfile(done):
             self.log(f"  {name}: reused from {os.path.dirname(done)}")
+            self.results.setdefault("reused", []).append(name)
             return True
         return False
 
