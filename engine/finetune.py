@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from engine.compress.distill import DistillConfig
+from engine.compress.distill import TEACHER_LAYOUTS, DistillConfig
 from engine.data.datasets import mix_seed
 from model.masks import collate
 
@@ -77,6 +77,7 @@ class FinetuneConfig:
     mixing: str = "sample"         # sample: draw with p = alpha; weight: p = 1/2, weighted
     lam: float = 0.65              # Eq. 13 lambda (teacher share of the student's loss)
     temperature: float = 1.0
+    teacher_layout: str = "same"   # student stage: distill.teacher_layout (same | last)
     source_direction: str = "en-zh"
     target_direction: str = "zh-en"
 
@@ -95,6 +96,9 @@ class FinetuneConfig:
             raise ValueError(f"finetune.lam={self.lam} must be in [0, 1]")
         if self.temperature <= 0:
             raise ValueError(f"finetune.temperature={self.temperature} must be > 0")
+        if self.teacher_layout not in TEACHER_LAYOUTS:
+            raise ValueError(f"finetune.teacher_layout={self.teacher_layout!r} must be one of "
+                             f"{', '.join(TEACHER_LAYOUTS)}")
         for name in ("source_direction", "target_direction"):
             if getattr(self, name) not in ("en-zh", "zh-en"):
                 raise ValueError(f"finetune.{name}={getattr(self, name)!r} must be en-zh "
@@ -118,7 +122,7 @@ class FinetuneConfig:
     def distill_config(self) -> DistillConfig:
         """Eq. 13 as engine.compress.distill terms (see the module docstring)."""
         return DistillConfig(ce_weight=1.0 - self.lam, kl_weight=self.lam, hidden_weight=0.0,
-                             temperature=self.temperature)
+                             temperature=self.temperature, teacher_layout=self.teacher_layout)
 
     def to_dict(self) -> dict:
         return asdict(self)

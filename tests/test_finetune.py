@@ -58,6 +58,10 @@ def test_strategy_alpha_and_config_errors():
         FinetuneConfig(lam=1.5)
     with pytest.raises(ValueError, match="finetune.mixing"):
         FinetuneConfig(mixing="sum")
+    with pytest.raises(ValueError, match="finetune.teacher_layout"):
+        FinetuneConfig(teacher_layout="middle")
+    # the student stage's distillation carries the layout through
+    assert FinetuneConfig(teacher_layout="last").distill_config().teacher_layout == "last"
 
 
 # ---- Eq. 12 ---------------------------------------------------------------------------
