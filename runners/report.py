@@ -2,7 +2,7 @@
 runs the recipe (base model, hybrid fine-tuning strategies, pipeline training, pruning,
 continued distillation, schedule timing), then writes reports/*.md and PNG plots.
 
-    # full: the small preset from a pretrained LM (make demo's), about 35 min on 2 cores
+    # full: the small preset from a pretrained LM (make demo's), ~1 h on 2 busy cores
     python runners/report.py --pretrained runs/demo/pretrain/checkpoint
     python runners/report.py --quick          # smoke run (tiny, from scratch), about a minute
     python runners/report.py --scale 0.5 ...  # half the training steps of either

@@ -2,7 +2,7 @@
 from scratch). The full size is the demo's model (small preset) starting from a pretrained
 LM checkpoint -- the paper starts from pretrained ChatGLM, and a model trained from scratch
 for a few minutes on CPU emits empty translations, which makes every quality column 0 --
-and aims at about 35 minutes on 2 CPU cores; `scale` multiplies every step count."""
+and took 56 minutes on 2 busy CPU cores; `scale` multiplies every step count."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
