@@ -194,7 +194,6 @@ def bench(args):
     rank, p, m = state.rank, args.pp, args.microbatches
     mbs = make_microbatches(cfg, args)
     num_tokens = int(sum((mb["labels"] != -100).sum() for mb in mbs))
-    tokens = m * args.micro_batch_size * args.seq_len
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"model {args.preset} (layers={cfg.num_layers}, hidden={cfg.hidden_size}, "
         f"vocab={cfg.padded_vocab_size}), pp={p}, m={m} microbatches of "

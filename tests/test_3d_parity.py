@@ -3,15 +3,14 @@ before each step (gathered to full shape) and parameters after it, on mixed caus
 prefix-LM / blank-infilling batches. Includes a GQA model whose KV groups are fewer than
 the tensor-parallel ranks (replicated KV heads) and sequence parallelism."""
 import pytest
-import torch
 
 from dist import run_workers
 from engine.config import build_run_config
 from engine.launch import model_parallel_group
 from engine.parallel import ParallelDims, init_distributed
 from engine.tensor_parallel import gather_full_tensors
-from engine.trainer import Trainer, lr_at
-from test_trainer_parity import PARAM_ATOL, STEPS, MixedBatches, _close
+from engine.trainer import Trainer
+from test_trainer_parity import PARAM_ATOL, STEPS, MixedBatches, _close, manual_steps
 
 SEQ = 24
 GLOBAL_MB = 4   # microbatches per step over the whole job
@@ -27,19 +26,6 @@ def _cfg(tp=1, pp=1, dp=1, zero=0, sp=False, groups=2):
                   "eval_every": 0, "out_dir": "/tmp/unused-3d-run"}})
 
 
-def _steps(tr, gather):
-    out = []
-    for _ in range(STEPS):
-        mbs = tr.microbatches(tr.train_data, tr.step)
-        loss = tr._run(mbs)
-        grads = gather(list(tr.optimizer.full_grads().items()))
-        res = tr.optimizer.step(lr_at(tr.step, tr.cfg.train))
-        tr.step += 1
-        params = gather([(n, p.detach()) for n, p in tr.named_trained_parameters()])
-        out.append((loss, res.grad_norm, grads, params))
-    return out
-
-
 def _worker(rank, world, layout):
     cfg = _cfg(**layout)
     pc = cfg.parallel
@@ -51,7 +37,7 @@ def _worker(rank, world, layout):
     def gather(named):
         return gather_full_tensors(named, cfg.model, state.tp_group)
 
-    return _steps(tr, gather)
+    return manual_steps(tr, gather=gather)
 
 
 LAYOUTS = {
@@ -68,8 +54,7 @@ def test_layout_matches_single_process(name):
     layout = LAYOUTS[name]
     world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
     ref_cfg = _cfg(groups=layout.get("groups", 2))
-    ref = _steps(Trainer(ref_cfg, MixedBatches(), log=lambda *a: None),
-                 lambda named: {n: t.detach().clone() for n, t in named})
+    ref = manual_steps(Trainer(ref_cfg, MixedBatches(), log=lambda *a: None))
     ranks = run_workers(_worker, world, layout, timeout=240, pg_timeout=120)
     seen = set()
     for r, steps in enumerate(ranks):

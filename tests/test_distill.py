@@ -12,9 +12,9 @@ from engine.compress.distill import DistillConfig, DistillLoss, distill_loss, ma
 from engine.compress.importance import random_importance
 from engine.compress.prune import PruneTarget, prune_model, select
 from engine.config import build_run_config
-from engine.trainer import Trainer, count_tokens, lm_loss, lr_at
+from engine.trainer import Trainer, count_tokens, lm_loss
 from test_prune import build, make_batch, zero_hidden
-from test_trainer_parity import MixedBatches
+from test_trainer_parity import MixedBatches, manual_steps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -309,17 +309,9 @@ def _kd_setup(tmp_dir, tp=1, pp=1, dp=1, sp=False, layout="same"):
 
 
 def _kd_steps(tr, gather):
-    """Each step by hand: loss, grad norm, reduced gradients and the updated parameters
-    (full shapes), and the per-term means the log line gets (the Trainer's hook)."""
-    out = []
-    for _ in range(KD_STEPS):
-        mbs = tr.microbatches(tr.train_data, tr.step)
-        loss = tr._run(mbs)
-        grads = gather(list(tr.optimizer.full_grads().items()))
-        res = tr.optimizer.step(lr_at(tr.step, tr.cfg.train))
-        tr.step += 1
-        params = gather([(n, p.detach()) for n, p in tr.named_trained_parameters()])
-        out.append((loss, res.grad_norm, grads, params, tr.log_terms()))
+    """Each step by hand (manual_steps) plus the per-term means the log line gets (the
+    Trainer's hook), then the dev loss."""
+    out = manual_steps(tr, KD_STEPS, gather, extra=lambda t: t.log_terms())
     return out, tr.evaluate(MixedBatches(), 2)
 
 

@@ -41,17 +41,25 @@ def _cfg(m, pp=1, dp=1, zero=0):
                   "eval_every": 0, "out_dir": "/tmp/unused-parity-run"}})
 
 
-def _steps(tr):
-    """Run STEPS steps by hand, recording loss, reduced grads and updated params."""
+def _copies(named):
+    return {n: t.detach().clone() for n, t in named}
+
+
+def manual_steps(tr, steps=STEPS, gather=_copies, extra=None):
+    """Run `steps` steps by hand, recording (loss, grad norm, reduced grads, updated
+    params[, extra(tr)]) per step. gather: [(name, tensor)] -> {name: full tensor} (the
+    parity tests with TP gather the shards; default: detached copies). Shared by every
+    Trainer parity test (3D layouts, distillation)."""
     out = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         mbs = tr.microbatches(tr.train_data, tr.step)
         loss = tr._run(mbs)
-        grads = tr.optimizer.full_grads()
+        grads = gather(list(tr.optimizer.full_grads().items()))
         res = tr.optimizer.step(lr_at(tr.step, tr.cfg.train))
         tr.step += 1
-        params = {n: p.detach().clone() for n, p in tr.named_trained_parameters()}
-        out.append((loss, res.grad_norm, grads, params))
+        params = gather([(n, p.detach()) for n, p in tr.named_trained_parameters()])
+        row = (loss, res.grad_norm, grads, params)
+        out.append(row + (extra(tr),) if extra is not None else row)
     return out
 
 
@@ -59,7 +67,7 @@ def _worker(rank, world):
     state = init_distributed(ParallelDims(pp=2, dp=2), timeout=60, num_layers=4)
     tr = Trainer(_cfg(m=2, pp=2, dp=2, zero=1), MixedBatches(), state=state,
                  log=lambda *a: None, mp_group=model_parallel_group(state))
-    return _steps(tr)
+    return manual_steps(tr)
 
 
 def _close(a, b, what, atol=1e-9):
@@ -80,7 +88,7 @@ PARAM_ATOL = 1e-9
 
 
 def test_pp2_dp2_zero1_matches_single_process():
-    ref = _steps(Trainer(_cfg(m=4), MixedBatches(), log=lambda *a: None))
+    ref = manual_steps(Trainer(_cfg(m=4), MixedBatches(), log=lambda *a: None))
     ranks = run_workers(_worker, 4, timeout=150)
     for r, steps in enumerate(ranks):
         for t, ((loss, norm, grads, params), (rl, rn, rg, rp)) in enumerate(zip(steps, ref)):
