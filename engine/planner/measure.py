@@ -26,61 +26,18 @@ must not install saved-tensor hooks of its own (the innermost hooks win).
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from engine.planner.layouts import Layout, PlanRequest
+# the schedule's meter, used here through its hooks only, so it counts exactly the tensors
+# saved for backward (given to forward_backward it also charges the stage outputs a
+# pipeline holds until they are sent; tests/test_planner_multirank.py checks that gap)
+from engine.schedules import SavedActivationMeter as SavedTensorMeter
 from model.glm import GLM, GLMBlock
 from model.masks import causal_example, collate
-
-
-class _Saved:
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t):
-        self.t = t
-
-
-class SavedTensorMeter:
-    """Live and peak bytes of tensors saved for backward, deduplicated by storage."""
-
-    def __init__(self, params=()):
-        self._exclude = {p.untyped_storage().data_ptr() for p in params}
-        self._live: dict[int, list[int]] = {}     # storage ptr -> [refs, nbytes]
-        self.current = 0
-        self.peak = 0
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr == 0 or ptr in self._exclude:
-            return t
-        entry = self._live.setdefault(ptr, [0, storage.nbytes()])
-        if entry[0] == 0:
-            self.current += entry[1]
-            self.peak = max(self.peak, self.current)
-        entry[0] += 1
-        holder = _Saved(t)
-        # the holder dies when autograd drops the saved tensor: release its bytes then
-        weakref.finalize(holder, self._release, ptr)
-        return holder
-
-    @staticmethod
-    def _unpack(x):
-        return x.t if isinstance(x, _Saved) else x
-
-    def _release(self, ptr: int):
-        entry = self._live[ptr]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self._live[ptr]
 
 
 def _storage_bytes(tensors) -> int:
