@@ -358,9 +358,10 @@ class DistillLoss:
                 t_logits, t_hidden = self.teacher.outputs(batch, side)
         total, parts = distill_loss(s_logits, s_hidden, t_logits, t_hidden, labels, self.cfg,
                                     self.proj, token_ce=token_ce, tp=self.tp)
+        # kept as tensors: no host sync per microbatch; pop_stats reads them once per log line
         for k, v in parts.items():
-            self._sums[k] += float(v)
-        self._tokens += int((labels != IGNORE).sum())
+            self._sums[k] = self._sums[k] + v
+        self._tokens = self._tokens + (labels != IGNORE).sum()
         return total
 
     def pop_stats(self, state=None) -> dict:
@@ -371,7 +372,7 @@ class DistillLoss:
         contributes, and one all-reduce over the world adds the replicas and brings the
         result to every rank, rank 0 included, whatever its stage."""
         device = state.device if state is not None else "cpu"
-        sums = torch.tensor([self._sums[k] for k in TERMS] + [self._tokens],
+        sums = torch.tensor([float(self._sums[k]) for k in TERMS] + [float(self._tokens)],
                             dtype=torch.float64, device=device)
         self._reset()
         if state is not None:

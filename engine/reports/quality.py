@@ -13,15 +13,6 @@ from model.generate import generate
 from model.tokenizer import Tokenizer
 
 
-class _Tokenizer(Tokenizer):
-    """The model's vocabulary is padded past the tokenizer's (8192 > 8000); an undertrained
-    model can emit a padding id, which Tokenizer.decode rejects. Those ids have no text:
-    drop them before decoding."""
-
-    def decode(self, ids) -> str:
-        return super().decode([i for i in ids if i < self.vocab_size])
-
-
 @torch.no_grad()
 def zh_en_bleu(model, tok, pairs, max_new_tokens: int, batch_size: int = 32,
                max_source: int = 96) -> float:
@@ -29,8 +20,10 @@ def zh_en_bleu(model, tok, pairs, max_new_tokens: int, batch_size: int = 32,
     for i in range(0, len(pairs), batch_size):
         prompts = [[tok.zh_id] + tok.encode(zh)[:max_source] + [tok.gmask_id]
                    for _, zh in pairs[i:i + batch_size]]
+        # vocab_size: never emit the padded rows past the tokenizer's pieces (no text)
         out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eop_id,
-                       pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy")
+                       pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
+                       vocab_size=tok.vocab_size)
         hyps += [tok.decode(o).strip() for o in out]
     return BLEU(tokenize="13a").corpus_score(hyps, [[en for en, _ in pairs]]).score
 
@@ -40,7 +33,7 @@ def measure(checkpoint: str, test_tsv: str, tokenizer_path: str, n: int,
     from pathlib import Path
     model, _ = load_glm(checkpoint)
     model.eval()
-    tok = _Tokenizer(tokenizer_path)
+    tok = Tokenizer(tokenizer_path)
     pairs = read_tsv(Path(test_tsv))[:n]
     r = evaluate(model, tok, pairs, max_new_tokens=max_new_tokens,
                  latency_samples=latency_samples, checkpoint_dir=checkpoint, n_examples=2)
