@@ -1,5 +1,6 @@
 """Translation evaluation: KV-cache decoding EN -> ZH, sacrebleu BLEU (tokenize="zh") and
-chrF, exact match, dev perplexity, model size and speed. Used by runners/evaluate.py and
+chrF, exact match, teacher-forced loss on the dev split and on the evaluated pairs, model
+size and speed. Used by runners/evaluate.py and
 by the compression / fine-tuning reports, so every table is computed the same way."""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 from model.generate import generate
+from model.masks import collate
 
 
 @dataclass
@@ -21,8 +23,9 @@ class EvalResult:
     bleu: float
     chrf: float
     exact_match: float
-    dev_loss: float | None
+    dev_loss: float | None     # every dev example once, mean per target token
     dev_ppl: float | None
+    heldout_loss: float | None  # the same on the evaluated pairs themselves
     params: int
     disk_mb: float | None
     latency_ms: float          # one sentence at a time, greedy, mean
@@ -94,13 +97,30 @@ def dev_loss(model, dataset, batches: int, batch_size: int) -> float:
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def full_loss(model, dataset, batch_size: int = 32) -> float:
+    """Mean loss per target token over every example of `dataset` exactly once (in order,
+    the last batch partial), so two models are compared on the same tokens."""
+    model.eval()
+    total, count, n = 0.0, 0, len(dataset)
+    for start in range(0, n, batch_size):
+        b = collate([dataset.example(j) for j in range(start, min(start + batch_size, n))],
+                    dataset.seq_len, dataset.ids.pad)
+        losses = model(b["input_ids"], position_ids=b["position_ids"],
+                       block_position_ids=b["block_position_ids"],
+                       prefix_lens=b["prefix_lens"], labels=b["labels"])
+        total += losses.sum().item()
+        count += int((b["labels"] != -100).sum())
+    return total / max(count, 1)
+
+
 def dir_size_mb(path: str, sub: str = "model") -> float:
     root = os.path.join(path, sub)
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(root)
                for f in fs) / 2 ** 20
 
 
-def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, dev_batches=8,
+def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, heldout=None,
              batch_size=32, max_new_tokens=64, mode="greedy", num_beams=4,
              latency_samples=16, checkpoint_dir=None, n_examples=8) -> EvalResult:
     model.eval()
@@ -110,11 +130,13 @@ def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, dev_batches=
                                         max_new_tokens=max_new_tokens, mode=mode,
                                         num_beams=num_beams)
     s = score(hyps, refs)
-    dl = dev_loss(model, dev, dev_batches, batch_size) if dev is not None else None
+    dl = full_loss(model, dev, batch_size) if dev is not None else None
+    hl = full_loss(model, heldout, batch_size) if heldout is not None else None
     ms_sent, ms_token = measure_latency(model, tok, sources[:latency_samples], max_new_tokens)
     return EvalResult(
         n_sentences=len(pairs), bleu=s["bleu"], chrf=s["chrf"], exact_match=s["exact_match"],
         dev_loss=dl, dev_ppl=math.exp(min(dl, 50)) if dl is not None else None,
+        heldout_loss=hl,
         params=model.num_params(),
         disk_mb=dir_size_mb(checkpoint_dir) if checkpoint_dir else None,
         latency_ms=ms_sent, latency_ms_per_token=ms_token,
@@ -124,14 +146,15 @@ def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, dev_batches=
 
 
 def markdown_table(rows: dict[str, EvalResult]) -> str:
-    head = ("| model | params | disk MB | dev loss | ppl | BLEU | chrF | exact % | "
-            "latency ms/sent | ms/token | decode tok/s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| model | params | disk MB | dev loss | ppl | held-out loss | BLEU | chrF | "
+            "exact % | latency ms/sent | ms/token | decode tok/s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for name, r in rows.items():
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {name} | {r.params:,} | {fmt(r.disk_mb, '.1f')} | "
-                     f"{fmt(r.dev_loss, '.3f')} | {fmt(r.dev_ppl, '.1f')} | {r.bleu:.2f} | "
+                     f"{fmt(r.dev_loss, '.3f')} | {fmt(r.dev_ppl, '.1f')} | "
+                     f"{fmt(r.heldout_loss, '.3f')} | {r.bleu:.2f} | "
                      f"{r.chrf:.2f} | {r.exact_match:.1f} | {r.latency_ms:.1f} | "
                      f"{r.latency_ms_per_token:.2f} | "
                      f"{r.decode_tokens_per_s:,.0f} |")

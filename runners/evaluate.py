@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on English -> Chinese translation: KV-cache decoding, sacrebleu
-BLEU (tokenize="zh") and chrF, exact match, dev perplexity, parameters, size on disk,
-latency and tokens/s. Writes <out>/eval.json and <out>/eval.md.
+BLEU (tokenize="zh") and chrF, exact match, teacher-forced loss on the whole dev split and
+on the evaluated pairs (held-out loss), parameters, size on disk, latency and tokens/s. Writes <out>/eval.json and <out>/eval.md.
 
     python runners/evaluate.py --checkpoint runs/demo/translate/checkpoint \
         --input data/pairs/test.tsv --data-dir data --out runs/demo/eval
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     io.add_argument("--checkpoint", required=True, help="checkpoint directory")
     io.add_argument("--input", required=True, help="TSV: english<TAB>chinese per line")
     io.add_argument("--data-dir", default=None,
-                    help="prepared data folder, for the dev-split perplexity (optional)")
+                    help="prepared data folder, for the dev-split loss (optional)")
     io.add_argument("--tokenizer", default=None,
                     help="tokenizer.model (default: the one saved with the checkpoint)")
     io.add_argument("--out", default=None, help="folder for eval.json / eval.md")
@@ -68,9 +68,13 @@ def main(argv=None):
         if args.data_dir:
             dev = TranslationDataset(os.path.join(args.data_dir, "shards", "translation_dev"),
                                      tok, 96, seed=0, shuffle=False)
+        # the evaluated pairs themselves, teacher-forced: a loss on text no run tuned on
+        heldout = TranslationDataset(list(zip(tok.encode_batch([e for e, _ in pairs]),
+                                              tok.encode_batch([z for _, z in pairs]))),
+                                     tok, 96, seed=0, shuffle=False)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    result = evaluate(model, tok, pairs, dev=dev, batch_size=args.batch_size,
+    result = evaluate(model, tok, pairs, dev=dev, heldout=heldout, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, mode=args.mode,
                       num_beams=args.num_beams, latency_samples=args.latency_samples,
                       checkpoint_dir=args.checkpoint)

@@ -47,7 +47,7 @@ def test_pretrain_finetune_evaluate(data_dir, tmp_path):
     assert "| BLEU |" in out
     result = json.load(open(ev / "eval.json"))
     assert result["n_sentences"] == 6 and result["params"] > 0
-    assert 0 <= result["bleu"] <= 100 and result["dev_ppl"] > 1
+    assert 0 <= result["bleu"] <= 100 and result["dev_ppl"] > 1 and result["heldout_loss"] > 0
     meta = json.load(open(ft / "checkpoint" / "meta.json"))
     assert meta["step"] == 2 and meta["data_position"] == {"step": 2}
 
