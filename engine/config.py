@@ -37,6 +37,8 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"
     init_from: str = ""               # checkpoint dir whose model weights start this run
     threads: int = 0                  # torch intra-op threads; 0 leaves torch's default
+    recompute: bool = False           # full activation recompute: layers keep only their
+    #                                   input, rerun forward in backward (engine/recompute.py)
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "num_microbatches", "seq_len", "log_every",
@@ -50,6 +52,8 @@ class TrainConfig:
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need "
                              "0 <= min_lr <= lr and lr > 0")
+        if not isinstance(self.recompute, bool):   # "--train.recompute no" must not be truthy
+            raise ValueError(f"train.recompute={self.recompute!r} must be true or false")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={self.precision!r} must be auto, fp32, bf16 "
                              "or fp16")
@@ -83,8 +87,8 @@ class ParallelConfig:
     zero_stage: int = 0
     timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then
     # auto (`--parallel auto`): engine.planner chooses tp, pp, dp, vpp, schedule, zero_stage,
-    # sequence_parallel and train.micro_batch_size / num_microbatches for the world size,
-    # keeping the global batch (micro_batch_size * num_microbatches * dp as given)
+    # sequence_parallel and train.micro_batch_size / num_microbatches / recompute for the
+    # world size, keeping the global batch (micro_batch_size * num_microbatches * dp as given)
     auto: bool = False
     device: str = "measure"           # auto's device profile: measure (calibrate this
     #                                   machine at start), cpu (calibrate the CPU), h100, a100

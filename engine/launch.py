@@ -65,8 +65,9 @@ def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None =
     first, chosen candidate). Pure: no process group, the device profile is given.
 
     Global batch = micro_batch_size * num_microbatches * dp of `cfg` (sequences), kept.
-    The trainer has no activation recompute, so only layouts without it are considered;
-    sequence parallelism needs seq_len divisible by tp (else that tp runs without it)."""
+    Layouts with and without activation recompute are considered (the choice sets
+    train.recompute); sequence parallelism needs seq_len divisible by tp (else that tp
+    runs without it)."""
     from engine.planner import PlanRequest, best, plan
     from engine.planner.search import Candidate
     tc, pc = cfg.train, cfg.parallel
@@ -81,7 +82,7 @@ def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None =
     common = dict(config=cfg.model, world_size=world, device_memory_gb=memory_gb,
                   seq_len=tc.seq_len, global_batch=global_batch,
                   gpus_per_node=min(world, local_world), precision=precision,
-                  kernels=kernels, recompute=(False,))
+                  kernels=kernels)
     cands = [c for c in plan(PlanRequest(**common, sequence_parallel=True), profile)
              if c.layout.tp == 1 or tc.seq_len % c.layout.tp == 0]
     cands += [c for c in plan(PlanRequest(**common, sequence_parallel=False), profile)
@@ -94,7 +95,8 @@ def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None =
                                    zero_stage=lay.zero_stage,
                                    sequence_parallel=lay.sequence_parallel, auto=False)
     train = dataclasses.replace(tc, micro_batch_size=lay.micro_batch_size,
-                                num_microbatches=lay.num_microbatches)
+                                num_microbatches=lay.num_microbatches,
+                                recompute=lay.recompute)
     return dataclasses.replace(cfg, parallel=parallel, train=train), cands, chosen
 
 
@@ -185,7 +187,7 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
         n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
         layout = (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
                   f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state else
-                  "single process")
+                  "single process") + (" | activation recompute" if tc.recompute else "")
         trainer.log(f"model: {n_params:,} parameters on rank 0 | {layout} | task "
                     f"{cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
                     f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")

@@ -129,6 +129,12 @@ class Trainer:
             from engine.tensor_parallel import parallelize
             for chunk in self.chunks:
                 parallelize(chunk, state.tp_group, sequence_parallel=pc.sequence_parallel)
+        if tc.recompute:
+            # after parallelize: the checkpointed blocks are the TP ones, and their replay
+            # restores the chunk's TP dropout stream (chunk.tp_rng) as well as the default
+            from engine.recompute import recompute_layers
+            for chunk in self.chunks:
+                recompute_layers(chunk)
         self.aux_modules = torch.nn.ModuleDict(aux_modules or {}).to(self.device)
         # ---- the objective
         if forward_step is None and loss_fn is not None:

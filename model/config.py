@@ -49,9 +49,13 @@ class GLMConfig:
             raise ValueError(f"rope_ratio={self.rope_ratio} must be positive")
         if self.layernorm_epsilon <= 0:
             raise ValueError(f"layernorm_epsilon={self.layernorm_epsilon} must be positive")
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.hidden_dropout < 1.0:
+            raise ValueError(f"hidden_dropout={self.hidden_dropout} must be in [0, 1)")
+        if self.attention_dropout != 0.0:
+            # kept as a field for ChatGLM configs (which ship 0.0); accepting another value
+            # would train silently without it
+            raise ValueError(f"attention_dropout={self.attention_dropout} is not supported: "
+                             "no attention kernel (fused or torch) applies dropout; use 0.0")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels={self.kernels!r} must be one of 'auto', 'triton', 'torch'")
 

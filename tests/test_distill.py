@@ -425,3 +425,25 @@ def test_distillation_layout_matches_single_process(name, kd_reference):
         assert abs(dev - ref_dev) <= 1e-5 * ref_dev, (name, r, dev, ref_dev)
     assert seen == set(ref[0][2])   # the ranks together cover every parameter
     print(f"\n{name}: worst relative error {worst:.2e}")   # shown with pytest -s
+
+
+def test_student_recompute_matches_single_process(kd_reference):
+    """train.recompute checkpoints the student's layers (the Trainer's chunks) and not
+    the frozen teacher's, which runs without grad; the run is the same, exactly."""
+    import dataclasses
+
+    from engine.compress.distill_run import distill_trainer
+    tmp, ref, ref_dev = kd_reference
+    teacher, t_path, dcfg, run, kept = _kd_setup(tmp)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, recompute=True))
+    tr, loss_fn = distill_trainer(run, dcfg, MixedBatches(), teacher=teacher, kept_hidden=kept,
+                                  log=lambda *a: None)
+    assert all(b.recompute for b in tr.model.layers.values())
+    t = loss_fn.teacher
+    for m in (t.chunks if hasattr(t, "chunks") else [t.model]):
+        assert not any(getattr(b, "recompute", False) for b in m.layers.values())
+    steps, dev = _kd_steps(tr, lambda named: {n: t.detach().clone() for n, t in named})
+    for (loss, norm, grads, params, terms), (rl, rn, rg, rp, rt) in zip(steps, ref):
+        assert (loss, norm, terms) == (rl, rn, rt)
+        assert all(torch.equal(grads[n], rg[n]) and torch.equal(params[n], rp[n]) for n in rg)
+    assert dev == ref_dev and _teacher_unchanged(loss_fn, t_path)

@@ -16,6 +16,10 @@ def test_config_validation_names_the_field():
         GLMConfig(kv_channels=6)
     with pytest.raises(ValueError, match="kernels"):
         GLMConfig(kernels="cuda")
+    with pytest.raises(ValueError, match="hidden_dropout=1.0"):
+        GLMConfig(hidden_dropout=1.0)
+    with pytest.raises(ValueError, match="attention_dropout=0.1 is not supported"):
+        GLMConfig(attention_dropout=0.1)
     with pytest.raises(ValueError, match="unknown preset"):
         GLMConfig.preset("chatglm9")
     with pytest.raises(ValueError, match="unknown GLMConfig field"):

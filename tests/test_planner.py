@@ -13,10 +13,10 @@ from engine.planner import (Layout, PlanRequest, calibrate, choose_layout, devic
                             enumerate_layouts, format_table, in_flight, plan, predict_memory,
                             predict_time, total_params)
 from engine.planner.devices import measure_collectives
-from engine.planner.measure import (SavedTensorMeter, measure_layouts, recompute_layers,
-                                    synthetic_batches)
+from engine.planner.measure import SavedTensorMeter, measure_layouts, synthetic_batches
 from engine.planner.memory import layer_activation_terms, layer_params
 from engine.planner.timing import stage_time
+from engine.recompute import recompute_layers
 from model import GLM, GLMConfig
 
 CHATGLM = GLMConfig.preset("chatglm3-6b")

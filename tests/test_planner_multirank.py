@@ -131,24 +131,31 @@ def test_plan_parallel_fills_the_layout_from_the_planner():
     # dp of the given config is world / (tp * pp) = 2: global batch 2 * 16 * 2 = 64
     got, cands, chosen = plan_parallel(cfg, 8, h100, local_world=8)
     lay = chosen.layout
-    req = PlanRequest("chatglm3-6b", 8, 80, 4096, 64, recompute=(False,))
+    req = PlanRequest("chatglm3-6b", 8, 80, 4096, 64)
     assert lay == best(plan(req, h100)).layout      # the planner's own pick
     pc, tc = got.parallel, got.train
     assert (pc.tp, pc.pp, pc.dp, pc.vpp, pc.zero_stage, pc.sequence_parallel) == (
         lay.tp, lay.pp, lay.dp, lay.vpp, lay.zero_stage, lay.sequence_parallel)
     assert pc.schedule == (lay.schedule if lay.pp > 1 else cfg.parallel.schedule)
-    assert (tc.micro_batch_size, tc.num_microbatches) == (lay.micro_batch_size,
-                                                          lay.num_microbatches)
+    assert (tc.micro_batch_size, tc.num_microbatches, tc.recompute) == (
+        lay.micro_batch_size, lay.num_microbatches, lay.recompute)
     assert pc.dp * tc.micro_batch_size * tc.num_microbatches == 64
     assert not pc.auto and pc.tp * pc.pp * pc.dp == 8
     assert got.model == cfg.model and got.train.seq_len == 4096
-    assert all(not c.layout.recompute for c in cands)   # the trainer has no recompute
+    # the trainer recomputes (train.recompute), so the planner weighs both
+    assert {c.layout.recompute for c in cands} == {False, True}
     # 32 GB per device leaves fewer layouts: more model parallelism, never a non-fitting one
     small, _, chosen32 = plan_parallel(
         dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, memory_gb=32)),
         8, h100)
     assert chosen32.fits and chosen32.memory.peak.total <= 32e9 - h100.reserved_bytes
     assert small.parallel.tp * small.parallel.pp > pc.tp * pc.pp
+    # at 18 GB only recompute layouts fit: the chosen one turns train.recompute on
+    rc, cands18, chosen18 = plan_parallel(
+        dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, memory_gb=18)),
+        8, h100)
+    assert all(c.layout.recompute for c in cands18 if c.fits)
+    assert chosen18.fits and chosen18.layout.recompute and rc.train.recompute
 
 
 def test_plan_parallel_errors_are_one_line():
@@ -222,7 +229,8 @@ def test_parallel_auto_under_two_ranks():
     # is what the planner predicts for the layout it chose
     assert m0.step_time == m1.step_time > 0
     lay = Layout(p0["tp"], p0["pp"], p0["dp"], p0["vpp"], t0["micro_batch_size"],
-                 t0["num_microbatches"], False, p0["zero_stage"], p0["sequence_parallel"])
+                 t0["num_microbatches"], t0["recompute"], p0["zero_stage"],
+                 p0["sequence_parallel"])
     req = PlanRequest("tiny", 2, 16, 16, 8, precision="fp32", kernels="torch",
                       sequence_parallel=p0["sequence_parallel"])
     est = predict_memory(req, lay)

@@ -29,14 +29,15 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from engine.planner.layouts import Layout, PlanRequest
+# the trainer's own recompute (train.recompute), so what is measured is what trains
+from engine.recompute import recompute_layers
 # the schedule's meter, used here through its hooks only, so it counts exactly the tensors
 # saved for backward (given to forward_backward it also charges the stage outputs a
 # pipeline holds until they are sent; tests/test_planner_multirank.py checks that gap)
 from engine.schedules import SavedActivationMeter as SavedTensorMeter
-from model.glm import GLM, GLMBlock
+from model.glm import GLM
 from model.masks import causal_example, collate
 
 
@@ -188,26 +189,6 @@ def measure_trainer(trainer, timed_steps: int = 5, group=None) -> Measured:
 
 
 # ---- single-process layouts ------------------------------------------------------------
-
-def recompute_layers(model: GLM) -> GLM:
-    """Full activation recompute: each block keeps only its inputs and reruns its forward
-    in backward. Reentrant checkpointing, so the recomputed tensors pass through the
-    caller's saved-tensor hooks (the meter sees the recompute peak). Parameter names are
-    unchanged (the blocks' forward is wrapped in place)."""
-    for block in model.layers.values():
-        if not isinstance(block, GLMBlock):
-            raise ValueError(f"recompute_layers: expected GLMBlock, got {type(block).__name__}")
-        inner = block.forward
-
-        def forward(x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None,
-                    _inner=inner):
-            if kv_cache is not None or not torch.is_grad_enabled():
-                return _inner(x, cos, sin, prefix_lens, pad_lens, kv_cache)
-            return checkpoint(_inner, x, cos, sin, prefix_lens, pad_lens, None,
-                              use_reentrant=True)
-        block.forward = forward
-    return model
-
 
 def synthetic_batches(cfg, seq_len: int, micro_batch_size: int, num_microbatches: int,
                       seed: int = 0) -> list[dict]:
