@@ -66,8 +66,9 @@ def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None =
 
     Global batch = micro_batch_size * num_microbatches * dp of `cfg` (sequences), kept.
     Layouts with and without activation recompute are considered (the choice sets
-    train.recompute); sequence parallelism needs seq_len divisible by tp (else that tp
-    runs without it)."""
+    train.recompute), only recompute ones when the config asks for it (train.recompute
+    true is kept, false leaves the choice to the planner); sequence parallelism needs
+    seq_len divisible by tp (else that tp runs without it)."""
     from engine.planner import PlanRequest, best, plan
     from engine.planner.search import Candidate
     tc, pc = cfg.train, cfg.parallel
@@ -82,7 +83,7 @@ def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None =
     common = dict(config=cfg.model, world_size=world, device_memory_gb=memory_gb,
                   seq_len=tc.seq_len, global_batch=global_batch,
                   gpus_per_node=min(world, local_world), precision=precision,
-                  kernels=kernels)
+                  kernels=kernels, recompute=(True,) if tc.recompute else (False, True))
     cands = [c for c in plan(PlanRequest(**common, sequence_parallel=True), profile)
              if c.layout.tp == 1 or tc.seq_len % c.layout.tp == 0]
     cands += [c for c in plan(PlanRequest(**common, sequence_parallel=False), profile)

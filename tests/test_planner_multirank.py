@@ -156,6 +156,12 @@ def test_plan_parallel_fills_the_layout_from_the_planner():
         8, h100)
     assert all(c.layout.recompute for c in cands18 if c.fits)
     assert chosen18.fits and chosen18.layout.recompute and rc.train.recompute
+    # an explicit train.recompute true is kept: only recompute layouts are weighed
+    forced, cands_rc, _ = plan_parallel(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute=True)),
+        8, h100)
+    assert all(c.layout.recompute for c in cands_rc) and forced.train.recompute
+    assert not lay.recompute   # (so the 80 GB pick above differs: the test can fail)
 
 
 def test_plan_parallel_errors_are_one_line():
