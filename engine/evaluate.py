@@ -84,11 +84,11 @@ def score(hyps: list[str], refs: list[str]) -> dict:
 
 
 @torch.no_grad()
-def dev_loss(model, dataset, batches: int, batch_size: int) -> float:
+def mean_token_loss(model, batches) -> float:
+    """Mean loss per target token (labels != -100) of `model` over collated batches."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(batches):
-        b = dataset.get_batch(i, batch_size)
+    for b in batches:
         losses = model(b["input_ids"], position_ids=b["position_ids"],
                        block_position_ids=b["block_position_ids"],
                        prefix_lens=b["prefix_lens"], labels=b["labels"])
@@ -97,21 +97,18 @@ def dev_loss(model, dataset, batches: int, batch_size: int) -> float:
     return total / max(count, 1)
 
 
-@torch.no_grad()
+def dev_loss(model, dataset, batches: int, batch_size: int) -> float:
+    """The first `batches` batches of `dataset` (wrapping around a small one)."""
+    return mean_token_loss(model, (dataset.get_batch(i, batch_size) for i in range(batches)))
+
+
 def full_loss(model, dataset, batch_size: int = 32) -> float:
-    """Mean loss per target token over every example of `dataset` exactly once (in order,
-    the last batch partial), so two models are compared on the same tokens."""
-    model.eval()
-    total, count, n = 0.0, 0, len(dataset)
-    for start in range(0, n, batch_size):
-        b = collate([dataset.example(j) for j in range(start, min(start + batch_size, n))],
-                    dataset.seq_len, dataset.ids.pad)
-        losses = model(b["input_ids"], position_ids=b["position_ids"],
-                       block_position_ids=b["block_position_ids"],
-                       prefix_lens=b["prefix_lens"], labels=b["labels"])
-        total += losses.sum().item()
-        count += int((b["labels"] != -100).sum())
-    return total / max(count, 1)
+    """Every example of `dataset` exactly once (in order, the last batch partial), so two
+    models are compared on the same tokens."""
+    n = len(dataset)
+    return mean_token_loss(model, (
+        collate([dataset.example(j) for j in range(start, min(start + batch_size, n))],
+                dataset.seq_len, dataset.ids.pad) for start in range(0, n, batch_size)))
 
 
 def dir_size_mb(path: str, sub: str = "model") -> float:

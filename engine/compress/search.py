@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.compress.prune import PruneTarget, build_from_state, prune_state_dict, select
+from engine.evaluate import mean_token_loss
 from model import GLMConfig
 
 AXES = ("ffn", "head_dim", "heads", "groups", "hidden", "layers")
@@ -48,15 +49,7 @@ def non_embedding_params(config: GLMConfig) -> int:
 def calibration_loss(config: GLMConfig, state: dict, batches) -> float:
     """Mean token loss of the GLM (config, state) over collated batches: the search's
     zero-shot score of a candidate."""
-    model = build_from_state(config, state).eval()
-    total, count = 0.0, 0
-    for b in batches:
-        losses = model(b["input_ids"], position_ids=b["position_ids"],
-                       block_position_ids=b["block_position_ids"],
-                       prefix_lens=b["prefix_lens"], labels=b["labels"])
-        total += losses.sum().item()
-        count += int((b["labels"] != -100).sum())
-    return total / max(count, 1)
+    return mean_token_loss(build_from_state(config, state), batches)
 
 
 def target_config(config: GLMConfig, target: PruneTarget) -> GLMConfig:
