@@ -36,17 +36,22 @@ def swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_angles(position_ids: torch.Tensor, block_position_ids: torch.Tensor | None,
-                  head_dim: int, base: float):
+                  head_dim: int, base: float, position_scale: float = 1.0):
     """cos, sin of shape [*ids.shape, head_dim // 2], fp32.
 
     GLM 2D rotary: the first half of each head rotates by the position ids (ChatGLM2's
     partial rotary), the second half by the block position ids. Block ids of zero give
     angle 0, i.e. the second half passes through unchanged, which is exactly ChatGLM2.
+    position_scale != 1 divides the positions first (chatglm2-6b-32k's interpolation:
+    `seq_idx / rope_ratio`, in that order so fp32 angles match its code bit for bit).
     """
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, device=position_ids.device,
                                             dtype=torch.float32) / half))  # [d/4]
-    ang = position_ids.float().unsqueeze(-1) * inv_freq
+    pos = position_ids.float()
+    if position_scale != 1.0:
+        pos = pos / position_scale
+    ang = pos.unsqueeze(-1) * inv_freq
     if block_position_ids is None:
         ang_b = torch.zeros_like(ang)
     else:

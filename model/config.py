@@ -21,7 +21,19 @@ class GLMConfig:
     ffn_hidden_size: int = 172
     padded_vocab_size: int = 512
     seq_length: int = 128               # longest sequence the rotary cache is built for
-    rope_ratio: float = 1.0             # rotary base = 10000 * rope_ratio
+    rope_ratio: float = 1.0             # how it applies: rope_scaling
+    # what rope_ratio scales, as each published model's own code reads it: "base" (rotary
+    # base 10000 * rope_ratio: native models, GLM-4, chatglm3-6b-32k), "position"
+    # (positions / rope_ratio, base 10000: chatglm2-6b-32k), "none" (ignored: chatglm3-6b)
+    rope_scaling: str = "base"
+    # "glm2d": GLM blank infilling (bidirectional Part A, 2D positions, the second half of
+    # each head rotated by block positions): native checkpoints. "causal1d": causal
+    # attention, positions 0..n-1, the second half of each head never rotated: ChatGLM2/3
+    # and GLM-4, which were pretrained that way (model/convert.py sets it on import)
+    position_layout: str = "glm2d"
+    # prompt format of an imported chat model ("chatglm3": <|user|> ... <|assistant|>, also
+    # GLM-4's; "chatglm2": [Round 1] 问：... 答：); "" for native and base models
+    chat_format: str = ""
     layernorm_epsilon: float = 1e-5
     add_qkv_bias: bool = True
     add_bias_linear: bool = False
@@ -47,6 +59,18 @@ class GLMConfig:
                              "(2D rotary rotates adjacent pairs in each half of the head)")
         if self.rope_ratio <= 0:
             raise ValueError(f"rope_ratio={self.rope_ratio} must be positive")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} must be one of "
+                             f"{', '.join(ROPE_SCALINGS)}")
+        if self.position_layout not in POSITION_LAYOUTS:
+            raise ValueError(f"position_layout={self.position_layout!r} must be one of "
+                             f"{', '.join(POSITION_LAYOUTS)}")
+        if self.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format={self.chat_format!r} must be one of "
+                             f"{', '.join(repr(f) for f in CHAT_FORMATS)}")
+        if self.chat_format and self.position_layout != "causal1d":
+            raise ValueError(f"chat_format={self.chat_format!r} needs "
+                             "position_layout='causal1d' (ChatGLM chat models are causal)")
         if self.layernorm_epsilon <= 0:
             raise ValueError(f"layernorm_epsilon={self.layernorm_epsilon} must be positive")
         if not 0.0 <= self.hidden_dropout < 1.0:
@@ -58,6 +82,20 @@ class GLMConfig:
                              "no attention kernel (fused or torch) applies dropout; use 0.0")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels={self.kernels!r} must be one of 'auto', 'triton', 'torch'")
+
+    # ---- derived sizes and rotary ----------------------------------------------------
+    @property
+    def causal(self) -> bool:
+        return self.position_layout == "causal1d"
+
+    @property
+    def rope_base(self) -> float:
+        return 10000.0 * self.rope_ratio if self.rope_scaling == "base" else 10000.0
+
+    @property
+    def rope_position_scale(self) -> float:
+        """Positions are divided by this before the angles (position interpolation)."""
+        return self.rope_ratio if self.rope_scaling == "position" else 1.0
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -94,9 +132,14 @@ class GLMConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+ROPE_SCALINGS = ("base", "position", "none")
+POSITION_LAYOUTS = ("glm2d", "causal1d")
+CHAT_FORMATS = ("", "chatglm2", "chatglm3")
+
 _CHATGLM_6B = dict(num_layers=28, hidden_size=4096, num_attention_heads=32,
                    multi_query_group_num=2, kv_channels=128, ffn_hidden_size=13696,
-                   padded_vocab_size=65024, seq_length=32768, layernorm_epsilon=1e-5)
+                   padded_vocab_size=65024, seq_length=32768, layernorm_epsilon=1e-5,
+                   position_layout="causal1d")
 
 PRESETS: dict[str, dict] = {
     # < 1M parameters: every unit and distributed test uses this one
@@ -112,5 +155,5 @@ PRESETS: dict[str, dict] = {
     "glm4-9b": dict(num_layers=40, hidden_size=4096, num_attention_heads=32,
                     multi_query_group_num=2, kv_channels=128, ffn_hidden_size=13696,
                     padded_vocab_size=151552, seq_length=131072, rope_ratio=500.0,
-                    layernorm_epsilon=1.5625e-07),
+                    layernorm_epsilon=1.5625e-07, position_layout="causal1d"),
 }

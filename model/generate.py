@@ -18,6 +18,12 @@ i < pad), in absolute column indices; so a row with `pad` pads has
 prefix_lens = pad + len(Part A), while its position ids restart at 0 at its first real
 token (pads never influence a real token, so the padded row computes exactly what the row
 alone would).
+
+A causal-1D model (GLMConfig.position_layout "causal1d": imported ChatGLM2/3 / GLM-4)
+decodes as its reference code does instead: the prompt is taken as given (e.g.
+`[gMASK] <sop> <|user|> ... <|assistant|>`, nothing appended), every column is causal,
+position ids count 0, 1, 2, ... from each row's first real token through the generated
+tokens, and block position ids are 0 (the second half of each head stays unrotated).
 """
 from __future__ import annotations
 
@@ -72,6 +78,8 @@ class PromptBatch:
     prefix_lens: torch.Tensor         # [b] absolute: pad + len(Part A)
     pad_lens: torch.Tensor            # [b]
     gen_position: torch.Tensor        # [b] position id of <sop> and every generated token
+    #                                   (causal: of the first generated token, then + 1 each)
+    causal: bool = False
 
     @property
     def rows(self) -> int:
@@ -89,13 +97,17 @@ class PromptBatch:
 
 
 def prepare_prompts(prompts: Sequence[Sequence[int]], pad_id: int, sop_id: int,
-                    mask_id: int | Iterable[int] | None = None, device="cpu") -> PromptBatch:
+                    mask_id: int | Iterable[int] | None = None, device="cpu",
+                    causal: bool = False) -> PromptBatch:
     """Build the left-padded batch. `mask_id` (one id or several, e.g. [MASK], [sMASK],
     [gMASK]) locates the span being generated: its last occurrence in Part A gives the
     generated tokens' position id. Without it, Part A is taken to end with its mask token,
-    as in `<en> source [gMASK]`."""
+    as in `<en> source [gMASK]`. causal: the causal-1D layout (module docstring); sop_id
+    and mask_id are then unused."""
     if not prompts:
         raise ValueError("prompts is empty: need at least one prompt")
+    if causal:
+        return _causal_prompts(prompts, pad_id, device)
     masks = None if mask_id is None else (
         {mask_id} if isinstance(mask_id, int) else set(mask_id))
     parts, gen_pos = [], []
@@ -132,6 +144,25 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], pad_id: int, sop_id: int,
                        pads.to(**to), torch.tensor(gen_pos, dtype=torch.long, device=device))
 
 
+def _causal_prompts(prompts, pad_id: int, device) -> PromptBatch:
+    rows = [list(p) for p in prompts]
+    for r, p in enumerate(rows):
+        if not p:
+            raise ValueError(f"prompt {r} is empty")
+    width, b = max(len(p) for p in rows), len(rows)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    pads = torch.tensor([width - len(p) for p in rows], dtype=torch.long)
+    for r, p in enumerate(rows):
+        ids[r, int(pads[r]):] = torch.tensor(p, dtype=torch.long)
+        pos[r, int(pads[r]):] = torch.arange(len(p))
+    lens = torch.tensor([len(p) for p in rows], dtype=torch.long)
+    to = dict(device=device)
+    # prefix = pad: no bidirectional part (pads see pads only, as in the GLM layout)
+    return PromptBatch(ids.to(**to), pos.to(**to), torch.zeros_like(ids).to(**to),
+                       pads.to(**to), pads.to(**to), lens.to(**to), causal=True)
+
+
 def prefill(model, batch: PromptBatch, kv_cache: KVCache) -> torch.Tensor:
     """Run the whole prompt into an empty cache; logits [b, V] (fp32) for the first
     generated token, i.e. at the <sop> column."""
@@ -146,10 +177,17 @@ def prefill(model, batch: PromptBatch, kv_cache: KVCache) -> torch.Tensor:
 def decode_step(model, tokens: torch.Tensor, batch: PromptBatch,
                 kv_cache: KVCache) -> torch.Tensor:
     """Feed one generated token per row (tokens [b]); logits [b, V] for the next one."""
+    b = tokens.shape[0]
+    if batch.causal:
+        # positions keep counting: the k-th fed token (k = 0, 1, ...) is at len(prompt) + k
+        pos = batch.gen_position + (kv_cache.length - batch.width)
+        logits = model(tokens.view(b, 1), position_ids=pos.view(b, 1),
+                       prefix_lens=batch.prefix_lens, pad_lens=batch.pad_lens,
+                       kv_cache=kv_cache)
+        return logits[:, -1]
     # the cache holds P prompt columns (ending with <sop>, block id 1) plus the generated
     # tokens fed so far; this token's block position id is one more than the last one's
     block = kv_cache.length - batch.width + 2
-    b = tokens.shape[0]
     logits = model(tokens.view(b, 1), position_ids=batch.gen_position.view(b, 1),
                    block_position_ids=torch.full((b, 1), block, dtype=torch.long,
                                                  device=tokens.device),
@@ -186,8 +224,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def _validate_ids(model, prompts, **ids):
     vocab = model.config.padded_vocab_size
     for name, value in ids.items():
-        if not isinstance(value, int) or not 0 <= value < vocab:
-            raise ValueError(f"{name}={value!r} must be a token id in [0, {vocab})")
+        for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
+            if not isinstance(v, int) or not 0 <= v < vocab:
+                raise ValueError(f"{name}={value!r} must be a token id in [0, {vocab})")
     for r, p in enumerate(prompts):
         bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
@@ -195,13 +234,15 @@ def _validate_ids(model, prompts, **ids):
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_id: int,
              sop_id: int, mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
              seed: int | None = None, mask_id: int | Iterable[int] | None = None,
              vocab_size: int | None = None) -> list[list[int]]:
     """Continue each GLM prompt; returns the generated ids per prompt, without the prompt
-    and without the eos. Needs a whole model (embedding and head on this stage)."""
+    and without the eos. eos_id: one id or several (ChatGLM3 stops at </s>, <|user|> and
+    <|observation|>). The prompt layout follows model.config.position_layout (module
+    docstring). Needs a whole model (embedding and head on this stage)."""
     cfg = GenerationConfig(mode, max_new_tokens, temperature, top_k, top_p, num_beams,
                            length_penalty, seed, vocab_size)
     if not (model.pre_process and model.post_process
@@ -210,7 +251,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
                          f"(layer_range={model.layer_range})")
     _validate_ids(model, prompts, eos_id=eos_id, pad_id=pad_id, sop_id=sop_id)
     device = next(model.parameters()).device
-    batch = prepare_prompts(prompts, pad_id, sop_id, mask_id, device)
+    batch = prepare_prompts(prompts, pad_id, sop_id, mask_id, device,
+                            causal=model.config.causal)
+    eos_id = frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     if cfg.max_new_tokens == 0:
         return [[] for _ in prompts]
     was_training = model.training
@@ -244,9 +287,9 @@ def _sample(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
             tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         tok = tok.masked_fill(done, pad_id)
         for r, t in enumerate(tok.tolist()):
-            if not done[r] and t != eos_id:
+            if not done[r] and t not in eos_id:
                 out[r].append(t)
-        done |= tok == eos_id
+        done |= torch.isin(tok, torch.tensor(sorted(eos_id), device=device))
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
         logits = restrict_vocab(decode_step(model, tok, batch, cache), cfg.vocab_size)
@@ -303,7 +346,7 @@ def _beam_search(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
                 if s == float("-inf"):
                     break
                 beam, tok = divmod(idx, V)
-                if tok == eos_id:
+                if tok in eos_id:
                     finished[bi].append((s / (step + 1) ** lp, history[bi * K + beam]))
                     continue
                 next_scores[bi][n], next_beam[bi][n], next_tok[bi][n] = s, beam, tok

@@ -140,8 +140,12 @@ class GLM(nn.Module):
         if position_ids is None:
             start = kv_cache.length if kv_cache is not None else 0
             position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
-        cos, sin = rotary_angles(position_ids, block_position_ids, c.kv_channels,
-                                 10000.0 * c.rope_ratio)
+        if c.causal:
+            # the layout is a property of the weights: a causal-1D model never sees a
+            # bidirectional prefix or a rotated second half, whatever a batch carries
+            prefix_lens = block_position_ids = None
+        cos, sin = rotary_angles(position_ids, block_position_ids, c.kv_channels, c.rope_base,
+                                 c.rope_position_scale)
         # [b, s, d/2] -> [s, b, 1, d/2], broadcast over heads
         cos, sin = (t.transpose(0, 1).unsqueeze(2) for t in (cos, sin))
         for layer in self.layers.values():

@@ -52,6 +52,8 @@ class SpecialIds:
 
 
 class Tokenizer:
+    kind = "glm"
+
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         if path.is_dir():
@@ -182,3 +184,28 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A native Tokenizer, or the ChatGLM2/3 one (model/chatglm_tokenizer.py) when the
+    sentencepiece model has ChatGLM's layout (<unk>=0, <s>=1, </s>=2, no <pad>)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: tokenizer model not found")
+    data = path.read_bytes()
+    from model.chatglm_tokenizer import ChatGLMTokenizer, is_tiktoken
+    if is_tiktoken(data):
+        return ChatGLMTokenizer(path, data)  # raises the one-line refusal
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(data)
+    except Exception:  # noqa: BLE001 - corrupt: let Tokenizer word the error
+        return Tokenizer(path)
+    if sp.piece_to_id(PAD) == FIXED_IDS[PAD] and sp.id_to_piece(0) == PAD:
+        return Tokenizer(path)
+    if sp.unk_id() == 0 and sp.eos_id() >= 0:
+        return ChatGLMTokenizer(path, data)
+    return Tokenizer(path)  # names what is wrong
+

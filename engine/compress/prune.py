@@ -130,9 +130,14 @@ def full_selection(config: GLMConfig) -> Selection:
 
 
 def exact_rope_ratio(config: GLMConfig, new_head_dim: int, stride: int) -> float:
-    """rope_ratio with base' = base^(stride * d'/d): slot j then rotates like old pair j*s."""
-    base = 10000.0 * config.rope_ratio
-    return base ** (stride * new_head_dim / config.kv_channels) / 10000.0
+    """rope_ratio with base' = base^(stride * d'/d): slot j then rotates like old pair j*s.
+    It scales the base, so the student's rope_scaling is "base" (pruned_config)."""
+    if config.rope_scaling == "position":
+        # base' would have to change while positions stay divided: not one rope_ratio
+        raise ValueError("head-dim pruning with rotary='exact' needs a base-scaled rope; this "
+                         "model divides positions by rope_ratio (rope_scaling='position'): "
+                         "keep --head-dim or use --rotary free")
+    return config.rope_base ** (stride * new_head_dim / config.kv_channels) / 10000.0
 
 
 def rotary_strides(head_dim: int, new_head_dim: int) -> list[int]:
@@ -201,6 +206,9 @@ def pruned_config(config: GLMConfig, sel: Selection) -> GLMConfig:
         "num_attention_heads": len(first.heads), "multi_query_group_num": len(first.groups),
         "kv_channels": len(first.v_channels[0]), "ffn_hidden_size": len(first.ffn),
         "hidden_size": h2, "rope_ratio": sel.rope_ratio,
+        # a changed ratio is exact_rope_ratio's, which scales the base
+        "rope_scaling": (config.rope_scaling if sel.rope_ratio == config.rope_ratio
+                         else "base"),
         "layernorm_epsilon": config.layernorm_epsilon * config.hidden_size / h2})
 
 

@@ -209,17 +209,27 @@ class TranslationDataset:
     direction "en-zh" (default), "zh-en" (`<zh> chinese [gMASK] <sop> english <eop>`), or
     "both" (each sample flips a coin). source: a translation shard (prefix or Shard, fields
     en, zh), a pairs .tsv (needs `tokenizer`), or a list of (en_ids, zh_ids).
+
+    fmt (engine/data/prompts.py: TranslationFormat) lays a pair out for the model being
+    trained: by default the native GLM layout above; for an imported ChatGLM model its
+    causal 1D sequence in its chat prompt, loss on the answer and </s>.
     """
 
     DIRECTIONS = ("en-zh", "zh-en", "both")
 
     def __init__(self, source, ids, seq_len: int, direction: str = "en-zh", seed: int = 0,
-                 tokenizer=None, shuffle: bool = True):
+                 tokenizer=None, shuffle: bool = True, fmt=None):
+        from engine.data.prompts import TranslationFormat
         self.ids = _special_ids(ids if ids is not None else tokenizer)
+        self.fmt = fmt if fmt is not None else TranslationFormat(self.ids)
         _check_positive("seq_len", seq_len)
         if seq_len < 5:
             raise ValueError(f"seq_len={seq_len} must be >= 5 (tag, source, [gMASK], <sop>, "
                              "target)")
+        need = max(self.fmt.overhead(d) for d in ("en-zh", "zh-en")) + 1
+        if seq_len < need:
+            raise ValueError(f"seq_len={seq_len} must be >= {need} for the {self.fmt.style} "
+                             "prompt (its fixed tokens plus one source and one target token)")
         if direction not in self.DIRECTIONS:
             raise ValueError(f"direction={direction!r} must be one of {self.DIRECTIONS}")
         if seed < 0:
@@ -270,10 +280,11 @@ class TranslationDataset:
         g = torch.Generator().manual_seed(mix_seed(self.seed, _SAMPLE, j))
         return "zh-en" if torch.rand((), generator=g).item() < 0.5 else "en-zh"
 
-    def fit(self, src: list[int], tgt: list[int]) -> tuple[list[int], list[int]]:
-        """Truncate the ends of source and target to seq_len - 3 tokens together (tag,
-        [gMASK], <sop> take the rest), sharing the room evenly when both are long."""
-        room = self.seq_len - 3
+    def fit(self, src: list[int], tgt: list[int],
+            direction: str = "en-zh") -> tuple[list[int], list[int]]:
+        """Truncate the ends of source and target to what the layout leaves of seq_len
+        (glm: tag, [gMASK], <sop> take 3), sharing the room evenly when both are long."""
+        room = self.seq_len - self.fmt.overhead(direction) + 1   # the end token: in labels
         if len(src) + len(tgt) <= room:
             return src, tgt
         half = room // 2
@@ -287,16 +298,18 @@ class TranslationDataset:
         """Part A ("<tag> source [gMASK]") and target tokens of sample j, and its direction."""
         en, zh = self.pairs[self.pair_index(j)]
         direction = self._direction(j)
-        src, tgt, tag = (en, zh, self.ids.en) if direction == "en-zh" else (zh, en, self.ids.zh)
-        src, tgt = self.fit(src, tgt)
-        return [tag] + src + [self.ids.gmask], tgt, direction
+        src, tgt = (en, zh) if direction == "en-zh" else (zh, en)
+        src, tgt = self.fit(src, tgt, direction)
+        return self.fmt.part_a(src, direction), tgt, direction
 
     def example(self, j: int) -> GLMExample:
         if j < 0:
             raise ValueError(f"sample index {j} must be >= 0")
-        part_a, tgt, _ = self.prompt_and_target(j)
-        return blank_infilling_example(part_a, [(len(part_a) - 1, tgt)],
-                                       self.ids.sop, self.ids.eop)
+        en, zh = self.pairs[self.pair_index(j)]
+        direction = self._direction(j)
+        src, tgt = (en, zh) if direction == "en-zh" else (zh, en)
+        src, tgt = self.fit(src, tgt, direction)
+        return self.fmt.example(src, tgt, direction)
 
     def get_batch(self, index: int, batch_size: int) -> dict:
         _check_positive("batch_size", batch_size)
