@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
+from engine.data.prompts import TranslationFormat
 from model.generate import generate
 from model.masks import collate
 
@@ -37,19 +38,28 @@ class EvalResult:
         return asdict(self)
 
 
-def prompt_ids(tok, english: str, max_source: int) -> list[int]:
-    """Part A of the translation layout: <en> source [gMASK] (then <sop> starts Part B)."""
-    return [tok.en_id] + tok.encode(english)[:max_source] + [tok.gmask_id]
+def prompt_ids(tok, english: str, max_source: int, fmt=None) -> list[int]:
+    """The decoding prompt of `english`: by default the native Part A, <en> source [gMASK]
+    (then <sop> starts Part B); with fmt (TranslationFormat) that model's own prompt."""
+    if fmt is None:
+        return [tok.en_id] + tok.encode(english)[:max_source] + [tok.gmask_id]
+    return fmt.prompt(tok.encode(english)[:max_source], "en-zh")
+
+
+def translation_format(model, tok) -> TranslationFormat:
+    """The layout `model` was trained on: native GLM, or an imported ChatGLM's prompt."""
+    return TranslationFormat(tok, model.config)
 
 
 def translate(model, tok, sources: list[str], *, batch_size=32, max_new_tokens=64,
               max_source=96, mode="greedy", num_beams=4) -> tuple[list[str], float, int]:
     """Returns (hypotheses, seconds, generated token count)."""
     hyps, seconds, n_tokens = [], 0.0, 0
+    fmt = translation_format(model, tok)
     for i in range(0, len(sources), batch_size):
-        prompts = [prompt_ids(tok, s, max_source) for s in sources[i:i + batch_size]]
+        prompts = [prompt_ids(tok, s, max_source, fmt) for s in sources[i:i + batch_size]]
         t0 = time.perf_counter()
-        out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eop_id,
+        out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids,
                        pad_id=tok.pad_id, sop_id=tok.sop_id, mode=mode, num_beams=num_beams,
                        vocab_size=tok.vocab_size)
         seconds += time.perf_counter() - t0
@@ -64,10 +74,11 @@ def measure_latency(model, tok, sources: list[str], max_new_tokens=64,
     generated token over the same runs). Compare models by the second: a model that
     stops early (or rambles to max_new_tokens) changes the first without being faster."""
     times, tokens = [], 0
+    fmt = translation_format(model, tok)
     for s in sources:
         t0 = time.perf_counter()
-        out = generate(model, [prompt_ids(tok, s, max_source)], max_new_tokens=max_new_tokens,
-                       eos_id=tok.eop_id, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
+        out = generate(model, [prompt_ids(tok, s, max_source, fmt)],
+                       max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
                        vocab_size=tok.vocab_size)
         times.append(time.perf_counter() - t0)
         tokens += max(len(out[0]), 1)    # the end token is generated too

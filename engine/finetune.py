@@ -197,15 +197,19 @@ class HybridLoss:
 # ---- wiring onto the engine -------------------------------------------------------------
 
 def build_tasks(data_dir: str, fcfg: FinetuneConfig, seq_len: int, seed: int,
-                vocab_size: int, source_tsv: str = "", target_tsv: str = ""):
+                vocab_size: int, source_tsv: str = "", target_tsv: str = "",
+                model_config=None):
     """(tokenizer, D_s train, D_d train, D_s dev, D_d dev). Default: the prepared
     translation shards read in the two directions; a TSV file (english<TAB>chinese, read
-    in that task's direction) replaces a task's training set."""
+    in that task's direction) replaces a task's training set. model_config: the layout
+    and prompt of the model being tuned (engine/data/prompts.py; None = native GLM)."""
     import os
 
     from engine.data.datasets import TranslationDataset
     from engine.data.loaders import open_data_dir
+    from engine.data.prompts import TranslationFormat
     tok = open_data_dir(data_dir)
+    fmt = TranslationFormat(tok, model_config)
     if tok.vocab_size > vocab_size:
         raise ValueError(f"tokenizer in {data_dir} has {tok.vocab_size} pieces but the "
                          f"model's padded_vocab_size is {vocab_size}")
@@ -214,15 +218,15 @@ def build_tasks(data_dir: str, fcfg: FinetuneConfig, seq_len: int, seed: int,
     def task(path, direction, s):
         src = path or os.path.join(shards, "translation_train")
         return TranslationDataset(src, tok, seq_len, direction=direction, seed=s,
-                                  tokenizer=tok)
+                                  tokenizer=tok, fmt=fmt)
     # the two tasks get independent permutations even when built from the same pairs
     d_s = task(source_tsv, fcfg.source_direction, mix_seed(seed, 1) % 2 ** 31)
     d_d = task(target_tsv, fcfg.target_direction, mix_seed(seed, 2) % 2 ** 31)
     dev = os.path.join(shards, "translation_dev")
     dev_s = TranslationDataset(dev, tok, seq_len, direction=fcfg.source_direction, seed=0,
-                               shuffle=False)
+                               shuffle=False, fmt=fmt)
     dev_d = TranslationDataset(dev, tok, seq_len, direction=fcfg.target_direction, seed=0,
-                               shuffle=False)
+                               shuffle=False, fmt=fmt)
     return tok, d_s, d_d, dev_s, dev_d
 
 

@@ -10,9 +10,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine import checkpoint as ckpt_lib
 from engine.config import RunConfig
 from engine.data.loaders import make_datasets
 from engine.trainer import Trainer
+from model.config import with_layout_of
 
 
 def world_size() -> int:
@@ -173,10 +175,15 @@ def model_parallel_group(state):
 def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
     cfg = resolve_parallel(cfg, log)
     tc = cfg.train
+    if tc.init_from:
+        # an imported ChatGLM keeps its causal 1D layout and rope (model/config.py)
+        cfg.model = with_layout_of(cfg.model, ckpt_lib.Checkpoint(tc.init_from)
+                                   .meta.get("config", {}).get("model", {}))
     state = parallel_state(cfg)
     try:
         tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
-                                        cfg.model.padded_vocab_size, cfg.data.objective)
+                                        cfg.model.padded_vocab_size, cfg.data.objective,
+                                        model_config=cfg.model)
         trainer = Trainer(cfg, train, dev, state=state, tokenizer_sha256=tok.sha256, log=log,
                           mp_group=model_parallel_group(state))
         ckpt_dir = os.path.join(tc.out_dir, "checkpoint")

@@ -31,6 +31,7 @@ from engine.config import RunConfig
 from engine.flops import train_flops_per_token
 from engine.optim import DistributedOptimizer, OptimConfig
 from engine.schedules import build_stage, forward_backward, glm_forward_step
+from model.config import layout_mismatch
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
 
@@ -117,6 +118,10 @@ class Trainer:
         if tc.init_from:
             ckpt = ckpt_lib.Checkpoint(tc.init_from)
             ckpt.check_tokenizer(tokenizer_sha256)
+            # same shapes are not enough: an imported ChatGLM is causal 1D (model/config.py)
+            wrong = layout_mismatch(cfg.model, ckpt.meta.get("config", {}).get("model", {}))
+            if wrong:
+                raise ValueError(f"train.init_from {tc.init_from}: {wrong}")
             for chunk in self.chunks:
                 ckpt_lib.load_model_weights(chunk, ckpt)
         # same default generator on every rank (replicated dropout); tensor parallelism

@@ -132,6 +132,29 @@ class GLMConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+# fields that describe how the weights were trained rather than their shape: a run that
+# starts from a checkpoint must use the checkpoint's values (see with_layout_of)
+LAYOUT_FIELDS = ("position_layout", "rope_scaling", "rope_ratio", "chat_format")
+
+
+def with_layout_of(config: "GLMConfig", checkpoint_model: dict) -> "GLMConfig":
+    """`config` with the LAYOUT_FIELDS of a checkpoint's model config dict (meta.json's
+    config.model); a checkpoint older than a field has that field's default."""
+    default = GLMConfig()
+    return dataclasses.replace(config, **{f: checkpoint_model.get(f, getattr(default, f))
+                                          for f in LAYOUT_FIELDS})
+
+
+def layout_mismatch(config: "GLMConfig", checkpoint_model: dict) -> str | None:
+    """A one-line description of the first LAYOUT_FIELDS difference, or None."""
+    theirs = with_layout_of(config, checkpoint_model)
+    for f in LAYOUT_FIELDS:
+        if getattr(config, f) != getattr(theirs, f):
+            return (f"model.{f}={getattr(config, f)!r} but the checkpoint was trained with "
+                    f"{getattr(theirs, f)!r}")
+    return None
+
+
 ROPE_SCALINGS = ("base", "position", "none")
 POSITION_LAYOUTS = ("glm2d", "causal1d")
 CHAT_FORMATS = ("", "chatglm2", "chatglm3")

@@ -13,6 +13,15 @@ ChatGLM's, so no permutation is needed:
     as adjacent (even, odd) pairs with base 10000 * rope_ratio and inv_freq over that half,
     as kernels.reference.rotary_angles with block position ids 0.
   - RMSNorm in fp32 statistics, weight applied after casting back: same as ours.
+  - layout: ChatGLM2/3 and GLM-4 are causal with 1D positions and never rotate the second
+    half of each head: imported configs get position_layout="causal1d" (model/config.py).
+  - rope_ratio: each published model's code reads it its own way (rope_scaling): GLM-4
+    and chatglm3-6b-32k/128k scale the base, chatglm2-6b-32k divides the positions,
+    chatglm3-6b (Dec 2023) ignores it. Read from the checkpoint's modeling_chatglm.py
+    when it ships one (`rope_scaling_from_code`), else from its name, else "base".
+Export writes the native-only fields (glm_position_layout, glm_rope_scaling,
+glm_chat_format) into config.json, which THUDM's code ignores, so an export re-imports
+exactly.
 `transformer.rotary_pos_emb.inv_freq` is a buffer ChatGLM recomputes in forward: ignored
 on import, written on export for loaders that insist on it.
 
@@ -88,11 +97,50 @@ _REQUIRED_FLAGS = {
 }
 
 
-def config_from_chatglm(config_json: dict, **overrides) -> GLMConfig:
-    """GLMConfig from a ChatGLM2/3 / GLM-4 `config.json` dict; `overrides` set native-only
-    fields (kernels, init_std, ...). Flags that are numerically neutral in ChatGLM's own
-    code (apply_query_key_layer_scaling, attention_softmax_in_fp32, original_rope,
-    fp32_residual_connection, bias_dropout_fusion) are accepted and dropped."""
+def rope_scaling_from_code(code: str) -> str:
+    """What a modeling_chatglm.py does with config.rope_ratio: "position" (chatglm2-6b-32k:
+    `seq_idx = torch.arange(...) / self.rope_ratio`), "base" (GLM-4, chatglm3-6b-32k:
+    `base = base * self.rope_ratio`) or "none" (chatglm3-6b: never reads it)."""
+    divides = re.search(r"/\s*\(?\s*self\.rope_ratio", code) is not None
+    multiplies = re.search(r"\*\s*\(?\s*self\.rope_ratio", code) is not None
+    if divides and multiplies:
+        raise ValueError("modeling_chatglm.py both divides and multiplies by rope_ratio: "
+                         "pass rope_scaling explicitly")
+    if divides:
+        return "position"
+    if multiplies:
+        return "base"
+    if "rope_ratio" not in code:
+        return "none"
+    raise ValueError("modeling_chatglm.py reads rope_ratio in a way not recognised: pass "
+                     "rope_scaling explicitly (base | position | none)")
+
+
+def _default_chat_format(c: dict) -> str:
+    """From the published name: chat models get their prompt, base models none."""
+    name = str(c.get("_name_or_path") or "").lower()
+    if "base" in name:
+        return ""
+    if "chatglm2" in name:
+        return "chatglm2"
+    if "chatglm3" in name or ("glm-4" in name and "chat" in name):
+        return "chatglm3"
+    return ""
+
+
+def _default_rope_scaling(c: dict) -> str:
+    name = str(c.get("_name_or_path") or "").lower()
+    return "position" if "chatglm2" in name and "32k" in name else "base"
+
+
+def config_from_chatglm(config_json: dict, code: str | None = None,
+                        **overrides) -> GLMConfig:
+    """GLMConfig from a ChatGLM2/3 / GLM-4 `config.json` dict; `code` is the checkpoint's
+    modeling_chatglm.py text when it has one (how rope_ratio applies); `overrides` set
+    native-only fields (kernels, init_std, rope_scaling, chat_format, ...). Flags that are
+    numerically neutral in ChatGLM's own code (apply_query_key_layer_scaling,
+    attention_softmax_in_fp32, original_rope, fp32_residual_connection,
+    bias_dropout_fusion) are accepted and dropped."""
     c = dict(config_json)
     model_type = c.get("model_type", "chatglm")
     if model_type != "chatglm":
@@ -124,7 +172,16 @@ def config_from_chatglm(config_json: dict, **overrides) -> GLMConfig:
         add_bias_linear=bool(c.get("add_bias_linear", False)),
         hidden_dropout=float(c.get("hidden_dropout") or 0.0),
         attention_dropout=float(c.get("attention_dropout") or 0.0),
+        position_layout=c.get("glm_position_layout", "causal1d"),
+        chat_format=c.get("glm_chat_format", _default_chat_format(c)),
     )
+    if "glm_rope_scaling" in c:      # our own export
+        fields["rope_scaling"] = c["glm_rope_scaling"]
+    elif "rope_scaling" not in overrides:
+        fields["rope_scaling"] = (rope_scaling_from_code(code) if code is not None
+                                  else _default_rope_scaling(c))
+    if fields["position_layout"] != "causal1d":
+        fields["chat_format"] = ""
     return GLMConfig(**{**fields, **overrides})
 
 
@@ -143,6 +200,10 @@ def chatglm_config(config: GLMConfig, dtype: torch.dtype = torch.float32) -> dic
         "padded_vocab_size": config.padded_vocab_size,
         "seq_length": config.seq_length,
         "rope_ratio": config.rope_ratio,
+        # native-only, ignored by THUDM's code; they make an export re-import exactly
+        "glm_rope_scaling": config.rope_scaling,
+        "glm_position_layout": config.position_layout,
+        "glm_chat_format": config.chat_format,
         "layernorm_epsilon": config.layernorm_epsilon,
         "add_qkv_bias": config.add_qkv_bias,
         "add_bias_linear": config.add_bias_linear,
@@ -210,7 +271,13 @@ def load_chatglm(ckpt_dir: str, device="cpu", dtype: torch.dtype | None = None,
     if not os.path.exists(cfg_path):
         raise ValueError(f"{cfg_path} does not exist")
     with open(cfg_path) as f:
-        config = config_from_chatglm(json.load(f), **config_overrides)
+        config_json = json.load(f)
+    code_path = os.path.join(ckpt_dir, "modeling_chatglm.py")
+    code = None
+    if os.path.isfile(code_path):
+        with open(code_path, encoding="utf-8") as f:
+            code = f.read()
+    config = config_from_chatglm(config_json, code, **config_overrides)
     with torch.device("meta"):
         model = GLM(config, layer_range=layer_range, pre_process=pre_process,
                     post_process=post_process)

@@ -11,6 +11,12 @@ Only names change (model/convert.py): values and shapes are copied as stored unl
 and step 0, and no optimizer state: start a run from it with --train.init_from, not
 --resume. Outputs are written to a temporary sibling and renamed into place; an existing
 output is replaced only with --overwrite.
+
+An imported model is causal 1D (position_layout "causal1d"), with the rope scaling its own
+modeling_chatglm.py applies (--rope-scaling overrides the detection) and, for chat models,
+its chat prompt (--chat-format; detected from the published name). ChatGLM2/3's
+sentencepiece tokenizer.model comes along and loads with its special tokens
+(model/chatglm_tokenizer.py); GLM-4's tiktoken tokenizer is not supported and is left out.
 """
 from __future__ import annotations
 
@@ -87,20 +93,42 @@ def _shards(named: list[tuple[str, torch.Tensor]], max_bytes: int):
         yield group
 
 
+def source_tokenizer(src: str, vocab: int, log=print) -> str | None:
+    """The ChatGLM directory's tokenizer.model when this project can use it, else None
+    (with one line saying why)."""
+    from model.chatglm_tokenizer import ChatGLMTokenizer, is_tiktoken
+    tok = os.path.join(src, TOKENIZER)
+    if not os.path.isfile(tok):
+        log(f"note: {src} has no {TOKENIZER}; the checkpoint has no tokenizer")
+        return None
+    with open(tok, "rb") as f:
+        data = f.read()
+    if is_tiktoken(data):
+        log(f"note: {tok} is GLM-4's tiktoken tokenizer, which is not supported (it would "
+            "need a tiktoken dependency): weights converted, tokenizer left out")
+        return None
+    t = ChatGLMTokenizer(tok, data)
+    if t.vocab_size > vocab:
+        raise ValueError(f"{tok} has {t.vocab_size} ids but padded_vocab_size is {vocab}")
+    return tok
+
+
 def from_chatglm(src: str, out: str, dtype: torch.dtype | None = None,
-                 max_shard_gb: float = 2.0, overwrite: bool = False) -> str:
-    """ChatGLM directory -> native checkpoint (weights, config, step 0, no optimizer)."""
+                 max_shard_gb: float = 2.0, overwrite: bool = False, log=print,
+                 **config_overrides) -> str:
+    """ChatGLM directory -> native checkpoint (weights, config, step 0, no optimizer).
+    config_overrides: rope_scaling / chat_format instead of the detected ones."""
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    model = load_chatglm(src, dtype=dtype)
+    model = load_chatglm(src, dtype=dtype, **config_overrides)
     named = [(n, p.detach()) for n, p in model.named_parameters()]
-    tok = os.path.join(src, TOKENIZER)
+    tok = source_tokenizer(src, model.config.padded_vocab_size, log)
     meta = {
         "config": RunConfig(model=model.config).to_dict(),
         "step": 0,
         "data_position": {"step": 0},
         "rng": ckpt_lib.rng_state(),
-        "tokenizer_sha256": ckpt_lib.sha256_file(tok) if os.path.isfile(tok) else None,
+        "tokenizer_sha256": ckpt_lib.sha256_file(tok) if tok else None,
         "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "sequence_parallel": False,
                    "zero_stage": 0},
         "optimizer": None,
@@ -136,6 +164,13 @@ def parse_args(argv=None):
     g.add_argument("--max-shard-gb", type=float, default=2.0,
                    help="largest safetensors file to write, GiB")
     g.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    g = p.add_argument_group("import (--from-chatglm)")
+    g.add_argument("--rope-scaling", choices=["base", "position", "none"], default=None,
+                   help="what rope_ratio scales (default: read from the directory's "
+                        "modeling_chatglm.py, else its name, else base)")
+    g.add_argument("--chat-format", choices=["chatglm3", "chatglm2", "none"], default=None,
+                   help="prompt format of a chat model (default: from its name; none for "
+                        "base models)")
     return p.parse_args(argv)
 
 
@@ -151,8 +186,16 @@ def main(argv=None):
             print(f"wrote {out}: {len(files)} safetensors file(s), config.json, index")
         else:
             src, out = args.from_chatglm
-            from_chatglm(src, out, dtype, args.max_shard_gb, args.overwrite)
-            print(f"wrote {out}: native checkpoint at step 0 (use --train.init_from {out})")
+            over = {}
+            if args.rope_scaling:
+                over["rope_scaling"] = args.rope_scaling
+            if args.chat_format:
+                over["chat_format"] = "" if args.chat_format == "none" else args.chat_format
+            from_chatglm(src, out, dtype, args.max_shard_gb, args.overwrite, **over)
+            m = ckpt_lib.Checkpoint(out).meta["config"]["model"]
+            print(f"wrote {out}: native checkpoint at step 0 (use --train.init_from {out}); "
+                  f"position_layout={m['position_layout']} rope_ratio={m['rope_ratio']} "
+                  f"rope_scaling={m['rope_scaling']} chat_format={m['chat_format'] or 'none'}")
     except (ValueError, OSError) as e:       # bad input: one line, never a traceback
         sys.exit(f"error: {e}")
 

@@ -106,7 +106,8 @@ def main(argv=None):
         tc = cfg.train
         state = parallel_state(cfg)
         tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
-                                        cfg.model.padded_vocab_size, cfg.data.objective)
+                                        cfg.model.padded_vocab_size, cfg.data.objective,
+                                        model_config=cfg.model)
         s_ckpt.check_tokenizer(tok.sha256, os.path.join(cfg.data.dir, "tokenizer"))
         t_ckpt = t_params = None
         if args.teacher:

@@ -49,14 +49,15 @@ def main(argv=None):
     from engine.data.datasets import TranslationDataset
     from engine.evaluate import evaluate, markdown_table
     from model import GLM, GLMConfig
-    from model.tokenizer import Tokenizer
+    from engine.data.prompts import TranslationFormat
+    from model.tokenizer import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         ckpt = ckpt_lib.Checkpoint(args.checkpoint)
         tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
-        tok = Tokenizer(tok_path)
+        tok = load_tokenizer(tok_path)
         ckpt.check_tokenizer(tok.sha256, tok_path)
         pairs = [(en, zh) for en, zh in read_tsv(args.input)]
         if args.limit:
@@ -64,14 +65,17 @@ def main(argv=None):
         cfg = GLMConfig.from_dict(ckpt.meta["config"]["model"])
         model = GLM.build(cfg)
         ckpt_lib.load_model_weights(model, ckpt)
+        # native GLM layout, or an imported ChatGLM's causal chat prompt (engine/data/prompts)
+        fmt = TranslationFormat(tok, cfg)
+        seq = 96 + max(0, fmt.overhead() - 4)   # the native layout's 96 tokens, same room
         dev = None
         if args.data_dir:
             dev = TranslationDataset(os.path.join(args.data_dir, "shards", "translation_dev"),
-                                     tok, 96, seed=0, shuffle=False)
+                                     tok, seq, seed=0, shuffle=False, fmt=fmt)
         # the evaluated pairs themselves, teacher-forced: a loss on text no run tuned on
         heldout = TranslationDataset(list(zip(tok.encode_batch([e for e, _ in pairs]),
                                               tok.encode_batch([z for _, z in pairs]))),
-                                     tok, 96, seed=0, shuffle=False)
+                                     tok, seq, seed=0, shuffle=False, fmt=fmt)
     except ValueError as e:
         sys.exit(f"error: {e}")
     result = evaluate(model, tok, pairs, dev=dev, heldout=heldout, batch_size=args.batch_size,

@@ -57,6 +57,7 @@ def main(argv=None):
     from engine.finetune import FinetuneConfig, build_tasks, teacher_objective
     from engine.launch import model_parallel_group, parallel_state
     from model import GLMConfig
+    from model.config import with_layout_of
 
     state = None
     try:
@@ -70,6 +71,10 @@ def main(argv=None):
             cfg.model = GLMConfig.from_dict(
                 ckpt_lib.Checkpoint(args.student).meta["config"]["model"])
             cfg.train.init_from = args.student
+        elif cfg.train.init_from:
+            # an imported ChatGLM keeps its causal 1D layout, rope and chat prompt
+            cfg.model = with_layout_of(cfg.model, ckpt_lib.Checkpoint(cfg.train.init_from)
+                                       .meta["config"]["model"])
         tc = cfg.train
         state = parallel_state(cfg)
         rank0 = state is None or state.rank == 0
@@ -79,7 +84,8 @@ def main(argv=None):
                           if state else "single process"))
         tok, d_s, d_d, dev_s, dev_d = build_tasks(cfg.data.dir, fcfg, tc.seq_len, tc.seed,
                                                   cfg.model.padded_vocab_size,
-                                                  args.source_tsv, args.target_tsv)
+                                                  args.source_tsv, args.target_tsv,
+                                                  model_config=cfg.model)
         record = {"stage": args.stage, "finetune": fcfg.to_dict(), "n_s": len(d_s),
                   "n_d": len(d_d)}
         if args.stage == "teacher":

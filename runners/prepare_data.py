@@ -43,6 +43,9 @@ def parse_args(argv=None):
                      help="fail when fewer training pairs are found")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary")
+    tok.add_argument("--tokenizer", default="",
+                     help="encode with this tokenizer.model instead of training one (an "
+                          "imported ChatGLM checkpoint's, so the shards use its ids)")
     p.add_argument("--seed", type=int, default=0, help="dev draw and document shuffle seed")
     return p.parse_args(argv)
 
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
             out=args.out, vocab_size=args.vocab_size, seed=args.seed,
             test_catalogs=tuple(s for s in args.test_catalogs.split(",") if s),
             dev_fraction=args.dev_fraction, dev_max=args.dev_max, min_train=args.min_train,
-            roots=args.roots.split(",") if args.roots else None)
+            roots=args.roots.split(",") if args.roots else None,
+            tokenizer=os.path.abspath(args.tokenizer) if args.tokenizer else "")
         manifest = prepare(config, force=args.force)
     except ValueError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)

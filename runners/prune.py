@@ -106,7 +106,7 @@ def main(argv=None):
         teacher, ckpt = load_glm(args.teacher)
         cfg = teacher.config
         tok, train, _ = make_datasets(args.data_dir, args.calib_task, args.seq_len, args.seed,
-                                      cfg.padded_vocab_size)
+                                      cfg.padded_vocab_size, model_config=cfg)
         ckpt.check_tokenizer(tok.sha256, os.path.join(args.data_dir, "tokenizer"))
         batches = [train.get_batch(i, args.batch_size) for i in range(args.calib_batches)]
         fixed = PruneTarget(**{SHAPE_FLAGS[f]: v for f, v in explicit.items()})

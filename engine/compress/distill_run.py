@@ -83,6 +83,10 @@ def check_teacher(t_config: GLMConfig, cfg: RunConfig, dcfg: DistillConfig, stat
     if t_config.padded_vocab_size != cfg.model.padded_vocab_size:
         raise ValueError(f"teacher vocab {t_config.padded_vocab_size} != student vocab "
                          f"{cfg.model.padded_vocab_size}")
+    if t_config.position_layout != cfg.model.position_layout:
+        # both read the same batches: one layout feeds both
+        raise ValueError(f"teacher position_layout {t_config.position_layout!r} != student "
+                         f"{cfg.model.position_layout!r}")
     if not staged(dcfg, state):
         return
     whole = "(distill.teacher_layout 'last' keeps it whole)"

@@ -31,3 +31,20 @@ def pretrain_documents(pairs: list[tuple[list[int], list[int]]], ids: SpecialIds
             docs.append([ids.zh] + zh + [ids.en] + en + [ids.eop])
     rng.shuffle(docs)
     return docs
+
+
+def causal_documents(pairs: list[tuple[list[int], list[int]]], head: list[int],
+                     newline: list[int], eos: int, seed: int = 0) -> list[list[int]]:
+    """The same three documents per pair for a ChatGLM tokenizer, which has no language
+    tags: each opens with ChatGLM's own prefix `head` ([gMASK] sop) and ends with </s>;
+    the bilingual one joins its halves with a newline."""
+    rng = random.Random(seed)
+    docs = []
+    for en, zh in pairs:
+        en, zh = list(en), list(zh)
+        docs.append(head + en + [eos])
+        docs.append(head + zh + [eos])
+        first, second = (en, zh) if rng.random() < 0.5 else (zh, en)
+        docs.append(head + first + newline + second + [eos])
+    rng.shuffle(docs)
+    return docs

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from engine.data.corpus import (DEFAULT_TEST_CATALOGS, SplitConfig, format_stats, load_corpus,
                                 write_tsv)
-from engine.data.documents import pretrain_documents
+from engine.data.documents import causal_documents, pretrain_documents
 from engine.data.io import write_json
 from engine.data.shards import write_shard
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "dev", "test")
 PRETRAIN_SPLITS = ("train", "dev")   # test pairs never reach pretraining
@@ -42,6 +42,9 @@ class PrepareConfig:
     dev_max: int = 1000
     min_train: int = 2000
     roots: list[str] | None = None      # folders to search; None = the machine's defaults
+    # an existing tokenizer.model to encode with instead of training one (e.g. an
+    # imported ChatGLM's, so its checkpoint and these shards share ids)
+    tokenizer: str = ""
     split: SplitConfig = field(init=False)
 
     def __post_init__(self):
@@ -125,9 +128,14 @@ def _build(config: PrepareConfig, root: Path, log) -> dict:
     timings["write_pairs_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    texts = [p.english for p in splits.train] + [p.chinese for p in splits.train]
-    tok = Tokenizer.train(texts, root / "tokenizer", vocab_size=config.vocab_size,
-                          seed=config.seed)
+    if config.tokenizer:
+        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+        shutil.copy(config.tokenizer, root / "tokenizer" / "tokenizer.model")
+        tok = load_tokenizer(root / "tokenizer" / "tokenizer.model")
+    else:
+        texts = [p.english for p in splits.train] + [p.chinese for p in splits.train]
+        tok = Tokenizer.train(texts, root / "tokenizer", vocab_size=config.vocab_size,
+                              seed=config.seed)
     timings["tokenizer_s"] = time.perf_counter() - t
     log(f"tokenizer: {tok.vocab_size} pieces, sha256 {tok.sha256[:12]} "
         f"({timings['tokenizer_s']:.1f} s)")
@@ -140,8 +148,11 @@ def _build(config: PrepareConfig, root: Path, log) -> dict:
                            tok.encode_batch([p.chinese for p in pairs])))
         shards = {"translation": (encoded, ("en", "zh"))}
         if name in PRETRAIN_SPLITS:
-            shards["pretrain"] = (pretrain_documents(encoded, tok.special_ids, config.seed),
-                                  ("text",))
+            docs = (pretrain_documents(encoded, tok.special_ids, config.seed)
+                    if getattr(tok, "kind", "glm") == "glm" else
+                    causal_documents(encoded, [tok.gmask_id, tok.sop_id], tok.encode("\n"),
+                                     tok.eos_id, config.seed))
+            shards["pretrain"] = (docs, ("text",))
         for kind, (records, fields) in shards.items():
             prefix = f"shards/{kind}_{name}"
             header = write_shard(root / prefix, records, vocab_size=tok.vocab_size,
