@@ -239,3 +239,38 @@ def test_model_under_bf16_autocast_runs_every_matmul_in_bf16():
     wrong = [s for s in rec.seen if s[1] != {torch.bfloat16}]
     assert not wrong, wrong
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def _vocab_parallel_worker(rank, world):
+    import torch.distributed as dist
+
+    from engine.tensor_parallel import vocab_parallel_linear_cross_entropy
+    torch.manual_seed(0)
+    h = torch.randn(10, 16, requires_grad=True)
+    w_full = (torch.randn(32, 16) / 4).requires_grad_()
+    labels = torch.randint(0, 32, (10,))
+    labels[::3] = -100
+    w = w_full.detach().chunk(world)[rank].clone().requires_grad_()
+    rec = MatmulDtypes()
+    with rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = vocab_parallel_linear_cross_entropy(h, w, labels, dist.group.WORLD,
+                                                       rank * (32 // world))
+        n_fwd = len(rec.seen)
+        dh, dw = torch.autograd.grad(loss.sum(), (h, w))
+    dist.all_reduce(dh)  # the head's partial d hidden, summed as the region entry would
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy(F.linear(h, w_full).float(), labels, reduction="none")
+    want_dh, want_dw = torch.autograd.grad(want.sum(), (h, w_full))
+    return dict(fwd=rec.seen[:n_fwd], bwd=rec.seen[n_fwd:], pairs=[
+        (loss, want), (dh, want_dh), (dw, want_dw.chunk(world)[rank])])
+
+
+def test_vocab_parallel_linear_cross_entropy_follows_autocast():
+    from dist import run_workers
+    for res in run_workers(_vocab_parallel_worker, 2, timeout=90):
+        for phase in ("fwd", "bwd"):
+            assert res[phase] and all(d == {torch.bfloat16} for _, d in res[phase]), res
+        for got, want in res["pairs"]:
+            assert got.dtype == want.dtype
+            close(got, want, torch.bfloat16)
