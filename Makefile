@@ -61,3 +61,9 @@ paper: data $(PRETRAINED)
 
 clean:
 	rm -rf $(RUNS) runs/paper reports .pytest_cache
+
+# every Triton kernel compiled ahead of time for sm_80 and sm_90 with the launchers' tiles:
+# shared memory, registers / spills, tensor cores (no GPU needed; ~20-40 CPU-minutes)
+.PHONY: check-kernels
+check-kernels: setup
+	$(PY) runners/check_kernels.py

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops import interpreting
+from kernels.ops import check_labels, interpreting
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -165,10 +165,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy: chunk_rows={chunk_rows} must be positive")
     vocab = weight.shape[0]
     labels = labels.contiguous()
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):  # one host sync; an out-of-range gather would read garbage
-        raise ValueError(f"linear_cross_entropy: label {labels[bad][0].item()} is outside "
-                         f"[0, {vocab}) and is not ignore_index={ignore_index}")
+    check_labels(labels, vocab, ignore_index, "linear_cross_entropy")
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
     chunk = chunk_rows or default_chunk_rows(hidden.shape[0], hidden.shape[1], vocab)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from kernels.ops import dot_precision, interpreting, upcast_dot
+from kernels.ops import dot_precision, gpu_target, interpreting, upcast_dot
 
 LOG2E = 1.4426950408889634
 
@@ -345,23 +345,68 @@ class Options:
     kv_head_splits: int | None = None
 
 
-def _gpu_configs(kind: str, d: int, dtype: torch.dtype, sq: int) -> list[Blocks]:
-    """Preferred tiles first, then smaller fallbacks (tried if a tile does not fit the
-    GPU's shared memory / registers). H100-sized; fp32 tiles are twice the bytes."""
-    wide = 8 if d > 64 else 4
-    if kind == "fwd" and sq <= 16:  # decoding: a 128-row query tile would be mostly empty
-        return [Blocks(16, 64, 4, 3), Blocks(16, 32, 4, 1)]
-    if dtype == torch.float32:
-        return [Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(16, 16, 4, 1)]
-    if kind == "fwd":
-        return [Blocks(128, 64, wide, 3), Blocks(64, 64, 4, 2), Blocks(32, 32, 4, 1)]
-    if kind == "dkdv":  # a tall key block is what stays resident; queries stream through
-        return [Blocks(32, 128, wide, 3), Blocks(32, 64, 4, 2), Blocks(16, 32, 4, 1)]
-    return [Blocks(128, 32, wide, 3), Blocks(64, 32, 4, 2), Blocks(32, 16, 4, 1)]  # dq
+# Tiles per (target, head_dim bucket, 16-bit / fp32, kernel), chosen ahead of time with
+# runners/check_kernels.py: each compiles for its target without register spills, within
+# shared memory, and with tensor-core dots for fp16 / bf16. The first choices that spilled
+# (a 32 x 128 dK/dV tile at head_dim 128 on sm_80: ~17 KB of spills; 64 x 32 fp32 tiles:
+# up to 100 KB) are what the smaller tiles here replace. "dec" is the forward at <= 16
+# query rows (decoding), where a 128-row query tile would be mostly empty.
+TILES: dict[tuple[int, int, str, str], Blocks] = {
+    (80, 128, "16", "fwd"): Blocks(128, 32, 8, 2),
+    (80, 128, "16", "dkdv"): Blocks(32, 64, 8, 2),
+    (80, 128, "16", "dq"): Blocks(128, 32, 8, 3),
+    (80, 128, "16", "dec"): Blocks(16, 64, 4, 3),
+    (80, 128, "32", "fwd"): Blocks(32, 32, 4, 1),
+    (80, 128, "32", "dkdv"): Blocks(16, 32, 4, 1),
+    (80, 128, "32", "dq"): Blocks(32, 16, 4, 1),
+    (80, 128, "32", "dec"): Blocks(16, 16, 4, 1),
+    (80, 64, "16", "fwd"): Blocks(128, 64, 8, 3),
+    (80, 64, "16", "dkdv"): Blocks(32, 64, 4, 2),
+    (80, 64, "16", "dq"): Blocks(128, 32, 8, 3),
+    (80, 64, "16", "dec"): Blocks(16, 64, 4, 3),
+    (80, 64, "32", "fwd"): Blocks(32, 32, 4, 1),
+    (80, 64, "32", "dkdv"): Blocks(16, 32, 4, 1),
+    (80, 64, "32", "dq"): Blocks(32, 16, 4, 1),
+    (80, 64, "32", "dec"): Blocks(16, 16, 4, 1),
+    (90, 128, "16", "fwd"): Blocks(128, 64, 8, 3),
+    (90, 128, "16", "dkdv"): Blocks(32, 64, 4, 2),
+    (90, 128, "16", "dq"): Blocks(128, 32, 8, 3),
+    (90, 128, "16", "dec"): Blocks(16, 64, 4, 3),
+    (90, 128, "32", "fwd"): Blocks(32, 32, 4, 1),
+    (90, 128, "32", "dkdv"): Blocks(16, 32, 4, 1),
+    (90, 128, "32", "dq"): Blocks(32, 16, 4, 1),
+    (90, 128, "32", "dec"): Blocks(16, 16, 4, 1),
+    (90, 64, "16", "fwd"): Blocks(128, 64, 8, 3),
+    (90, 64, "16", "dkdv"): Blocks(32, 64, 4, 2),
+    (90, 64, "16", "dq"): Blocks(128, 32, 8, 3),
+    (90, 64, "16", "dec"): Blocks(16, 64, 4, 3),
+    (90, 64, "32", "fwd"): Blocks(32, 32, 4, 1),
+    (90, 64, "32", "dkdv"): Blocks(16, 32, 4, 1),
+    (90, 64, "32", "dq"): Blocks(32, 16, 4, 1),
+    (90, 64, "32", "dec"): Blocks(16, 16, 4, 1),
+}
+# smaller tiles tried in turn if a pick does not fit (a GPU outside the table, e.g. the
+# 99 KB of shared memory of sm_86 / sm_89)
+_FALLBACKS = [Blocks(32, 32, 4, 1), Blocks(16, 16, 4, 1)]
 
 
-def _configs(kind: str, d: int, dtype: torch.dtype, sq: int, sk: int,
-             opts: Options) -> list[Blocks]:
+def tile_key(kind: str, d: int, dtype: torch.dtype, sq: int, arch: int):
+    """The TILES entry a launch uses: sm_9x takes the sm_90 tiles, anything older sm_80's;
+    head_dim 64 and below the d64 tiles, larger ones the d128 tiles."""
+    if kind == "fwd" and sq <= 16:
+        kind = "dec"
+    return (90 if arch >= 90 else 80, 64 if d <= 64 else 128,
+            "32" if dtype == torch.float32 else "16", kind)
+
+
+def _gpu_configs(kind: str, d: int, dtype: torch.dtype, sq: int, arch: int) -> list[Blocks]:
+    """The checked pick first, then the fallbacks (tried on OutOfResources only)."""
+    pick = TILES[tile_key(kind, d, dtype, sq, arch)]
+    return [pick] + [b for b in _FALLBACKS if (b.m, b.n) < (pick.m, pick.n)]
+
+
+def _configs(kind: str, d: int, dtype: torch.dtype, sq: int, sk: int, opts: Options,
+             device) -> list[Blocks]:
     if opts.blocks is not None:
         return [Blocks(*opts.blocks)]
     if interpreting():
@@ -369,7 +414,7 @@ def _configs(kind: str, d: int, dtype: torch.dtype, sq: int, sk: int,
         def fit(n):
             return max(16, min(64, triton.next_power_of_2(n)))
         return [Blocks(fit(sq), fit(sk))]
-    return _gpu_configs(kind, d, dtype, sq)
+    return _gpu_configs(kind, d, dtype, sq, gpu_target(device)[0])
 
 
 _chosen: dict = {}  # (kind, d, dtype, configs) -> index of the first config that compiled
@@ -444,7 +489,7 @@ def attention_forward(q, k, v, prefix, pad, q_offset: int, opts: Options):
     o = _like_model(q.shape, q)
     lse = torch.empty((b, nh, sq), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(d))
-    configs = _configs("fwd", d, q.dtype, sq, sk, opts)
+    configs = _configs("fwd", d, q.dtype, sq, sk, opts, q.device)
     _launch(_attn_fwd, "fwd", (d, q.dtype), configs,
             lambda c: (triton.cdiv(sq, c.m), b * nh),
             (q, k, v, o, lse, prefix, pad, LOG2E / math.sqrt(d), q_offset, nh, nh // ng, sq,
@@ -463,7 +508,7 @@ def _head_splits(rep: int, programs: int, device, opts: Options) -> int:
         return opts.kv_head_splits
     if interpreting():
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * gpu_target(device)[1]
     splits = 1
     while programs * splits < target and rep % (2 * splits) == 0:
         splits *= 2
@@ -487,7 +532,7 @@ def attention_backward(do, q, k, v, o, lse, prefix, pad, q_offset: int, opts: Op
         BLOCK_D=block_d)
 
     # dK, dV: one program per (key block, group[, head split])
-    dkdv_cfgs = _configs("dkdv", d, q.dtype, sq, sk, opts)
+    dkdv_cfgs = _configs("dkdv", d, q.dtype, sq, sk, opts, q.device)
     splits = _head_splits(rep, triton.cdiv(sk, dkdv_cfgs[0].n) * b * ng, q.device, opts)
     if splits == 1:
         dk, dv = _like_model(k.shape, k), _like_model(v.shape, v)
@@ -506,7 +551,8 @@ def attention_backward(do, q, k, v, o, lse, prefix, pad, q_offset: int, opts: Op
         dk, dv = dk_t.sum(0).to(k.dtype), dv_t.sum(0).to(v.dtype)
 
     dq = _like_model(q.shape, q)
-    _launch(_attn_bwd_dq, "dq", (d, q.dtype), _configs("dq", d, q.dtype, sq, sk, opts),
+    dq_cfgs = _configs("dq", d, q.dtype, sq, sk, opts, q.device)
+    _launch(_attn_bwd_dq, "dq", (d, q.dtype), dq_cfgs,
             lambda c: (triton.cdiv(sq, c.m), b * nh),
             (q, k, v, do, lse, delta, dq, prefix, pad, qk_scale, sm_scale, q_offset, nh, rep,
              sq, sk, d, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),

@@ -92,17 +92,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               prefix_lens: torch.Tensor | None = None, pad_lens: torch.Tensor | None = None,
               q_offset: int = 0) -> torch.Tensor:
     """q [b, nh, sq, d], k/v [b, ng, sk, d] with nh % ng == 0 (query head h uses KV group
-    h // (nh // ng)). Softmax in fp32. Returns [b, nh, sq, d]."""
+    h // (nh // ng)). Softmax in fp32. Returns [b, nh, sq, d].
+
+    Matmuls in fp32 (the exact reference for 16-bit inputs too), except under autocast:
+    there both run in autocast's dtype like any matmul, with the softmax still in fp32."""
     b, nh, sq, d = q.shape
     ng, sk = k.shape[1], k.shape[2]
     rep = nh // ng
+    dev = q.device.type
+    mm = (torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev)
+          and torch.is_autocast_enabled(dev) else torch.float32)
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(d)
+    scores = torch.matmul(q.to(mm), k.to(mm).transpose(-1, -2)).float() / math.sqrt(d)
     mask = attention_mask(sq, sk, prefix_lens, pad_lens, q_offset, b, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs.to(mm), v.to(mm)).to(q.dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

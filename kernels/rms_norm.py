@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops import interpreting
+from kernels.ops import gpu_target, interpreting
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -142,7 +142,7 @@ def _backward(dy, ds, xs, weight, rstd):
     if interpreting():
         programs = 1
     else:
-        sms = torch.cuda.get_device_properties(xs.device).multi_processor_count
+        sms = gpu_target(xs.device)[1]
         programs = min(4 * sms, triton.cdiv(m, block_m))
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     programs = triton.cdiv(m, rows_per_program)

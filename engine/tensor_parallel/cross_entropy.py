@@ -22,9 +22,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kernels.ops import autocast_dtype
+
 
 def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int):
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.device.type != "cpu":
+        # checked on the device: a host sync per microbatch would stall the GPU's queue
+        torch._assert_async(~bad.any(), f"labels hold ids outside [0, {vocab}); "
+                            f"ignore_index is {ignore_index}")
+        return
     if bool(bad.any()):
         raise ValueError(f"labels hold ids outside [0, {vocab}) (e.g. "
                          f"{labels[bad][:3].tolist()}); ignore_index is {ignore_index}")
@@ -116,5 +123,13 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tens
     gradient w.r.t. hidden is partial: enter `hidden` through copy_to_region (or the
     sequence all-gather) so that backward sums it over the ranks."""
     _check_labels(labels, weight.shape[0] * dist.get_world_size(group), ignore_index)
-    return _VocabParallelLinearCrossEntropy.apply(hidden, weight, labels, group, vocab_start,
-                                                  ignore_index)
+    dtype = autocast_dtype(hidden)
+    if dtype is None:
+        return _VocabParallelLinearCrossEntropy.apply(hidden, weight, labels, group,
+                                                      vocab_start, ignore_index)
+    # like F.linear under autocast, and with autocast off inside so that the backward's
+    # matmuls (run outside autocast) take the forward's dtype rather than fp32
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _VocabParallelLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype),
+                                                      labels, group, vocab_start,
+                                                      ignore_index)
