@@ -4,7 +4,12 @@ processes, and checks them.
 For every stage it takes `stage_program(...)` (the exact op list the executor runs) and
 plays all stages together with the blocking semantics of batched P2P:
 
-  * an exchange posts all its messages at once, then blocks until every one is matched;
+  * an exchange (X) posts its messages as one batch and does not block; the stage blocks
+    only in the op that reads a received tensor, until the batch carrying it completed,
+    and at the end of the step until all its sends completed;
+  * each rank's batches complete in posting order (one ordered communication stream per
+    rank, as NCCL runs grouped P2P: a batch starts matching only once the rank's earlier
+    batches are done), a batch completes when every message in it is matched;
   * messages between two ranks match first-in first-out per (sender, receiver) pair,
     regardless of kind (NCCL's rule, stricter than gloo's per-tag matching), and a send
     completes only when its receive is posted (rendezvous: no buffering assumed, which
@@ -15,7 +20,7 @@ plays all stages together with the blocking semantics of batched P2P:
 It reports a deadlock (with what each blocked stage waits for), every microbatch's
 forward preceding its backward and every activation being consumed, the time line with
 unit cost per forward and `t_b` per backward (split evenly across a stage's chunks;
-communication free), the bubble fraction (idle / total stage time) and the peak number
+communication free; in the split schedules B costs t_b - t_w and W t_w), the bubble fraction (idle / total stage time) and the peak number
 of (microbatch, chunk) activations each stage holds for backward.
 
     python -m engine.pipeline_sim              # the full grid, one line per schedule
@@ -27,6 +32,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
+from engine.schedule_names import SCHEDULES
 from engine.schedules import Op, check_schedule, stage_program
 
 
@@ -52,9 +58,13 @@ class SimResult:
 
 
 def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
-    """Textbook bubble fractions (idle / total), forward:backward cost ratio free."""
+    """Textbook bubble fractions (idle / total), forward:backward cost ratio free; for
+    ZB-H1 with t_F = t_B = t_W (the simulator's default t_b = 2 split in halves) and
+    m >= p: (p-1) / (3m + p-1), about (p-1) / 3m (Qi et al. 2024)."""
     if schedule == "none" or p == 1:
         return 0.0
+    if schedule == "zb-h1":
+        return (p - 1) / (3 * m + p - 1)
     if schedule == "interleaved":
         return (p - 1) / (v * m + p - 1)
     return (p - 1) / (m + p - 1)
@@ -243,7 +253,7 @@ def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.
 
 def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):
     """Every valid (schedule, p, m, vpp) of the test grid, forward-only included."""
-    for schedule in ("none", "gpipe", "1f1b", "interleaved"):
+    for schedule in SCHEDULES:
         for p in range(1, p_max + 1):
             for v in range(1, v_max + 1):
                 for m in range(1, m_max + 1):
