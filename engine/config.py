@@ -83,7 +83,7 @@ class ParallelConfig:
     dp: int = 0                       # 0: whatever the world size leaves after tp * pp
     vpp: int = 1
     sequence_parallel: bool = False   # with tp > 1: norms / residual sharded along seq
-    schedule: str = "1f1b"            # none | gpipe | 1f1b | interleaved
+    schedule: str = "1f1b"            # engine.schedule_names.SCHEDULES
     zero_stage: int = 0
     timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then
     # auto (`--parallel auto`): engine.planner chooses tp, pp, dp, vpp, schedule, zero_stage,
@@ -100,9 +100,10 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.dp < 0:
             raise ValueError(f"parallel.dp={self.dp} must be >= 0 (0 = infer)")
-        if self.schedule not in ("none", "gpipe", "1f1b", "interleaved"):
-            raise ValueError(f"parallel.schedule={self.schedule!r} must be none, gpipe, "
-                             "1f1b or interleaved")
+        from engine.schedule_names import SCHEDULES
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"parallel.schedule={self.schedule!r} must be one of "
+                             f"{', '.join(SCHEDULES)}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1 or 2")
         if self.device not in AUTO_DEVICES:

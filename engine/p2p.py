@@ -176,22 +176,34 @@ class P2P:
         self.group = state.pp_group
         self.prev, self.next = state.prev_rank, state.next_rank
         self.device = state.device
-        self.shape: tuple[int, int] | None = None   # (s, b) for this step
+        self.shape: tuple[int, int] | None = None   # (s, b) agreed by begin_step
+        self._key = None            # this stage's (m, [b, s]) when they were agreed
+        self._on_change = False     # every stage sees its shapes: re-agree on change only
 
-    # -- per-step handshake ------------------------------------------------------------
+    # -- the shape handshake ------------------------------------------------------------
     def begin_step(self, microbatches: list[dict] | None, m: int):
         """Agree on [s, b] (from stage 0, the only stage that must read input_ids) and
         check every stage runs the same number of microbatches. One all-reduce (MAX) of
-        [m, -m, s, b, bad] over the pipeline group: a collective every stage calls at the
-        same point, so it cannot deadlock, and every stage sees the same verdict."""
+        [m, -m, s, -s, b, -b, bad, -sees] over the pipeline group: a collective every
+        stage calls at the same point, so it cannot deadlock, and every stage sees the
+        same verdict.
+
+        It runs on the first step and then only when this stage's (m, [b, s]) changes:
+        every stage must then be able to see the shapes (its microbatches carry
+        input_ids), which the first handshake checks (`sees`); if one cannot, every
+        stage keeps the per-step handshake, so they always call it together."""
+        key = self._local_key(microbatches, m)
+        if self.shape is not None and self._on_change and key == self._key:
+            return self.shape
         s = b = bad = 0
-        if microbatches is not None:
-            shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
-            if len(shapes) == 1:
-                b, s = shapes.pop()
-            else:
+        sees = int(key[1] is not None)
+        if key[1] is not None:
+            if key[1] == "mixed":
                 bad = 1
-        t = torch.tensor([m, -m, s, b, bad], dtype=torch.long, device=self.device)
+            else:
+                b, s = key[1]
+        t = torch.tensor([m, -m, s, -s if sees else -(2 ** 62), b, -b if sees else -(2 ** 62),
+                          bad, -sees], dtype=torch.long, device=self.device)
         started = time.monotonic()
         try:
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
@@ -200,71 +212,97 @@ class P2P:
                              self.board, 0.0, self.timeout) from err
         wait_all([work], self.state, "the step handshake", [self.state.pp_ranks], self.board,
                  self.timeout, started)
-        m_max, m_min, s, b, bad = (int(x) for x in t.tolist())
-        m_min = -m_min
+        m_max, m_min, s, s_min, b, b_min, bad, all_see = (int(x) for x in t.tolist())
+        m_min, s_min, b_min, all_see = -m_min, -s_min, -b_min, -all_see == 1
+        self.shape, self._key = None, None
         if bad:
             raise ValueError(f"stage 0 (rank {self.state.pp_ranks[0]}): microbatches of one "
                              "step must share one [b, s] shape")
         if m_max != m_min:
             raise ValueError(f"microbatch count differs across pipeline stages: between "
                              f"{m_min} and {m_max}")
+        if all_see and (s, b) != (s_min, b_min):
+            raise ValueError(f"microbatch shapes differ across pipeline stages: [b, s] from "
+                             f"[{b_min}, {s_min}] to [{b}, {s}]")
         if s % self.seq_shards:
             raise ValueError(f"sequence length {s} is not divisible by seq_shards="
                              f"{self.seq_shards} (sequence parallelism)")
-        self.shape = (s, b)
+        self.shape, self._key, self._on_change = (s, b), key, all_see
         return self.shape
 
+    @staticmethod
+    def _local_key(microbatches, m: int):
+        """(m, (b, s) | "mixed" | None): what this stage can see of the step's shapes."""
+        if not microbatches or any(mb.get("input_ids") is None for mb in microbatches):
+            return (m, None)
+        shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
+        return (m, shapes.pop() if len(shapes) == 1 else "mixed")
+
     # -- the one primitive ---------------------------------------------------------------
-    def exchange(self, send_next=None, send_prev=None, recv_prev: bool = False,
-                 recv_next: bool = False):
-        """Post every requested transfer as one batch, then wait for all of them.
+    def post(self, send_next=None, send_prev=None, recv_prev: bool = False,
+             recv_next: bool = False) -> "Posted":
+        """Post every requested transfer as one batch and return at once (Posted); the
+        caller waits on a receive just before it reads it and on the sends before their
+        buffers are reused (here: at the end of the step, `Posted.wait_sends`).
 
         send_next  (hidden [s, b, h], Side) to the next stage
         send_prev  gradient [s, b, h] to the previous stage
         recv_prev  receive (hidden, Side) from the previous stage
-        recv_next  receive a gradient from the next stage
-        Returns ((hidden, Side) | None, grad | None)."""
+        recv_next  receive a gradient from the next stage"""
         if self.shape is None:
             raise RuntimeError("P2P.exchange before begin_step: shapes are not agreed yet")
         s, b = self.shape
         full = (s // self.seq_shards, b, self.hidden_size)   # this rank's [s, b, h]
-        ops, peers, what = [], [], []
+        ops, peers, what, kinds = [], [], [], []
 
-        def add(fn, tensor, peer, tag, label=None):
+        def add(fn, tensor, peer, tag, kind, label=None):
             ops.append(dist.P2POp(fn, tensor, peer, self.group, tag))
             peers.append(peer)
+            kinds.append(kind)
             if label:
                 what.append(label)
 
         # canonical order: activation traffic, then gradient traffic; sends first
+        sent = []
         if send_next is not None:
             hidden, side = send_next
             self._check(hidden, full, "activation to send")
-            add(dist.isend, hidden.contiguous(), self.next, TAG_ACT, "send activations")
-            add(dist.isend, side.pack(), self.next, TAG_SIDE)
+            sent += [hidden.contiguous(), side.pack()]
+            add(dist.isend, sent[-2], self.next, TAG_ACT, "send", "send activations")
+            add(dist.isend, sent[-1], self.next, TAG_SIDE, "send")
         act = side_buf = grad = None
         if recv_prev:
             act = torch.empty(full, dtype=self.dtype, device=self.device)
             side_buf = torch.empty(Side.numel(s, b), dtype=torch.long, device=self.device)
-            add(dist.irecv, act, self.prev, TAG_ACT, "receive activations")
-            add(dist.irecv, side_buf, self.prev, TAG_SIDE)
+            add(dist.irecv, act, self.prev, TAG_ACT, "act", "receive activations")
+            add(dist.irecv, side_buf, self.prev, TAG_SIDE, "act")
         if send_prev is not None:
             self._check(send_prev, full, "gradient to send")
-            add(dist.isend, send_prev.contiguous(), self.prev, TAG_GRAD, "send gradients")
+            sent.append(send_prev.contiguous())
+            add(dist.isend, sent[-1], self.prev, TAG_GRAD, "send", "send gradients")
         if recv_next:
             grad = torch.empty(full, dtype=self.dtype, device=self.device)
-            add(dist.irecv, grad, self.next, TAG_GRAD, "receive gradients")
-        if not ops:
-            return None, None
+            add(dist.irecv, grad, self.next, TAG_GRAD, "grad", "receive gradients")
         label = " + ".join(what)   # e.g. "send activations + receive gradients"
-        started = time.monotonic()
-        try:
-            works = dist.batch_isend_irecv(ops)
-        except Exception as err:  # noqa: BLE001 - a peer already gone fails at post time
-            raise peer_error(self.state, label, peers[0] if len(set(peers)) == 1 else peers,
-                             err, self.board, 0.0, self.timeout) from err
-        wait_all(works, self.state, label, peers, self.board, self.timeout, started)
-        received = (act, Side.unpack(side_buf, s, b)) if recv_prev else None
+        works = []
+        if ops:
+            try:
+                works = dist.batch_isend_irecv(ops)
+            except Exception as err:  # noqa: BLE001 - a peer already gone fails at post time
+                raise peer_error(self.state, label,
+                                 peers[0] if len(set(peers)) == 1 else peers, err, self.board,
+                                 0.0, self.timeout) from err
+        return Posted(self, label, list(zip(works, peers, kinds)), act, side_buf, grad,
+                      sent, (s, b))
+
+    def exchange(self, send_next=None, send_prev=None, recv_prev: bool = False,
+                 recv_next: bool = False):
+        """Post every requested transfer as one batch, then wait for all of them.
+        Returns ((hidden, Side) | None, grad | None)."""
+        posted = self.post(send_next, send_prev, recv_prev, recv_next)
+        received = posted.activation() if recv_prev else None
+        grad = posted.gradient() if recv_next else None
+        posted.wait_sends()
         return received, grad
 
     def _check(self, t: torch.Tensor, full, name: str):
@@ -305,3 +343,39 @@ class P2P:
             return
         me = _where(self.state, self.state.rank)
         self.board.report(f"{me} raised {type(err).__name__}: {_first_line(err)}")
+
+
+class Posted:
+    """One posted batch. Each receive is waited on separately (gloo completes works one
+    by one; on NCCL a wait orders the stream after the batch), with the layout's timeout
+    counted from the wait, so a receive posted early is not charged for the compute in
+    between."""
+
+    def __init__(self, comm: P2P, label: str, works, act, side_buf, grad, sent, shape):
+        self.comm, self.label, self.works = comm, label, works
+        self._act, self._side, self._grad, self._sent, self._shape = act, side_buf, grad, \
+            sent, shape
+
+    def _wait(self, kinds):
+        picked = [(w, peer) for w, peer, kind in self.works if kind in kinds]
+        if picked:
+            wait_all([w for w, _ in picked], self.comm.state, self.label,
+                     [peer for _, peer in picked], self.comm.board, self.comm.timeout)
+        self.works = [x for x in self.works if x[2] not in kinds]
+
+    def activation(self):
+        """(hidden, Side) from the previous stage, once it has arrived."""
+        self._wait(("act",))
+        s, b = self._shape
+        return self._act, Side.unpack(self._side, s, b)
+
+    def gradient(self):
+        self._wait(("grad",))
+        return self._grad
+
+    def sends_done(self) -> bool:
+        return all(w.is_completed() for w, _, kind in self.works if kind == "send")
+
+    def wait_sends(self):
+        self._wait(("send",))
+        self._sent = []

@@ -4,7 +4,12 @@ processes, and checks them.
 For every stage it takes `stage_program(...)` (the exact op list the executor runs) and
 plays all stages together with the blocking semantics of batched P2P:
 
-  * an exchange posts all its messages at once, then blocks until every one is matched;
+  * an exchange (X) posts its messages as one batch and does not block; the stage blocks
+    only in the op that reads a received tensor, until the batch carrying it completed,
+    and at the end of the step until all its sends completed;
+  * each rank's batches complete in posting order (one ordered communication stream per
+    rank, as NCCL runs grouped P2P: a batch starts matching only once the rank's earlier
+    batches are done), a batch completes when every message in it is matched;
   * messages between two ranks match first-in first-out per (sender, receiver) pair,
     regardless of kind (NCCL's rule, stricter than gloo's per-tag matching), and a send
     completes only when its receive is posted (rendezvous: no buffering assumed, which
@@ -15,7 +20,7 @@ plays all stages together with the blocking semantics of batched P2P:
 It reports a deadlock (with what each blocked stage waits for), every microbatch's
 forward preceding its backward and every activation being consumed, the time line with
 unit cost per forward and `t_b` per backward (split evenly across a stage's chunks;
-communication free), the bubble fraction (idle / total stage time) and the peak number
+communication free; in the split schedules B costs t_b - t_w and W t_w), the bubble fraction (idle / total stage time) and the peak number
 of (microbatch, chunk) activations each stage holds for backward.
 
     python -m engine.pipeline_sim              # the full grid, one line per schedule
@@ -27,6 +32,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
+from engine.schedule_names import SCHEDULES
 from engine.schedules import Op, check_schedule, stage_program
 
 
@@ -52,9 +58,13 @@ class SimResult:
 
 
 def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
-    """Textbook bubble fractions (idle / total), forward:backward cost ratio free."""
+    """Textbook bubble fractions (idle / total), forward:backward cost ratio free; for
+    ZB-H1 with t_F = t_B = t_W (the simulator's default t_b = 2 split in halves) and
+    m >= p: (p-1) / (3m + p-1), about (p-1) / 3m (Qi et al. 2024)."""
     if schedule == "none" or p == 1:
         return 0.0
+    if schedule == "zb-h1":
+        return (p - 1) / (3 * m + p - 1)
     if schedule == "interleaved":
         return (p - 1) / (v * m + p - 1)
     return (p - 1) / (m + p - 1)
@@ -71,22 +81,87 @@ def _identity(stage: int, msg, p: int):
 
 
 def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
-             t_b: float = 2.0, schedule: str = "?", m: int = 0) -> SimResult:
-    """Play every stage's program; raise ScheduleError on any violation."""
+             t_b: float = 2.0, schedule: str = "?", m: int = 0,
+             t_w: float | None = None) -> SimResult:
+    """Play every stage's program; raise ScheduleError on any violation. A backward
+    costs t_b; in a program with W ops, B costs t_b - t_w and W t_w (default t_b / 2)."""
     n = len(programs)
     if n != p:
         raise ValueError(f"got {n} programs for p={p}")
+    split = any(op.kind == "W" for prog in programs for op in prog)
+    t_w = (t_b / 2 if t_w is None else t_w) if split else 0.0
+    cost = {"F": t_f / v, "B": (t_b - t_w) / v, "W": t_w / v}
     pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
-    posted: list[list | None] = [None] * p        # current exchange: [(chan, side, idx)]
-    queues: dict = defaultdict(lambda: {"send": [], "recv": []})  # (src, dst) -> posts
-    alive: list[set] = [set() for _ in range(p)]   # (mb, chunk) forwarded, not backwarded
-    received: list[set] = [set() for _ in range(p)]
+    # every posted batch, per stage in posting order: its messages as (chan, kind, idx),
+    # the time it was posted, and the time it completed (None while pending)
+    batches: list[list[dict]] = [[] for _ in range(p)]
+    queues: dict = defaultdict(lambda: {"send": [], "recv": []})  # chan -> [(id, s, k)]
+    alive: list[set] = [set() for _ in range(p)]   # (mb, chunk) forwarded, not released
+    backwarded: list[set] = [set() for _ in range(p)]
+    recv_in: list[dict] = [{} for _ in range(p)]   # what a posted receive carries -> batch
     done_f: list[set] = [set() for _ in range(p)]
     peak = [0] * p
     has_backward = [any(op.kind == "B" for op in prog) for prog in programs]
 
     def peer_stage(s, msg):
         return (s + 1) % p if msg.peer == "next" else (s - 1) % p
+
+    def active_since(s, k):
+        """When batch k of stage s starts matching: posted, and every earlier batch of
+        the stage complete (one ordered stream per rank, NCCL's rule); None if not yet."""
+        if k > 0 and batches[s][k - 1]["done"] is None:
+            return None
+        return max(batches[s][k]["posted"], batches[s][k - 1]["done"] if k else 0.0)
+
+    def settle() -> bool:
+        """Complete every batch whose messages all have an active counterpart."""
+        changed = False
+        again = True
+        while again:
+            again = False
+            for s in range(p):
+                for k, batch in enumerate(batches[s]):
+                    if batch["done"] is not None:
+                        continue
+                    start = active_since(s, k)
+                    if start is None:
+                        break
+                    finish = start
+                    for chan, kind, idx in batch["msgs"]:
+                        other = queues[chan]["recv" if kind == "send" else "send"]
+                        if len(other) <= idx:
+                            break
+                        _, o_stage, o_k = other[idx]
+                        o_start = active_since(o_stage, o_k)
+                        if o_start is None:
+                            break
+                        finish = max(finish, o_start)
+                    else:
+                        for chan, kind, idx in batch["msgs"]:
+                            mine = queues[chan][kind][idx][0]
+                            theirs = queues[chan]["recv" if kind == "send" else "send"][idx][0]
+                            if mine != theirs:
+                                raise ScheduleError(
+                                    f"message order mismatch on stages {chan[0]}->{chan[1]}, "
+                                    f"message #{idx}: stage {s} {kind}s {mine}, the peer has "
+                                    f"{theirs}")
+                        batch["done"] = finish
+                        changed = again = True
+                    if batch["done"] is None:
+                        break
+        return changed
+
+    def wait_for(s, tag) -> bool:
+        """Block stage s until the batch carrying receive `tag` completed."""
+        k = recv_in[s].get(tag)
+        if k is None:
+            raise ScheduleError(f"stage {s}: needs {tag} but never posted its receive")
+        done = batches[s][k]["done"]
+        if done is None:
+            return False
+        clock[s] = max(clock[s], done)
+        del recv_in[s][tag]
+        return True
 
     def step(s) -> bool:
         """Advance stage s as far as it can go; True if it moved."""
@@ -98,72 +173,74 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
             first = s == 0 and op.chunk == 0
             last = s == p - 1 and op.chunk == v - 1
             if op.kind == "F":
-                if not first and key not in received[s]:
-                    raise ScheduleError(f"stage {s}: F{op.mb}.{op.chunk} before its input "
-                                        "arrived")
-                received[s].discard(key)
-                clock[s] += t_f / v
-                busy[s] += t_f / v
+                if not first and not wait_for(s, ("act",) + key):
+                    return moved
+                clock[s] += cost["F"]
+                busy[s] += cost["F"]
                 done_f[s].add(key)
                 if has_backward[s]:
                     alive[s].add(key)
                     peak[s] = max(peak[s], len(alive[s]))
             elif op.kind == "B":
-                if key not in alive[s]:
+                if key not in alive[s] or key in backwarded[s]:
                     raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} without its forward")
-                if not last and ("grad",) + key not in received[s]:
-                    raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} before its gradient "
-                                        "arrived")
-                received[s].discard(("grad",) + key)
+                if not last and not wait_for(s, ("grad",) + key):
+                    return moved
+                clock[s] += cost["B"]
+                busy[s] += cost["B"]
+                if split:
+                    backwarded[s].add(key)
+                else:
+                    alive[s].discard(key)
+            elif op.kind == "W":
+                if key not in backwarded[s]:
+                    raise ScheduleError(f"stage {s}: W{op.mb}.{op.chunk} before its B")
+                backwarded[s].discard(key)
                 alive[s].discard(key)
-                clock[s] += t_b / v
-                busy[s] += t_b / v
-            else:
-                if posted[s] is None:   # post the whole batch, then block on all of it
-                    posted[s] = []
-                    for msg in op.msgs:
-                        other = peer_stage(s, msg)
-                        chan = (s, other) if msg.op == "send" else (other, s)
-                        q = queues[chan][msg.op]
-                        q.append((_identity(s, msg, p), clock[s], s))
-                        posted[s].append((chan, msg, len(q) - 1))
-                    moved = True
-                finish = clock[s]
-                for chan, msg, idx in posted[s]:
-                    other_side = queues[chan]["recv" if msg.op == "send" else "send"]
-                    if len(other_side) <= idx:
-                        return moved    # blocked: the peer has not posted its half yet
-                    finish = max(finish, other_side[idx][1])
-                for chan, msg, idx in posted[s]:
-                    mine = queues[chan][msg.op][idx][0]
-                    theirs = queues[chan]["recv" if msg.op == "send" else "send"][idx][0]
-                    if mine != theirs:
-                        raise ScheduleError(
-                            f"message order mismatch on stages {chan[0]}->{chan[1]}, message "
-                            f"#{idx}: stage {s} {msg.op}s {mine}, the peer has {theirs}")
-                    if msg.op == "send" and msg.what == "act" and (msg.mb, msg.chunk) \
-                            not in done_f[s]:
+                clock[s] += cost["W"]
+                busy[s] += cost["W"]
+            else:   # post the batch; nobody waits here
+                k = len(batches[s])
+                batch = {"msgs": [], "posted": clock[s], "done": None}
+                for msg in op.msgs:
+                    other = peer_stage(s, msg)
+                    chan = (s, other) if msg.op == "send" else (other, s)
+                    q = queues[chan][msg.op]
+                    q.append((_identity(s, msg, p), s, k))
+                    batch["msgs"].append((chan, msg.op, len(q) - 1))
+                    mkey = (msg.mb, msg.chunk)
+                    if msg.op == "send" and msg.what == "act" and mkey not in done_f[s]:
                         raise ScheduleError(f"stage {s}: sends activation {msg.mb}.{msg.chunk} "
                                             "before computing it")
+                    if msg.op == "send" and msg.what == "grad" and split and \
+                            mkey not in backwarded[s]:
+                        raise ScheduleError(f"stage {s}: sends gradient {msg.mb}.{msg.chunk} "
+                                            "before its B")
                     if msg.op == "recv":
-                        tag = (msg.mb, msg.chunk) if msg.what == "act" else \
-                            ("grad", msg.mb, msg.chunk)
-                        received[s].add(tag)
-                clock[s] = finish
-                posted[s] = None
+                        recv_in[s][(msg.what, msg.mb, msg.chunk)] = k
+                batches[s].append(batch)
             pc[s] += 1
             moved = True
         return moved
 
-    while any(pc[s] < len(programs[s]) for s in range(p)):
-        if not any([step(s) for s in range(p)]):
-            waits = {s: str(programs[s][pc[s]]) for s in range(p) if pc[s] < len(programs[s])}
+    while True:
+        moved = any([step(s) for s in range(p)])
+        settled = settle()
+        if all(pc[s] == len(programs[s]) for s in range(p)) and \
+                all(b["done"] is not None for bs in batches for b in bs):
+            break
+        if not moved and not settled:
+            waits = {s: str(programs[s][pc[s]]) if pc[s] < len(programs[s]) else
+                     "the end of the step (its sends)" for s in range(p)
+                     if pc[s] < len(programs[s]) or any(b["done"] is None for b in batches[s])}
             raise ScheduleError(f"deadlock ({schedule}, p={p}, m={m}, vpp={v}): blocked "
                                 f"stages wait in {waits}")
     for s in range(p):
-        if alive[s] or received[s]:
+        # the step ends when this stage's last send has gone
+        clock[s] = max([clock[s]] + [b["done"] for b in batches[s]])
+        if alive[s] or recv_in[s]:
             raise ScheduleError(f"stage {s} ends with activations never backwarded "
-                                f"{sorted(alive[s])} or unused messages {sorted(received[s])}")
+                                f"{sorted(alive[s])} or unused messages {sorted(recv_in[s])}")
     return SimResult(schedule, p, m, v, max(clock), busy, peak, [len(x) for x in programs])
 
 
@@ -176,7 +253,7 @@ def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.
 
 def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):
     """Every valid (schedule, p, m, vpp) of the test grid, forward-only included."""
-    for schedule in ("none", "gpipe", "1f1b", "interleaved"):
+    for schedule in SCHEDULES:
         for p in range(1, p_max + 1):
             for v in range(1, v_max + 1):
                 for m in range(1, m_max + 1):

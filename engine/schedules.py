@@ -57,6 +57,7 @@ activations, and no dead copies of its outputs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -66,8 +67,7 @@ import torch
 import torch.distributed as dist
 
 from engine.p2p import Side, wait_all
-
-SCHEDULES = ("none", "gpipe", "1f1b", "interleaved")
+from engine.schedule_names import SCHEDULES, SPLIT_BACKWARD
 
 
 # ---- the op lists ---------------------------------------------------------------------
@@ -95,7 +95,9 @@ class Msg:
 
 @dataclass(frozen=True)
 class Op:
-    kind: str                   # "F" forward, "B" backward, "X" one batched exchange
+    kind: str                   # "F" forward, "B" backward (input gradients only in the
+    #                             split schedules), "W" weight gradients, "X" one batch of
+    #                             transfers, posted without waiting
     mb: int = -1
     chunk: int = 0
     msgs: tuple[Msg, ...] = ()
@@ -115,7 +117,7 @@ def check_schedule(schedule: str, p: int, m: int, v: int, forward_only: bool = F
                          f"vpp={v}")
     if schedule == "none" and p != 1:
         raise ValueError(f"schedule='none' is gradient accumulation on one stage; pp={p} "
-                         "needs 'gpipe', '1f1b' or 'interleaved'")
+                         "needs 'gpipe', '1f1b', 'interleaved' or 'zb-h1'")
     if schedule == "interleaved":
         if v < 2 or p < 2:
             raise ValueError(f"schedule='interleaved' needs pp >= 2 and vpp >= 2 model chunks "
@@ -143,6 +145,7 @@ def compute_order(schedule: str, p: int, s: int, m: int, v: int = 1,
     check_schedule(schedule, p, m, v, forward_only)
     F = lambda mb, c=0: [("F", mb, c)]  # noqa: E731
     B = lambda mb, c=0: [("B", mb, c)]  # noqa: E731
+    W = lambda mb, c=0: [("W", mb, c)]  # noqa: E731
 
     if forward_only:
         # nothing waits for a backward: microbatches in groups of (up to) p go through
@@ -171,6 +174,34 @@ def compute_order(schedule: str, p: int, s: int, m: int, v: int = 1,
             order += [F(warmup + i), B(i)]
         # cooldown: drain the backwards of the warmup microbatches
         order += [B(i) for i in range(m - warmup, m)]
+        return order
+
+    if schedule == "zb-h1":
+        # ZB-H1 (Qi et al. 2024): 1F1B's order and warmup, with each backward split into
+        # B (input gradient: sent upstream at once) and W (weight gradient: local). A
+        # gradient now travels upstream at B's cost instead of B + W's, which shortens the
+        # warmup wait of stage s from (p-1-s)(t_B + t_W) to (p-1-s) t_B; in the cooldown
+        # W fills the gaps between the gradients arriving. A microbatch's activations
+        # live from F to its W, at most p - s of them: 1F1B's memory.
+        # The last B of every stage waits for the one downstream, p - 1 - s hops of t_B
+        # after the last stage's; for all stages to end together stage s leaves s + 1
+        # W passes for after its last B. So W runs `lag` = s microbatches behind B,
+        # which holds at most (p - s) + s = p microbatches (1F1B's stage 0, the peak).
+        warmup = min(p - s - 1, m)
+        lag = min(s, m - 1)
+        order = [F(i) for i in range(warmup)]
+        w = 0   # next W
+        for i in range(m - warmup):
+            order += [F(warmup + i), B(i)]
+            if i >= lag:
+                order.append(W(w))
+                w += 1
+        for i in range(m - warmup, m):
+            order.append(B(i))
+            if i >= lag:
+                order.append(W(w))
+                w += 1
+        order += [W(j) for j in range(w, m)]
         return order
 
     # interleaved 1F1B (Megatron, Narayanan et al. 2021): m * v virtual microbatches.
@@ -203,16 +234,30 @@ def compute_order(schedule: str, p: int, s: int, m: int, v: int = 1,
 
 def stage_program(schedule: str, p: int, s: int, m: int, v: int = 1,
                   forward_only: bool = False) -> list[Op]:
-    """The exact op list stage s runs: the compute slots with one batched exchange
+    """The exact op list stage s runs: the compute slots with one batch of transfers
     between consecutive ones (what the previous slot produced goes out, what the next
-    slot needs comes in). Pure function: the executor and the simulator both run it."""
+    slot needs comes in). A batch is posted without waiting: the executor waits on a
+    receive just before the op that reads it, and on sends at the end of the step. Pure
+    function: the executor and the simulator both run it."""
+    return list(cached_program(schedule, p, s, m, v, forward_only))
+
+
+@functools.lru_cache(maxsize=256)
+def cached_program(schedule: str, p: int, s: int, m: int, v: int = 1,
+                   forward_only: bool = False) -> tuple[Op, ...]:
+    """stage_program, built and checked once per (schedule, p, s, m, v, forward_only)
+    (an invalid combination raises every time: exceptions are not cached)."""
+    return tuple(_build_program(schedule, p, s, m, v, forward_only))
+
+
+def _build_program(schedule, p, s, m, v, forward_only) -> list[Op]:
     if not 0 <= s < p:
         raise ValueError(f"stage={s} is outside pp={p}")
     slots = compute_order(schedule, p, s, m, v, forward_only)
     first = lambda c: s == 0 and c == 0  # noqa: E731  (virtual stage 0: reads input_ids)
     last = lambda c: s == p - 1 and c == v - 1  # noqa: E731  (computes the loss)
 
-    def needs(kind, mb, c):  # the message an op must receive before it can run
+    def needs(kind, mb, c):  # the message an op must receive before it can run (W: none)
         if kind == "F" and not first(c):
             return Msg("recv", "act", mb, c)
         if kind == "B" and not last(c):
@@ -358,10 +403,12 @@ def _backward_freed(out: torch.Tensor, grad: torch.Tensor):
 
 class _StageRun:
     """Runs one stage's program for one step. Tensors are keyed by (microbatch, chunk)
-    and dropped as soon as the program is past their last use."""
+    and dropped as soon as the program is past their last use. Transfers are posted
+    without waiting (`P2P.post`): a receive is waited on by the op that reads it, sends
+    at the end of the step (their buffers are never reused within it)."""
 
     def __init__(self, chunks, microbatches, num_tokens, comm, p, s, forward_only, no_sync,
-                 forward_step, autocast, stats, meter, outputs, device):
+                 forward_step, autocast, stats, meter, outputs, device, split=False):
         self.chunks, self.microbatches, self.num_tokens = chunks, microbatches, num_tokens
         self.comm, self.p, self.s, self.v = comm, p, s, len(chunks)
         self.forward_only, self.no_sync = forward_only, no_sync
@@ -369,12 +416,18 @@ class _StageRun:
         self.forward_step, self.autocast = forward_step, autocast or contextlib.nullcontext
         self.stats, self.meter, self.collect, self.device = stats, meter, outputs, device
         self.inputs: dict = {}      # received hidden states [s, b, h], leaves
-        self.sides: dict = {}       # Side received with them, or read from the batch
         self.outputs: dict = {}     # stage output (graph only, once sent) or the loss
         self.out_sides: dict = {}   # Side to send along with an output
-        self.out_grads: dict = {}   # gradient received for an output
         self.in_grads: dict = {}    # gradient of an input, to send upstream
+        self.recvs: dict = {}       # ("act" | "grad", mb, chunk) -> the Posted batch
+        self.sends: list = []       # Posted batches whose sends are not known complete
         self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.stores = None
+        if split and not forward_only:
+            from engine.split_backward import store_for
+            self.stores = [store_for(c) for c in chunks]
+            for st in self.stores:
+                st.meter = meter
 
     def first(self, c):  # virtual stage 0: reads input_ids and the side tensors
         return self.s == 0 and c == 0
@@ -382,42 +435,65 @@ class _StageRun:
     def last(self, c):   # last virtual stage: reads labels, computes the loss
         return self.s == self.p - 1 and c == self.v - 1
 
-    def run(self, program: list[Op]) -> torch.Tensor:
-        last_backward = {op.chunk: i for i, op in enumerate(program) if op.kind == "B"}
+    def run(self, program) -> torch.Tensor:
+        # DP reduction only in the last backward (split: the last B and the last W) of
+        # each chunk, so it overlaps with that backward
+        synced = {}
+        for i, op in enumerate(program):
+            if op.kind in "BW":
+                synced[(op.kind, op.chunk)] = i
+        synced = set(synced.values())
         for i, op in enumerate(program):
             t0 = time.perf_counter()
-            if op.kind == "F":
-                self.forward(op.mb, op.chunk)
-            elif op.kind == "B":
-                # DP reduction only in the last backward of each chunk (overlaps with it)
-                sync_off = self.no_sync is not None and i != last_backward[op.chunk]
-                with self.no_sync() if sync_off else contextlib.nullcontext():
-                    self.backward(op.mb, op.chunk)
-            else:
+            waited = 0.0
+            if op.kind == "X":
                 self.exchange(op.msgs)
+            else:
+                sync_off = self.no_sync is not None and op.kind != "F" and i not in synced
+                with self.no_sync() if sync_off else contextlib.nullcontext():
+                    if op.kind == "F":
+                        waited = self.forward(op.mb, op.chunk)
+                    elif op.kind == "B":
+                        waited = self.backward(op.mb, op.chunk)
+                    else:
+                        self.stores[op.chunk].run((op.mb, op.chunk))
             if self.stats is not None:
                 dt = time.perf_counter() - t0
-                if op.kind == "X":
-                    self.stats.comm_wait_s += dt
-                else:
-                    self.stats.compute_s += dt
+                self.stats.comm_wait_s += waited + (dt if op.kind == "X" else 0.0)
+                self.stats.compute_s += dt - waited if op.kind != "X" else 0.0
                 self.stats.ops.append(str(op))
-        left = [k for d in (self.inputs, self.outputs, self.out_grads, self.in_grads) for k in d]
+        t0 = time.perf_counter()
+        for posted in self.sends:
+            posted.wait_sends()
+        self.sends = []
+        if self.stats is not None:
+            self.stats.comm_wait_s += time.perf_counter() - t0
+        left = [k for d in (self.inputs, self.outputs, self.in_grads, self.recvs) for k in d]
+        left += [k for st in self.stores or () for k in st.pending]
         if left:  # cheap invariant; pipeline_sim proves the programs consume everything
             raise RuntimeError(f"stage {self.s}: the schedule left tensors behind for {left}")
         return self.total
 
-    def forward(self, mb: int, c: int):
+    def _received(self, kind, mb, c):
+        """Wait for a posted receive; returns (value, seconds waited)."""
+        t0 = time.perf_counter()
+        posted = self.recvs.pop((kind, mb, c))
+        value = posted.activation() if kind == "act" else posted.gradient()
+        return value, time.perf_counter() - t0
+
+    def forward(self, mb: int, c: int) -> float:
         batch = self.microbatches[mb]
+        waited = 0.0
         if self.first(c):
             side, x = Side.from_batch(batch, self.device), None
         else:
-            side, x = self.sides.pop((mb, c)), self.inputs[(mb, c)]
+            (x, side), waited = self._received("act", mb, c)
+            if not self.forward_only:
+                x.requires_grad_(True)
+                self.inputs[(mb, c)] = x
         grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
         with grad_mode, self.autocast():
             out = self.forward_step(self.chunks[c], batch, x, side)
-        if self.forward_only:
-            self.inputs.pop((mb, c), None)
         if not self.last(c):
             self.outputs[(mb, c)] = out
             self.out_sides[(mb, c)] = side
@@ -437,55 +513,73 @@ class _StageRun:
                 raise ValueError(f"microbatch {mb} has no labels: forward_backward needs "
                                  "labels on the last stage")
         if self.stats is not None and not self.forward_only:
-            self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(self.outputs))
+            held = len(self.outputs) + (len(self.stores[c].pending) if self.stores else 0)
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, held)
+        return waited
 
-    def backward(self, mb: int, c: int):
+    def backward(self, mb: int, c: int) -> float:
         out = self.outputs.pop((mb, c))
-        if self.last(c):
-            # fp16: the loss scale multiplies the gradient at its root, so every stage's
-            # gradients (and the ones sent upstream) are scaled alike
-            torch.autograd.backward(self.scale_loss(out) if self.scale_loss else out)
-        else:
-            if self.meter is not None:   # what is left of the freed output: 1 element
-                self.meter.add(-out.untyped_storage().nbytes())
-            _backward_freed(out, self.out_grads.pop((mb, c)))
+        waited = 0.0
+        split = (self.stores[c].backward_of((mb, c)) if self.stores is not None
+                 else contextlib.nullcontext())
+        with split:
+            if self.last(c):
+                # fp16: the loss scale multiplies the gradient at its root, so every
+                # stage's gradients (and the ones sent upstream) are scaled alike
+                torch.autograd.backward(self.scale_loss(out) if self.scale_loss else out)
+            else:
+                grad, waited = self._received("grad", mb, c)
+                if self.meter is not None:   # what is left of the freed output: 1 element
+                    self.meter.add(-out.untyped_storage().nbytes())
+                _backward_freed(out, grad)
         del out
         if not self.first(c):
             self.in_grads[(mb, c)] = self.inputs.pop((mb, c)).grad
+        if self.stores is not None:
+            # B without linear layers (possible for a stage of norms only) needs no W;
+            # keep the key so that the W op finds an (empty) entry
+            self.stores[c].pending.setdefault((mb, c), [])
+        return waited
 
     def exchange(self, msgs):
-        send_next = send_prev = recv_act = recv_grad = None
+        send_next = send_prev = None
+        recv_act = recv_grad = None
+        sent_key = None
         for msg in msgs:
             key = (msg.mb, msg.chunk)
             if msg.op == "send" and msg.what == "act":
                 send_next = (self.outputs[key].detach(), self.out_sides.pop(key))
+                sent_key = key
             elif msg.op == "send":
                 send_prev = self.in_grads.pop(key)
             elif msg.what == "act":
                 recv_act = key
             else:
                 recv_grad = key
-        got_act, got_grad = self.comm.exchange(send_next=send_next, send_prev=send_prev,
-                                               recv_prev=recv_act is not None,
-                                               recv_next=recv_grad is not None)
-        if send_next is not None:
-            key = next((m.mb, m.chunk) for m in msgs if m.op == "send" and m.what == "act")
-            out = self.outputs[key] if not self.forward_only else self.outputs.pop(key)
+        posted = self.comm.post(send_next=send_next, send_prev=send_prev,
+                                recv_prev=recv_act is not None,
+                                recv_next=recv_grad is not None)
+        if recv_act is not None:
+            self.recvs[("act",) + recv_act] = posted
+        if recv_grad is not None:
+            self.recvs[("grad",) + recv_grad] = posted
+        if send_next is not None or send_prev is not None:
+            # drop batches whose sends finished: their buffers can go
+            self.sends = [x for x in self.sends if not x.sends_done()]
+            self.sends.append(posted)
+        if sent_key is not None:
+            out = self.outputs[sent_key] if not self.forward_only else \
+                self.outputs.pop(sent_key)
             held = out.untyped_storage().nbytes()
             if not self.forward_only:
-                # sent: only the graph is needed until the backward (see module docstring)
+                # posted: only the graph is needed until the backward (module docstring);
+                # the send keeps the values alive through its own reference until done
                 _free_output(out)
                 if self.stats is not None:
                     self.stats.outputs_freed += 1
             if self.meter is not None:   # forward-only: dropped; training: .data freed
                 self.meter.add(-(held - (out.untyped_storage().nbytes()
                                          if not self.forward_only else 0)))
-        if recv_act is not None:
-            x, side = got_act
-            self.inputs[recv_act] = x.requires_grad_(not self.forward_only)
-            self.sides[recv_act] = side
-        if recv_grad is not None:
-            self.out_grads[recv_grad] = got_grad
 
 
 def _reduce_loss(total: torch.Tensor, state, comm) -> float:
@@ -529,20 +623,20 @@ def forward_backward(schedule: str, chunks: list, microbatches: list[dict], num_
         raise ValueError(f"got {v} model chunks but the layout has vpp={state.dims.vpp}")
     if forward_only and schedule == "none" and p > 1:
         schedule = "1f1b"  # the forward-only order does not depend on the schedule
-    check_schedule(schedule, p, m, v, forward_only)
+    program = cached_program(schedule, p, s, m, v, forward_only)   # checks the layout
     if num_tokens <= 0 and not forward_only:
         raise ValueError(f"num_tokens={num_tokens} must be positive (labels != -100 over "
                          "the global batch)")
     if p > 1 and comm is None:
         raise ValueError(f"pp={p} needs a P2P object (engine.p2p.P2P) as comm")
     device = state.device if state is not None else next(chunks[0].parameters()).device
-    program = stage_program(schedule, p, s, m, v, forward_only)
     run = _StageRun(chunks, microbatches, max(num_tokens, 1), comm, p, s, forward_only,
-                    no_sync, forward_step, autocast, stats, meter, outputs, device)
+                    no_sync, forward_step, autocast, stats, meter, outputs, device,
+                    split=schedule in SPLIT_BACKWARD)
     run.scale_loss = scale_loss
     if comm is not None:
         # every stage raises the same ValueError on a disagreement, so nothing to report
-        comm.begin_step(microbatches if s == 0 else None, m)
+        comm.begin_step(microbatches, m)
     try:
         with meter.hooks() if meter is not None else contextlib.nullcontext():
             total = run.run(program)

@@ -173,8 +173,9 @@ def _memory_case(state, schedule, m):
 def _pp2_worker(rank, world):
     out = {}
     state = init_distributed(ParallelDims(pp=2), timeout=30, num_layers=config().num_layers)
-    for schedule in ("1f1b", "gpipe"):
+    for schedule in ("1f1b", "gpipe", "zb-h1"):
         out[schedule] = _train_case(state, schedule, m=4, steps=3)
+    out["zb-h1 m<p"] = _train_case(state, "zb-h1", m=1, steps=1)
     out["1f1b m<p"] = _train_case(state, "1f1b", m=1, steps=1)
     out["forward-only"] = _forward_only_case(state, m=3)
     for schedule in ("1f1b", "gpipe"):
@@ -193,11 +194,14 @@ def _pp4_worker(rank, world):
     out["1f1b"] = _train_case(state, "1f1b", m=5, steps=3)
     out["gpipe"] = _train_case(state, "gpipe", m=3, steps=1)
     out["1f1b m<p"] = _train_case(state, "1f1b", m=2, steps=1)
+    out["zb-h1"] = _train_case(state, "zb-h1", m=5, steps=2)
     out["forward-only"] = _forward_only_case(state, m=3)
     # pp=2 x dp=2 on the same 4 processes: 4 global microbatches, 2 per data-parallel rank
     state = init_distributed(ParallelDims(pp=2, dp=2), timeout=30)
     out["pp2 dp2"] = _train_case(state, "1f1b", m=4, steps=2, dp_offset=2 * state.coords.dp,
                                  dp_m=2)
+    out["pp2 dp2 zb-h1"] = _train_case(state, "zb-h1", m=4, steps=2,
+                                       dp_offset=2 * state.coords.dp, dp_m=2)
     out["pp2 dp2 coords"] = (state.coords.pp, state.coords.dp, state.pp_ranks, state.dp_ranks)
     return out
 
@@ -235,7 +239,8 @@ def check_training(results, key, m, steps):
     assert names == set(ref[0]["params"]), "the stages together must hold every parameter"
 
 
-@pytest.mark.parametrize("key, m", [("1f1b", 4), ("gpipe", 4), ("interleaved", 4)])
+@pytest.mark.parametrize("key, m", [("1f1b", 4), ("gpipe", 4), ("interleaved", 4),
+                                    ("zb-h1", 4)])
 def test_pp2_parity(pp2, key, m):
     check_training(pp2, key, m, steps=3)
 
@@ -243,14 +248,17 @@ def test_pp2_parity(pp2, key, m):
 def test_pp2_small_m(pp2):
     check_training(pp2, "1f1b m<p", m=1, steps=1)
     check_training(pp2, "interleaved m=p", m=2, steps=1)
+    check_training(pp2, "zb-h1 m<p", m=1, steps=1)
 
 
-@pytest.mark.parametrize("key, m, steps", [("1f1b", 5, 3), ("gpipe", 3, 1), ("1f1b m<p", 2, 1)])
+@pytest.mark.parametrize("key, m, steps", [("1f1b", 5, 3), ("gpipe", 3, 1), ("1f1b m<p", 2, 1),
+                                           ("zb-h1", 5, 2)])
 def test_pp4_parity(pp4, key, m, steps):
     check_training(pp4, key, m, steps)
 
 
-def test_pp2_dp2_parity_and_groups(pp4):
+@pytest.mark.parametrize("key", ["pp2 dp2", "pp2 dp2 zb-h1"])
+def test_pp2_dp2_parity_and_groups(pp4, key):
     # each dp rank holds its pipeline's stage; grads summed over dp equal the global ones
     ref = reference(4, 2, dp=2)
     for rank, res in enumerate(pp4):
@@ -258,7 +266,7 @@ def test_pp2_dp2_parity_and_groups(pp4):
         assert (pp_rank, dp_rank) == (rank // 2, rank % 2)
         assert pp_ranks == [rank % 2, rank % 2 + 2] and dp_ranks == [rank - rank % 2,
                                                                      rank - rank % 2 + 1]
-        for step, (got, want) in enumerate(zip(res["pp2 dp2"], ref)):
+        for step, (got, want) in enumerate(zip(res[key], ref)):
             assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
             for n, g in got["grads"].items():
                 assert_rel(g, want["grads"][n], f"pp2 dp2 rank {rank} grad {n}")
@@ -287,6 +295,8 @@ def test_one_f_one_b_bounds_in_flight_and_frees_sent_outputs(pp2, pp4):
             # every output sent downstream lost its .data (the last stage sends none)
             assert res[key][0]["freed"] == (m if s < p - 1 else 0)
     for s, res in enumerate(pp2):
+        # ZB-H1 holds a microbatch from F to W: p on every stage (1F1B's stage-0 peak)
+        assert res["zb-h1"][0]["peak"] == 2
         assert res["gpipe"][0]["peak"] == 4
         assert res["interleaved"][0]["peak"] == min(8, (2 - s - 1) * 2 + 2 + 1)
 
@@ -294,6 +304,8 @@ def test_one_f_one_b_bounds_in_flight_and_frees_sent_outputs(pp2, pp4):
 def test_no_sync_wraps_all_but_the_last_backward_of_each_chunk(pp2):
     for res in pp2:
         assert res["1f1b"][0]["no_sync"] == 4 - 1
+        # split backward: the reduction rides on the last B and the last W
+        assert res["zb-h1"][0]["no_sync"] == 2 * 4 - 2
         assert res["interleaved"][0]["no_sync"] == 4 * 2 - 2
 
 

@@ -16,21 +16,31 @@ def test_full_grid_no_deadlock_and_textbook_numbers():
             continue
         # every stage computes m * v forwards and m * v backwards
         assert all(abs(b - 3.0 * m) < 1e-9 for b in r.busy)
-        assert r.bubble == pytest.approx(expected_bubble(schedule, p, m, v), abs=1e-9), \
-            (schedule, p, m, v)
+        if schedule != "zb-h1" or m >= p:
+            assert r.bubble == pytest.approx(expected_bubble(schedule, p, m, v), abs=1e-9), \
+                (schedule, p, m, v)
         if schedule == "1f1b":
             assert r.bubble == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+            assert r.makespan == pytest.approx(3.0 * (m + p - 1))
             assert r.peak_in_flight == [min(p - s, m) for s in range(p)], (p, m)
         if schedule == "gpipe":
             assert r.peak_in_flight == [m] * p
         if schedule == "none":
             assert r.peak_in_flight == [1]
+        if schedule == "zb-h1":
+            one_f = simulate_schedule("1f1b", p, m)
+            if m >= p:   # the paper's (p-1)/(3m+p-1) with t_F = t_B = t_W
+                assert r.bubble == pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-9)
+            assert r.bubble <= one_f.bubble + 1e-12, (p, m)
+            # a microbatch is held from F to W: never more than 1F1B's peak (stage 0's)
+            assert max(r.peak_in_flight) == max(one_f.peak_in_flight), (p, m)
+            assert r.peak_in_flight[0] == one_f.peak_in_flight[0]
         if schedule == "interleaved":
             # Megatron's warmup: (p - s - 1) * 2 + (v - 1) * p forwards ahead, then one
             # more before the first backward (counted in (microbatch, chunk) units)
             assert r.peak_in_flight == [min(m * v, (p - s - 1) * 2 + (v - 1) * p + 1)
                                         for s in range(p)]
-    assert len(seen) == 8
+    assert len(seen) == 10
 
 
 def test_bubble_depends_on_backward_cost_only_through_the_formula():
@@ -96,3 +106,35 @@ def test_interleaved_pairs_forward_and_backward_in_one_exchange():
 def test_invalid_combinations_fail_clearly(schedule, p, m, v, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", ".")):
         stage_program(schedule, p, 0, m, v)
+
+
+def test_zb_h1_order_blocks_and_sends_before_w():
+    # stage 1 of 4: 1F1B's warmup (2 forwards), then F B pairs with W one microbatch
+    # behind B (lag s = 1), and the deferred W at the end
+    kinds = [f"{k}{mb}" for slot in compute_order("zb-h1", 4, 1, 6) for k, mb, _ in slot]
+    assert kinds == ["F0", "F1", "F2", "B0", "F3", "B1", "W0", "F4", "B2", "W1", "F5", "B3",
+                     "W2", "B4", "W3", "B5", "W4", "W5"]
+    # the input gradient of a B is posted before the W that follows it
+    prog = [str(op) for op in stage_program("zb-h1", 4, 1, 6)]
+    i = prog.index("B1.0")
+    assert prog[i + 1].startswith("X[send grad 1.0") and prog[i + 2] == "W0.0"
+
+
+
+def test_ranks_run_their_batches_in_posting_order():
+    # gloo would match these (each message on its own), but with one ordered stream per
+    # rank (NCCL) stage 1's batch waiting for stage 0's second send blocks its own first
+    # send, which stage 0 needs before it can post that second send: a deadlock
+    p0 = [Op("F", 0, 0), Op("X", msgs=(Msg("send", "act", 0, 0), Msg("recv", "grad", 0, 0))),
+          Op("B", 0, 0), Op("F", 1, 0), Op("X", msgs=(Msg("send", "act", 1, 0),)),
+          Op("X", msgs=(Msg("recv", "grad", 1, 0),)), Op("B", 1, 0)]
+    p1 = [Op("X", msgs=(Msg("recv", "act", 0, 0), Msg("recv", "act", 1, 0))),
+          Op("F", 0, 0), Op("B", 0, 0), Op("X", msgs=(Msg("send", "grad", 0, 0),)),
+          Op("F", 1, 0), Op("B", 1, 0), Op("X", msgs=(Msg("send", "grad", 1, 0),))]
+    with pytest.raises(ScheduleError, match="deadlock"):
+        simulate([p0, p1], p=2)
+    # posting stage 1's second receive after its first send resolves it
+    p1 = [Op("X", msgs=(Msg("recv", "act", 0, 0),)), Op("F", 0, 0), Op("B", 0, 0),
+          Op("X", msgs=(Msg("send", "grad", 0, 0), Msg("recv", "act", 1, 0))),
+          Op("F", 1, 0), Op("B", 1, 0), Op("X", msgs=(Msg("send", "grad", 1, 0),))]
+    assert simulate([p0, p1], p=2).makespan == pytest.approx(12.0)
