@@ -155,10 +155,16 @@ def test_tokenizer_special_ids_and_round_trip(sp_model):
 def test_native_tokenizer_still_native_and_tiktoken_refused(tmp_path):
     native = Tokenizer.train(["hello world 你好"] * 50, tmp_path / "native", vocab_size=300)
     assert isinstance(load_tokenizer(native.path), Tokenizer)
+    from runners.convert_checkpoint import source_tokenizer
+    # a native model exported with its tokenizer re-imports with it
+    assert source_tokenizer(str(native.path.parent), 1024) == str(native.path)
     tik = tmp_path / "tokenizer.model"
     tik.write_bytes(b"IQ== 0\nIg== 1\nIw== 2\nJA== 3\n")
     with pytest.raises(ValueError, match="tiktoken tokenizer .GLM-4. is not supported"):
         load_tokenizer(tik)
+    notes = []
+    assert source_tokenizer(str(tmp_path), 1024, notes.append) is None
+    assert len(notes) == 1 and "GLM-4's tiktoken tokenizer, which is not supported" in notes[0]
 
 
 # ---- chat prompt and training layout ---------------------------------------------------
