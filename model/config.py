@@ -138,8 +138,13 @@ LAYOUT_FIELDS = ("position_layout", "rope_scaling", "rope_ratio", "chat_format")
 
 
 def with_layout_of(config: "GLMConfig", checkpoint_model: dict) -> "GLMConfig":
-    """`config` with the LAYOUT_FIELDS of a checkpoint's model config dict (meta.json's
-    config.model); a checkpoint older than a field has that field's default."""
+    """The model config of a run that starts from a checkpoint (meta.json's config.model):
+    `config` with the checkpoint's LAYOUT_FIELDS (a checkpoint older than a field has its
+    default). A causal1d checkpoint (an imported ChatGLM, or anything trained from one)
+    gives its whole config, keeping only `config.kernels`: nobody restates a published
+    model's shape in a run config."""
+    if checkpoint_model.get("position_layout") == "causal1d":
+        return GLMConfig.from_dict({**checkpoint_model, "kernels": config.kernels})
     default = GLMConfig()
     return dataclasses.replace(config, **{f: checkpoint_model.get(f, getattr(default, f))
                                           for f in LAYOUT_FIELDS})

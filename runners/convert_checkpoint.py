@@ -96,7 +96,8 @@ def _shards(named: list[tuple[str, torch.Tensor]], max_bytes: int):
 def source_tokenizer(src: str, vocab: int, log=print) -> str | None:
     """The ChatGLM directory's tokenizer.model when this project can use it, else None
     (with one line saying why)."""
-    from model.chatglm_tokenizer import ChatGLMTokenizer, is_tiktoken
+    from model.chatglm_tokenizer import is_tiktoken
+    from model.tokenizer import load_tokenizer
     tok = os.path.join(src, TOKENIZER)
     if not os.path.isfile(tok):
         log(f"note: {src} has no {TOKENIZER}; the checkpoint has no tokenizer")
@@ -107,7 +108,7 @@ def source_tokenizer(src: str, vocab: int, log=print) -> str | None:
         log(f"note: {tok} is GLM-4's tiktoken tokenizer, which is not supported (it would "
             "need a tiktoken dependency): weights converted, tokenizer left out")
         return None
-    t = ChatGLMTokenizer(tok, data)
+    t = load_tokenizer(tok)   # ChatGLM's, or a native one that an export carried along
     if t.vocab_size > vocab:
         raise ValueError(f"{tok} has {t.vocab_size} ids but padded_vocab_size is {vocab}")
     return tok

@@ -155,10 +155,16 @@ def test_tokenizer_special_ids_and_round_trip(sp_model):
 def test_native_tokenizer_still_native_and_tiktoken_refused(tmp_path):
     native = Tokenizer.train(["hello world 你好"] * 50, tmp_path / "native", vocab_size=300)
     assert isinstance(load_tokenizer(native.path), Tokenizer)
+    from runners.convert_checkpoint import source_tokenizer
+    # a native model exported with its tokenizer re-imports with it
+    assert source_tokenizer(str(native.path.parent), 1024) == str(native.path)
     tik = tmp_path / "tokenizer.model"
     tik.write_bytes(b"IQ== 0\nIg== 1\nIw== 2\nJA== 3\n")
     with pytest.raises(ValueError, match="tiktoken tokenizer .GLM-4. is not supported"):
         load_tokenizer(tik)
+    notes = []
+    assert source_tokenizer(str(tmp_path), 1024, notes.append) is None
+    assert len(notes) == 1 and "GLM-4's tiktoken tokenizer, which is not supported" in notes[0]
 
 
 # ---- chat prompt and training layout ---------------------------------------------------
@@ -239,3 +245,60 @@ def test_import_finetune_export_import(tmp_path, sp_model):
     ids = fmt.prompt(pairs[0][0])
     ref = ChatGLMReference(out, "base")
     assert (again(torch.tensor([ids]))[0] - ref.logits(ids)).abs().max() < 2e-5
+
+
+def test_triton_kernels_match_reference_causal(tmp_path):
+    """The fused path (Triton under the interpreter on CPU) takes the causal 1D layout too:
+    the attention kernel's prefix 0 is causal, the rotary kernel gets zero second-half
+    angles."""
+    d = make_chatglm_dir(str(tmp_path / "tri"), "position", 4.0)
+    model = load_chatglm(d, kernels="triton")
+    ids = list(range(5, 17))
+    got = model(torch.tensor([ids]))[0]
+    assert (got - ChatGLMReference(d, "position").logits(ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("scaling", ["none", "base", "position"])
+def test_pruning_keeps_layout_and_rope(scaling):
+    """Pruning keeps position_layout / chat_format; a head-dim cut under the exact rotary
+    rule stays exact for an unscaled ("none") or base-scaled rope (the student scales the
+    base), and is refused for position interpolation, which one rope_ratio cannot carry."""
+    from test_prune import build, make_batch, prune_model, zero_qk_pair, zero_v_channel
+
+    from engine.compress.importance import magnitude_importance
+    from engine.compress.prune import PruneTarget, select
+    model = build(position_layout="causal1d", chat_format="chatglm3", rope_scaling=scaling,
+                  rope_ratio=4.0)
+    c = model.config
+    for layer in range(c.num_layers):
+        for p in (2, 3):                      # keep pairs {0, 1} of each half (stride 1)
+            zero_qk_pair(model, layer, p)
+            zero_qk_pair(model, layer, p + 4)
+        for ch in range(8, 16):
+            zero_v_channel(model, layer, ch)
+    imp = magnitude_importance(model)
+    if scaling == "position":
+        with pytest.raises(ValueError, match="rope_scaling='position'"):
+            select(imp, c, PruneTarget(kv_channels=8))
+        return
+    pruned = prune_model(model, select(imp, c, PruneTarget(kv_channels=8)))
+    pc = pruned.config
+    assert (pc.position_layout, pc.chat_format, pc.rope_scaling) == ("causal1d", "chatglm3",
+                                                                    "base")
+    # stride 1 at d' = d/2: base' = sqrt(base), from the base this model really uses
+    assert pc.rope_base == pytest.approx(c.rope_base ** 0.5)
+    batch = make_batch()
+    with torch.no_grad():
+        assert (pruned(batch["input_ids"]) - model(batch["input_ids"])).abs().max() < 1e-4
+
+
+def test_runs_from_a_checkpoint_take_its_layout():
+    from model.config import with_layout_of
+    run = GLMConfig.preset("tiny", kernels="torch")
+    native = GLMConfig.preset("tiny", rope_ratio=0.5, hidden_dropout=0.1).to_dict()
+    got = with_layout_of(run, native)
+    assert got.rope_ratio == 0.5 and got.hidden_dropout == 0.0 and got.kernels == "torch"
+    imported = GLMConfig.preset("small", position_layout="causal1d", chat_format="chatglm3",
+                                rope_scaling="none").to_dict()
+    got = with_layout_of(run, imported)
+    assert got == GLMConfig.from_dict({**imported, "kernels": "torch"})
