@@ -268,8 +268,9 @@ def compile_launch(ln: Launch, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     signature, constexprs, attrs, options = _bind(ln, arch)
-    cfg = " ".join(f"{k}={v}" for k, v in ln.kwargs.items() if k.startswith("BLOCK_")
-                   or k in ("num_warps", "num_stages"))
+    cfg = " ".join([f"{k}={v}" for k, v in ln.kwargs.items() if k.startswith("BLOCK_")
+                    or k in ("num_warps", "num_stages")]
+                   + [k for k, v in ln.kwargs.items() if v is True])  # HAS_RESIDUAL, ...
     dt = _dot_dtype(ln)
     t0 = time.time()
     log = io.StringIO()

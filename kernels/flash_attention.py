@@ -349,8 +349,10 @@ class Options:
 # runners/check_kernels.py: each compiles for its target without register spills, within
 # shared memory, and with tensor-core dots for fp16 / bf16. The first choices that spilled
 # (a 32 x 128 dK/dV tile at head_dim 128 on sm_80: ~17 KB of spills; 64 x 32 fp32 tiles:
-# up to 100 KB) are what the smaller tiles here replace. "dec" is the forward at <= 16
-# query rows (decoding), where a 128-row query tile would be mostly empty.
+# up to 100 KB) are what the smaller tiles here replace. On sm_90 no dK/dV tile at
+# head_dim 128 that reaches wgmma compiled without spills (12 tried: 96-1,480 B), so that
+# pick runs mma.sync. "dec" is the forward at <= 16 query rows (decoding), where a
+# 128-row query tile would be mostly empty.
 TILES: dict[tuple[int, int, str, str], Blocks] = {
     (80, 128, "16", "fwd"): Blocks(128, 32, 8, 2),
     (80, 128, "16", "dkdv"): Blocks(32, 64, 8, 2),
@@ -361,29 +363,29 @@ TILES: dict[tuple[int, int, str, str], Blocks] = {
     (80, 128, "32", "dq"): Blocks(32, 16, 4, 1),
     (80, 128, "32", "dec"): Blocks(16, 16, 4, 1),
     (80, 64, "16", "fwd"): Blocks(128, 64, 8, 3),
-    (80, 64, "16", "dkdv"): Blocks(32, 64, 4, 2),
+    (80, 64, "16", "dkdv"): Blocks(32, 32, 4, 2),
     (80, 64, "16", "dq"): Blocks(128, 32, 8, 3),
     (80, 64, "16", "dec"): Blocks(16, 64, 4, 3),
-    (80, 64, "32", "fwd"): Blocks(32, 32, 4, 1),
+    (80, 64, "32", "fwd"): Blocks(32, 32, 8, 1),
     (80, 64, "32", "dkdv"): Blocks(16, 32, 4, 1),
-    (80, 64, "32", "dq"): Blocks(32, 16, 4, 1),
-    (80, 64, "32", "dec"): Blocks(16, 16, 4, 1),
+    (80, 64, "32", "dq"): Blocks(32, 32, 4, 1),
+    (80, 64, "32", "dec"): Blocks(16, 32, 4, 1),
     (90, 128, "16", "fwd"): Blocks(128, 64, 8, 3),
-    (90, 128, "16", "dkdv"): Blocks(32, 64, 4, 2),
+    (90, 128, "16", "dkdv"): Blocks(32, 32, 4, 2),
     (90, 128, "16", "dq"): Blocks(128, 32, 8, 3),
     (90, 128, "16", "dec"): Blocks(16, 64, 4, 3),
-    (90, 128, "32", "fwd"): Blocks(32, 32, 4, 1),
-    (90, 128, "32", "dkdv"): Blocks(16, 32, 4, 1),
-    (90, 128, "32", "dq"): Blocks(32, 16, 4, 1),
-    (90, 128, "32", "dec"): Blocks(16, 16, 4, 1),
+    (90, 128, "32", "fwd"): Blocks(16, 16, 4, 1),
+    (90, 128, "32", "dkdv"): Blocks(16, 16, 4, 1),
+    (90, 128, "32", "dq"): Blocks(16, 16, 4, 1),
+    (90, 128, "32", "dec"): Blocks(16, 64, 4, 3),
     (90, 64, "16", "fwd"): Blocks(128, 64, 8, 3),
-    (90, 64, "16", "dkdv"): Blocks(32, 64, 4, 2),
+    (90, 64, "16", "dkdv"): Blocks(32, 128, 8, 3),
     (90, 64, "16", "dq"): Blocks(128, 32, 8, 3),
     (90, 64, "16", "dec"): Blocks(16, 64, 4, 3),
     (90, 64, "32", "fwd"): Blocks(32, 32, 4, 1),
-    (90, 64, "32", "dkdv"): Blocks(16, 32, 4, 1),
+    (90, 64, "32", "dkdv"): Blocks(16, 32, 8, 1),
     (90, 64, "32", "dq"): Blocks(32, 16, 4, 1),
-    (90, 64, "32", "dec"): Blocks(16, 16, 4, 1),
+    (90, 64, "32", "dec"): Blocks(16, 64, 4, 3),
 }
 # smaller tiles tried in turn if a pick does not fit (a GPU outside the table, e.g. the
 # 99 KB of shared memory of sm_86 / sm_89)

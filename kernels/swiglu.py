@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ops import dot_precision, interpreting, upcast_dot
+from kernels.ops import dot_precision, gpu_target, interpreting, upcast_dot
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -149,22 +149,33 @@ def swiglu_backward(x2: torch.Tensor, dy2: torch.Tensor) -> torch.Tensor:
     return dx
 
 
-def _matmul_config(m: int, f: int, k: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Two [BM, BN] fp32 accumulators
-    live in registers: 128 x 64 x 2 at 8 warps is 64 registers a thread."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (target, 16-bit / fp32), checked
+# ahead of time by runners/check_kernels.py (no spills, within shared memory, tensor-core
+# dots for 16-bit). Two [BM, BN] fp32 accumulators live in registers: 128 x 64 x 2 at 8
+# warps is 64 registers a thread. fp32 ("ieee") dots hold their operands in registers as
+# well: at 4 warps the 64 x 64 x 32 fp32 tile spilled ~1.2 KB on sm_80, at 8 it does not.
+MATMUL_TILES = {
+    (80, "16"): (128, 64, 64, 8, 3),
+    (80, "32"): (64, 64, 32, 8, 3),
+    (90, "16"): (128, 64, 64, 8, 3),
+    (90, "32"): (64, 64, 32, 8, 3),
+}
+
+
+def _matmul_config(m: int, f: int, k: int, dtype: torch.dtype, arch: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for x [m, k] @ W [2f, k]^T."""
     if interpreting():
         def fit(n, cap):
             return max(16, min(triton.next_power_of_2(n), cap))
         return fit(m, 64), fit(f, 64), fit(k, 64), 4, 1
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 64, 64, 8, 3
+    return MATMUL_TILES[(90 if arch >= 90 else 80, "32" if dtype == torch.float32 else "16")]
 
 
 def _launch_matmul(x2, weight, out, dy, backward: bool):
     m, k = x2.shape
     f = weight.shape[0] // 2
-    bm, bn, bk, warps, stages = _matmul_config(m, f, k, x2.dtype)
+    arch = 0 if interpreting() else gpu_target(x2.device)[0]
+    bm, bn, bk, warps, stages = _matmul_config(m, f, k, x2.dtype, arch)
     grid = (triton.cdiv(m, bm) * triton.cdiv(f, bn),)
     _swiglu_matmul[grid](
         x2, weight, out, dy if dy is not None else out, m, f, k, x2.stride(0), x2.stride(1),

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_DEFAULT_FP_FUSION="1")
+    env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("TRITON_INTERPRET", None)
     return env
 

@@ -42,8 +42,9 @@ class MatmulDtypes(TorchDispatchMode):
 
 
 class _DotRecorder:
-    def __init__(self, fn, name, seen):
-        self.fn, self.name, self.seen = fn, name, seen
+    def __init__(self, module, name, seen):
+        self.module, self.name, self.seen = module, name, seen
+        self.fn = getattr(module, name)
 
     def __getitem__(self, grid):
         launch = self.fn[grid]
@@ -61,9 +62,7 @@ def triton_dots(monkeypatch):
     """Records (kernel, dot operand dtypes) of every Triton dot-kernel launch."""
     seen = []
     for (module, name) in DOT_OPERANDS:
-        rec = _DotRecorder(getattr(module, name), name, seen)
-        rec.module = module
-        monkeypatch.setattr(module, name, rec)
+        monkeypatch.setattr(module, name, _DotRecorder(module, name, seen))
     return seen
 
 
@@ -166,7 +165,7 @@ def test_reference_path_runs_every_matmul_in_bf16(case):
 def test_triton_path_runs_every_matmul_in_fp16(case, triton_dots):
     phases = []
     out, grads = run(case, torch.float16, "triton", phases)
-    dot_kernels = [(name, dts) for name, dts in triton_dots]
+    dot_kernels = list(triton_dots)
     assert all(dts == {torch.float16} for _, dts in dot_kernels), dot_kernels
     for phase, seen in phases:  # the torch matmuls around the kernels (cuBLAS on a GPU)
         assert all(dts == {torch.float16} for _, dts in seen), f"{case} {phase}: {seen}"
