@@ -25,6 +25,8 @@ of (microbatch, chunk) activations each stage holds for backward.
 
     python -m engine.pipeline_sim              # the full grid, one line per schedule
     python -m engine.pipeline_sim 1f1b 4 8     # one case, with per-stage details
+    python -m engine.pipeline_sim --draw zb-h1 -p 4 -m 8 [--vpp V] [-o FILE.png]
+                                               # the time line as a PNG (engine.draw)
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class SimResult:
     busy: list[float]           # compute time per stage
     peak_in_flight: list[int]   # per stage, (microbatch, chunk) activations held
     ops: list[int]              # program length per stage
+    timeline: list = None       # per stage: (kind, mb, chunk, start, end) of each compute op
 
     @property
     def bubble(self) -> float:
@@ -102,6 +105,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
     done_f: list[set] = [set() for _ in range(p)]
     peak = [0] * p
     has_backward = [any(op.kind == "B" for op in prog) for prog in programs]
+    timeline: list[list] = [[] for _ in range(p)]
 
     def peer_stage(s, msg):
         return (s + 1) % p if msg.peer == "next" else (s - 1) % p
@@ -175,6 +179,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
             if op.kind == "F":
                 if not first and not wait_for(s, ("act",) + key):
                     return moved
+                timeline[s].append(("F", op.mb, op.chunk, clock[s], clock[s] + cost["F"]))
                 clock[s] += cost["F"]
                 busy[s] += cost["F"]
                 done_f[s].add(key)
@@ -186,6 +191,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
                     raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} without its forward")
                 if not last and not wait_for(s, ("grad",) + key):
                     return moved
+                timeline[s].append(("B", op.mb, op.chunk, clock[s], clock[s] + cost["B"]))
                 clock[s] += cost["B"]
                 busy[s] += cost["B"]
                 if split:
@@ -197,6 +203,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
                     raise ScheduleError(f"stage {s}: W{op.mb}.{op.chunk} before its B")
                 backwarded[s].discard(key)
                 alive[s].discard(key)
+                timeline[s].append(("W", op.mb, op.chunk, clock[s], clock[s] + cost["W"]))
                 clock[s] += cost["W"]
                 busy[s] += cost["W"]
             else:   # post the batch; nobody waits here
@@ -241,7 +248,8 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
         if alive[s] or recv_in[s]:
             raise ScheduleError(f"stage {s} ends with activations never backwarded "
                                 f"{sorted(alive[s])} or unused messages {sorted(recv_in[s])}")
-    return SimResult(schedule, p, m, v, max(clock), busy, peak, [len(x) for x in programs])
+    return SimResult(schedule, p, m, v, max(clock), busy, peak, [len(x) for x in programs],
+                     timeline)
 
 
 def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.0,
@@ -266,6 +274,24 @@ def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--draw":
+        import argparse
+
+        from engine.draw import draw_png
+        ap = argparse.ArgumentParser(prog="python -m engine.pipeline_sim --draw")
+        ap.add_argument("schedule")
+        ap.add_argument("-p", type=int, required=True)
+        ap.add_argument("-m", type=int, required=True)
+        ap.add_argument("--vpp", type=int, default=1)
+        ap.add_argument("-o", "--out", default="")
+        a = ap.parse_args(argv[1:])
+        r = simulate_schedule(a.schedule, a.p, a.m, a.vpp)
+        out = a.out or f"{a.schedule}_p{a.p}_m{a.m}.png"
+        draw_png(r, out)
+        print(f"wrote {out}: {a.schedule} p={a.p} m={a.m} vpp={a.vpp}, makespan "
+              f"{r.makespan:g}, bubble {r.bubble:.3f} (rows = ranks; blue F, green B, "
+              "orange W, white idle)")
+        return 0
     if argv:
         schedule, p, m = argv[0], int(argv[1]), int(argv[2])
         v = int(argv[3]) if len(argv) > 3 else 1

@@ -443,11 +443,21 @@ class _StageRun:
             if op.kind in "BW":
                 synced[(op.kind, op.chunk)] = i
         synced = set(synced.values())
+        # gloo matches each transfer on its own (per peer and tag, in posting order), so
+        # a receive can go out one exchange early and its data arrive during the compute
+        # in between; NCCL runs a rank's batches in order, so there the program's own
+        # batches (the ones pipeline_sim proves) are posted as they are
+        exchanges = [i for i, op in enumerate(program) if op.kind == "X"]
+        ahead = {}
+        if self.comm is not None and getattr(self.comm.state, "backend", "gloo") != "nccl":
+            ahead = {a: program[b].msgs for a, b in zip(exchanges, exchanges[1:])}
         for i, op in enumerate(program):
             t0 = time.perf_counter()
             waited = 0.0
             if op.kind == "X":
                 self.exchange(op.msgs)
+                if i in ahead:
+                    self.exchange(tuple(x for x in ahead[i] if x.op == "recv"))
             else:
                 sync_off = self.no_sync is not None and op.kind != "F" and i not in synced
                 with self.no_sync() if sync_off else contextlib.nullcontext():
@@ -552,10 +562,14 @@ class _StageRun:
                 sent_key = key
             elif msg.op == "send":
                 send_prev = self.in_grads.pop(key)
+            elif ("act" if msg.what == "act" else "grad",) + key in self.recvs:
+                continue    # posted one exchange early
             elif msg.what == "act":
                 recv_act = key
             else:
                 recv_grad = key
+        if send_next is None and send_prev is None and recv_act is None and recv_grad is None:
+            return
         posted = self.comm.post(send_next=send_next, send_prev=send_prev,
                                 recv_prev=recv_act is not None,
                                 recv_next=recv_grad is not None)

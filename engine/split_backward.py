@@ -14,7 +14,8 @@ Other parameters (norms, embeddings: a small share of the work) get their gradie
 This differs from torch.distributed.pipelining's stage_backward_input/weight, which
 retain the autograd graph between the two passes, and is closer to Megatron/ZB's
 WeightGradStore (which intercepts their own linear layers); it is written for the
-nn.Linear layers of model/ (tensor-parallel layers keep the plain backward).
+nn.Linear layers of model/ (tensor-parallel layers, and the output layer whose weight the
+fused loss reads directly, keep the plain backward: their weight gradients come in B).
 """
 from __future__ import annotations
 
@@ -105,6 +106,14 @@ def _linear_forward(module: nn.Linear, store: WeightGradStore):
     return forward
 
 
+def _mlp_forward(mlp):
+    from kernels import ops
+
+    def forward(x):
+        return mlp.down(ops.swiglu(mlp.gate_up(x), mlp.config.kernels))
+    return forward
+
+
 def install(chunk: nn.Module, store: WeightGradStore) -> int:
     """Route every nn.Linear of `chunk` through the deferring Function (idempotent);
     returns how many layers are routed. Plain backwards through them (store.key None)
@@ -112,6 +121,15 @@ def install(chunk: nn.Module, store: WeightGradStore) -> int:
     other schedules."""
     n = 0
     for module in chunk.modules():
+        gate_up = getattr(module, "gate_up", None)
+        if (type(gate_up) is nn.Linear and gate_up.bias is None and hasattr(module, "down")
+                and not hasattr(gate_up, "input_map")
+                and getattr(module, "_weight_grad_store", None) is not store):
+            # model.attention.MLP hands gate_up's weight to the fused swiglu_linear, which
+            # bypasses gate_up.forward; route it through the layer (swiglu_linear is
+            # swiglu(linear(x, w)) on the torch path, so the values are the same)
+            module._weight_grad_store = store
+            module.forward = _mlp_forward(module)
         if type(module) is nn.Linear:
             if getattr(module, "_weight_grad_store", None) is not store:
                 module._weight_grad_store = store

@@ -1,6 +1,13 @@
-"""Benchmark the pipeline schedules on gloo/CPU: our 1F1B and GPipe against a single
-process and against PyTorch's own torch.distributed.pipelining Schedule1F1B /
-ScheduleGPipe, on the same model, data, stage split and microbatches.
+"""Benchmark the pipeline schedules on gloo/CPU against a single process and against
+PyTorch's own torch.distributed.pipelining counterparts, on the same model, data, stage
+split and microbatches:
+
+    ours 1f1b         torch Schedule1F1B
+    ours gpipe        torch ScheduleGPipe
+    ours interleaved  torch ScheduleInterleaved1F1B       (vpp chunks per rank, --vpp)
+    ours zb-h1        torch ScheduleInterleavedZeroBubble (one stage per rank: torch's
+                      zero-bubble schedule closest to ZB-H1; ScheduleZBVZeroBubble needs
+                      the V placement of two chunks per rank)
 
     python runners/bench_pipeline.py                       # spawns --pp processes itself
     torchrun --nproc_per_node 2 runners/bench_pipeline.py  # or under torchrun
@@ -58,6 +65,11 @@ def parse_args(argv=None):
     g.add_argument("--microbatches", type=int, default=8, help="m, per step")
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--vpp", type=int, default=0,
+                   help="chunks per rank for the interleaved rows (0: the smallest >= 2 "
+                        "that divides the layers per stage; none: no interleaved rows)")
+    g.add_argument("--schedules", default="1f1b,gpipe,zb-h1,interleaved",
+                   help="comma-separated schedules to run (each ours and torch's)")
     g = ap.add_argument_group("measurement")
     g.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
     g.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
@@ -104,11 +116,16 @@ class TorchStage(nn.Module):
 
 # ---- the variants ---------------------------------------------------------------------
 
+TORCH_COUNTERPART = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe",
+                     "interleaved": "ScheduleInterleaved1F1B",
+                     "zb-h1": "ScheduleInterleavedZeroBubble"}
+
+
 class Ours:
-    def __init__(self, schedule, cfg, state, mbs, num_tokens):
+    def __init__(self, schedule, cfg, state, mbs, num_tokens, vpp=1):
         self.name = f"ours {schedule}"
         self.schedule, self.state, self.mbs, self.num_tokens = schedule, state, mbs, num_tokens
-        self.chunks = build_stage(cfg, state.dims.pp, 1, state.stage, seed=0)
+        self.chunks = build_stage(cfg, state.dims.pp, vpp, state.stage, seed=0)
         self.comm = P2P(state, cfg.hidden_size)
         self.stats = ScheduleStats()
 
@@ -125,20 +142,25 @@ class Ours:
 
 
 class Theirs:
-    def __init__(self, schedule, cfg, state, mbs, num_tokens):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    def __init__(self, schedule, cfg, state, mbs, num_tokens, vpp=1):
+        import torch.distributed.pipelining as pipelining
+        from torch.distributed.pipelining import PipelineStage
         self.name = f"torch {schedule}"
         self.state = state
-        self.module = TorchStage(build_stage(cfg, state.dims.pp, 1, state.stage, seed=0)[0])
-        stage = PipelineStage(self.module, state.stage, state.dims.pp, state.device,
-                              group=state.pp_group)
+        p = state.dims.pp
+        chunks = build_stage(cfg, p, vpp, state.stage, seed=0)
+        self.modules = nn.ModuleList(TorchStage(c) for c in chunks)
+        stages = [PipelineStage(mod, c * p + state.stage, p * vpp, state.device,
+                                group=state.pp_group) for c, mod in enumerate(self.modules)]
 
         def loss_fn(logits, target):  # same convention as ours: token sum / global count
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                    ignore_index=-100, reduction="sum") / num_tokens
 
-        cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        self.sched = cls(stage, len(mbs), loss_fn=loss_fn, scale_grads=False)
+        cls = getattr(pipelining, TORCH_COUNTERPART[schedule])
+        multi = schedule in ("interleaved", "zb-h1")
+        self.sched = cls(stages if multi else stages[0], len(mbs), loss_fn=loss_fn,
+                         scale_grads=False)
         self.inputs = torch.cat([mb["input_ids"] for mb in mbs])
         self.target = torch.cat([mb["labels"] for mb in mbs])
 
@@ -152,13 +174,13 @@ class Theirs:
                 self.sched.step(target=self.target, losses=losses)
             else:
                 self.sched.step()
-        self.module.zero_grad(set_to_none=True)
+        self.modules.zero_grad(set_to_none=True)
         total = torch.tensor([float(sum(x.item() for x in losses))], dtype=torch.float64)
         dist.all_reduce(total, group=self.state.pp_group)
         return float(total.item())
 
     def params(self):
-        return list(self.module.parameters())
+        return list(self.modules.parameters())
 
 
 def single_process_step(model: GLM, mbs, num_tokens) -> float:
@@ -200,21 +222,32 @@ def bench(args):
         f"{args.micro_batch_size}x{args.seq_len} tokens, {args.threads} thread(s)/rank, "
         f"{args.reps} reps")
 
-    variants = [Ours("1f1b", cfg, state, mbs, num_tokens),
-                Theirs("1f1b", cfg, state, mbs, num_tokens),
-                Ours("gpipe", cfg, state, mbs, num_tokens),
-                Theirs("gpipe", cfg, state, mbs, num_tokens)]
+    per_stage = cfg.num_layers // p
+    vpp = args.vpp or next((v for v in range(2, per_stage + 1) if per_stage % v == 0), 0)
+    variants = []
+    for sched in args.schedules.split(","):
+        if sched == "interleaved" and (vpp < 2 or m % p):
+            say(f"(no interleaved rows: vpp={vpp}, m={m}, pp={p})")
+            continue
+        v, st = 1, state
+        if sched == "interleaved":
+            v, st = vpp, init_distributed(ParallelDims(pp=p, vpp=vpp), timeout=args.timeout,
+                                          num_layers=cfg.num_layers)
+        variants += [Ours(sched, cfg, st, mbs, num_tokens, v),
+                     Theirs(sched, cfg, st, mbs, num_tokens, v)]
+    if sched_names := [x.name for x in variants if x.name.startswith("ours interleaved")]:
+        say(f"interleaved rows: vpp={vpp} chunks per rank ({sched_names[0]})")
     times = {v.name: [] for v in variants}
     losses = {}
-    waits = []   # ours 1f1b: (wait, step time) per timed rep on this rank
+    waits = {v.name: [] for v in variants if isinstance(v, Ours)}   # (wait, step) per rep
     for rep in range(args.reps + 1):          # round 0 warms up (and lets torch infer shapes)
         for v in variants:
             t, loss = timed(v.step)
             losses[v.name] = loss
             if rep:
                 times[v.name].append(t)
-                if v.name == "ours 1f1b":
-                    waits.append((v.stats.comm_wait_s, t))
+                if v.name in waits:
+                    waits[v.name].append((v.stats.comm_wait_s, t))
 
     # single process: the whole model on rank 0 (--threads threads), the others idle at
     # the barrier; the pipeline uses p times as many cores
@@ -239,10 +272,12 @@ def bench(args):
         mem[v.name] = meter.peak
 
     # ---- report -----------------------------------------------------------------------
-    wait_frac = torch.tensor([statistics.median(w / t for w, t in waits)])
-    gathered = [torch.zeros(1) for _ in range(p)]
-    dist.all_gather(gathered, wait_frac, group=state.pp_group)
-    fracs = [float(x.item()) for x in gathered]
+    fracs = {}
+    for name, rows in waits.items():
+        wait_frac = torch.tensor([statistics.median(w / t for w, t in rows)])
+        gathered = [torch.zeros(1) for _ in range(p)]
+        dist.all_gather(gathered, wait_frac, group=state.pp_group)
+        fracs[name] = [float(x.item()) for x in gathered]
     if rank == 0:
         report(args, cfg, times, single, losses, fracs, mem, [v.name for v in variants])
     dist.barrier()
@@ -253,28 +288,43 @@ def report(args, cfg, times, single, losses, fracs, mem, names):
     tokens = m * args.micro_batch_size * args.seq_len
     say = print
     med = {k: statistics.median(x) for k, x in times.items()}
-    say("\nstep time (median, slowest rank) and throughput")
+    spread = {k: (max(x) - min(x)) / statistics.median(x) for k, x in times.items()}
+    say("\nstep time (median, slowest rank; spread = (max - min) / median over reps) and "
+        "throughput")
     say(f"  {'single process':28s} {single * 1e3:8.1f} ms {tokens / single:9.0f} tok/s   "
         f"loss {losses['single process']:.6f}")
     for name, t in med.items():
-        say(f"  {name:28s} {t * 1e3:8.1f} ms {tokens / t:9.0f} tok/s   loss {losses[name]:.6f}")
-    say("\nours vs PyTorch (time ratio ours/theirs; <= 1/0.95 = 1.053 meets the target)")
-    for sched in ("1f1b", "gpipe"):
-        r = med[f"ours {sched}"] / med[f"torch {sched}"]
-        say(f"  {sched:6s} {r:.3f}  (throughput ours/theirs {1 / r:.3f})")
-    say(f"  our 1F1B at pp={p} ({p} processes) vs the single process: "
-        f"{single / med['ours 1f1b']:.2f}x its throughput (ideal {p * (m / (m + p - 1)):.2f}x "
-        "on idle cores)")
-
-    say(f"\nbubble, our 1F1B: time blocked in exchanges / step time per stage "
-        f"{', '.join(f'{f:.3f}' for f in fracs)}; mean {statistics.mean(fracs):.3f} vs "
-        f"textbook (p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.3f}")
-    ratio = mem["ours 1f1b"] / mem["ours gpipe"]
-    say("\nstage 0 peak activation memory (saved-for-backward storages + held outputs)")
+        say(f"  {name:28s} {t * 1e3:8.1f} ms {tokens / t:9.0f} tok/s   loss "
+            f"{losses[name]:.6f}   spread {spread[name]:.2f}")
+    say("\nours vs PyTorch (time ratio ours/theirs)")
+    for name in med:
+        if name.startswith("ours "):
+            sched = name[5:]
+            r = med[name] / med[f"torch {sched}"]
+            say(f"  {sched:12s} {r:.3f}  vs torch {TORCH_COUNTERPART[sched]} (throughput "
+                f"ours/theirs {1 / r:.3f})")
+    if "ours 1f1b" in med:
+        say(f"  our 1F1B at pp={p} ({p} processes) vs the single process: "
+            f"{single / med['ours 1f1b']:.2f}x its throughput (ideal "
+            f"{p * (m / (m + p - 1)):.2f}x on idle cores)")
+    say("\nbubble (ours): time blocked on transfers / step time, per stage; mean")
+    textbook = {"1f1b": (p - 1) / (m + p - 1), "gpipe": (p - 1) / (m + p - 1),
+                "zb-h1": (p - 1) / (3 * m + p - 1)}
+    for name, f in fracs.items():
+        sched = name[5:]
+        extra = f" (textbook {textbook[sched]:.3f})" if sched in textbook else ""
+        say(f"  {sched:12s} {', '.join(f'{x:.3f}' for x in f)}; mean "
+            f"{statistics.mean(f):.3f}{extra}")
+    say("\nstage 0 peak activation memory (saved-for-backward storages + held outputs; "
+        "ZB: + the (X, dY) pairs waiting for W)")
     for name in names:
-        say(f"  {name:12s} {mem[name] / 2**20:8.2f} MiB")
-    say(f"  ours 1F1B / GPipe = {ratio:.3f}; target <= p/m + 10% = {p / m * 1.1:.3f} "
-        f"({'met' if ratio <= p / m * 1.1 else 'NOT met'})")
+        say(f"  {name:28s} {mem[name] / 2**20:8.2f} MiB")
+    if "ours gpipe" in mem:
+        for sched in ("1f1b", "zb-h1"):
+            if f"ours {sched}" in mem:
+                ratio = mem[f"ours {sched}"] / mem["ours gpipe"]
+                say(f"  ours {sched} / GPipe = {ratio:.3f}; target <= p/m + 10% = "
+                    f"{p / m * 1.1:.3f} ({'met' if ratio <= p / m * 1.1 else 'NOT met'})")
     say("  (torch rows: saved tensors only; its schedules also keep each in-flight output, "
         "which the hooks do not see)")
 

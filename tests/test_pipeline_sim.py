@@ -138,3 +138,19 @@ def test_ranks_run_their_batches_in_posting_order():
           Op("X", msgs=(Msg("send", "grad", 0, 0), Msg("recv", "act", 1, 0))),
           Op("F", 1, 0), Op("B", 1, 0), Op("X", msgs=(Msg("send", "grad", 1, 0),))]
     assert simulate([p0, p1], p=2).makespan == pytest.approx(12.0)
+
+
+def test_draw_writes_a_png_of_the_time_line(tmp_path):
+    import struct
+
+    from engine.draw import draw_png
+    r = simulate_schedule("zb-h1", 4, 8)
+    out = tmp_path / "zb.png"
+    draw_png(r, str(out), unit_px=10, row_px=20, gap_px=2)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (int(r.makespan * 10), 4 * 22 + 2)
+    # every stage's ops are in the time line, back to back within the makespan
+    assert all(len(ops) == 3 * 8 for ops in r.timeline)
+    assert max(end for ops in r.timeline for *_, end in ops) == r.makespan

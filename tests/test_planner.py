@@ -47,7 +47,8 @@ def _brute_force(cfg, world, B, gpn, max_mbs, max_vpp):
         if ok:
             for rc in (False, True):
                 for z in ((0, 1, 2) if dp > 1 else (0,)):
-                    out.add((tp, pp, dp, vpp, mbs, B // (dp * mbs), rc, z))
+                    for zb in ((False, True) if pp > 1 and vpp == 1 else (False,)):
+                        out.add((tp, pp, dp, vpp, mbs, B // (dp * mbs), rc, z, zb))
     return out
 
 
@@ -56,13 +57,14 @@ def test_enumeration_is_exactly_the_valid_layouts(world, B, gpn):
     req = _req(world_size=world, global_batch=B, gpus_per_node=gpn)
     got = enumerate_layouts(req)
     keys = {(c.tp, c.pp, c.dp, c.vpp, c.micro_batch_size, c.num_microbatches, c.recompute,
-             c.zero_stage) for c in got}
+             c.zero_stage, c.zero_bubble) for c in got}
     assert len(keys) == len(got)   # no duplicates
     assert keys == _brute_force(CHATGLM, world, B, gpn, req.max_micro_batch, req.max_vpp)
     for c in got:
         assert c.tp * c.pp * c.dp == world and c.tp <= gpn
         assert c.sequence_parallel == (c.tp > 1)
-        assert c.schedule == ("none" if c.pp == 1 else "interleaved" if c.vpp > 1 else "1f1b")
+        assert c.schedule == ("none" if c.pp == 1 else "interleaved" if c.vpp > 1 else
+                              "zb-h1" if c.zero_bubble else "1f1b")
 
 
 def test_enumeration_includes_replicated_kv_groups():
@@ -194,6 +196,9 @@ def test_in_flight_counts():
     # interleaved: warmup 2 (p - s - 1) + (v - 1) p, plus the steady-state forward
     assert [in_flight("interleaved", 4, s, 8, 2) for s in range(4)] == [11, 9, 7, 5]
     assert [in_flight("interleaved", 4, s, 4, 2) for s in range(4)] == [8, 8, 7, 5]
+    # ZB-H1: from F to W, p microbatches on every stage (stage 0 as in 1F1B)
+    assert [in_flight("zb-h1", 4, s, 8) for s in range(4)] == [4] * 4
+    assert [in_flight("zb-h1", 4, s, 2) for s in range(4)] == [2] * 4
     with pytest.raises(ValueError, match="schedule='zb'"):
         in_flight("zb", 2, 0, 4)
 

@@ -90,12 +90,15 @@ class Layout:
     recompute: bool
     zero_stage: int
     sequence_parallel: bool = False     # only ever True with tp > 1
+    zero_bubble: bool = False           # ZB-H1 instead of 1F1B (pp > 1, vpp == 1)
 
     @property
     def schedule(self) -> str:
         if self.pp == 1:
             return "none"
-        return "interleaved" if self.vpp > 1 else "1f1b"
+        if self.vpp > 1:
+            return "interleaved"
+        return "zb-h1" if self.zero_bubble else "1f1b"
 
     def as_dict(self) -> dict:
         """The ParallelConfig / TrainConfig fields a runner needs to build this layout."""
@@ -116,6 +119,8 @@ class Layout:
             parts.append(f"z{self.zero_stage}")
         if self.sequence_parallel:
             parts.append("sp")
+        if self.zero_bubble and self.schedule == "zb-h1":
+            parts.append("zb")
         return " ".join(parts)
 
 
@@ -172,8 +177,11 @@ def enumerate_layouts(req: PlanRequest) -> list[Layout]:
                         # ZeRO shards over dp: with dp == 1 every stage is ZeRO 0, so
                         # that is the one listed (whatever zero_stages asks for)
                         for z in (req.zero_stages if dp > 1 else (0,)):
-                            out.append(Layout(tp, pp, dp, vpp, mbs, m, rc, z,
-                                              req.sequence_parallel and tp > 1))
+                            # one stage per rank: 1F1B, and ZB-H1 (same peak memory
+                            # on stage 0, a third of the bubble, W-pending on the others)
+                            for zb in ((False, True) if pp > 1 and vpp == 1 else (False,)):
+                                out.append(Layout(tp, pp, dp, vpp, mbs, m, rc, z,
+                                                  req.sequence_parallel and tp > 1, zb))
     if not out:
         detail = "; ".join(dict.fromkeys(problems)) or "no micro-batch size fits"
         raise ValueError(f"no valid layout for world_size={world}, global_batch={B}, "

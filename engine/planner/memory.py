@@ -50,7 +50,7 @@ Recompute (full, per layer) keeps only each layer's input, e*h (/ t with sp); in
 backward one layer at a time is recomputed, so one layer's full set comes back on top.
 
 In flight (how many microbatch-chunks a stage holds): gradient accumulation 1, GPipe m,
-1F1B min(p - s, m) (stage 0 the most), interleaved 1F1B min(2(p - s - 1) + (v - 1)p + 1,
+1F1B min(p - s, m) (stage 0 the most), ZB-H1 min(p, m) (from F to W), interleaved 1F1B min(2(p - s - 1) + (v - 1)p + 1,
 m v) with each chunk L / (p v) layers deep (engine/schedules.py's warmup counts).
 """
 from __future__ import annotations
@@ -185,7 +185,13 @@ def in_flight(schedule: str, p: int, stage: int, m: int, v: int = 1) -> int:
         return min(p - stage, m)
     if schedule == "interleaved":
         return min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v)
-    raise ValueError(f"schedule={schedule!r} must be none, gpipe, 1f1b or interleaved")
+    if schedule == "zb-h1":
+        # from F to W: 1F1B's p - s, plus the s microbatches whose W stage s defers (they
+        # keep only the linear layers' inputs and output gradients: counted in full, an
+        # upper bound); stage 0 holds what it holds under 1F1B (pipeline_sim checks it)
+        return min(p, m)
+    from engine.schedule_names import SCHEDULES
+    raise ValueError(f"schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
 
 
 # ---- the estimate ----------------------------------------------------------------------

@@ -44,7 +44,11 @@ Per pipeline stage s and microbatch (T = b * s tokens, one tp rank):
               each exchange, not overlapped (the schedule's exchanges block)
 
     pipeline  m * max_s t_s + (sum_s t_s - max_s t_s) / vpp; for equal stages that is
-              (m + (p - 1) / vpp) t: bubble fraction (p - 1) / (vpp m + p - 1)
+              (m + (p - 1) / vpp) t: bubble fraction (p - 1) / (vpp m + p - 1). ZB-H1
+              fills and drains at the cost of F + B - W instead of F + B + W (Qi et al.
+              2024); with F, B (input gradients) and W (weight gradients) about equal
+              GEMM work that is a third: bubble (sum_s t_s - max_s t_s) / 3, fraction
+              (p - 1) / (3m + p - 1)
     dp        ZeRO 0/1: all-reduce of the fp32 gradient buckets, 2 (d - 1) / d * bytes;
               ZeRO 2: reduce-scatter, (d - 1) / d; overlapped with the last microbatch's
               backward except one bucket; ZeRO 1/2 then all-gather the updated
@@ -149,9 +153,14 @@ class TimeEstimate:
         return self.tokens / self.total
 
 
+# fill/drain cost of a schedule relative to 1F1B's (F + B - W over F + B + W, F = B = W)
+BUBBLE_SCALE = {"zb-h1": 1.0 / 3.0}
+
+
 def bubble_fraction(layout: Layout) -> float:
     p, m, v = layout.pp, layout.num_microbatches, layout.vpp
-    return (p - 1) / (v * m + p - 1)
+    k = BUBBLE_SCALE.get(layout.schedule, 1.0)
+    return k * (p - 1) / (v * m + k * (p - 1))
 
 
 def host_slowdown(req: PlanRequest, layout: Layout, dev: DeviceProfile,
@@ -301,6 +310,7 @@ def predict_time(req: PlanRequest, layout: Layout, dev: DeviceProfile) -> TimeEs
         opt_times.append(_optimizer_time(req, layout, dev, s, n))
     slow = max(stages, key=lambda st: st.per_microbatch)
     bubble = (sum(st.per_microbatch for st in stages) - slow.per_microbatch) / v
+    bubble *= BUBBLE_SCALE.get(layout.schedule, 1.0)
     return TimeEstimate(gemm=m * slow.gemm, elementwise=m * slow.elementwise,
                         overhead=m * slow.overhead, tp=m * (slow.tp + slow.tp_extra),
                         p2p=m * slow.p2p,
