@@ -137,6 +137,8 @@ class RunLock:
                      or not _alive(old["pid"]) else "no longer holds it")
             log(f"warning: taking over the stale lock of {self.describe(old)}, which "
                 f"{state}")
+        if len(command) > 100:     # enough to recognise the run; the message stays short
+            command = command[:97] + "..."
         rec = {"pid": os.getpid(), "host": host, "started": _now(), "command": command}
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -163,6 +165,10 @@ class CheckpointStore:
         self.out_dir = os.path.abspath(out_dir)
         self.root = os.path.join(self.out_dir, CHECKPOINTS)
         self.keep, self.log = keep, log
+        # the checkpoint a resumed run started from: kept beyond `keep` until the run
+        # saves at its last step, so a run that goes bad without tripping the divergence
+        # guard cannot rotate away the state it started from
+        self.pinned: str | None = None
 
     def path(self, step: int) -> str:
         return os.path.join(self.root, step_name(step))
@@ -285,7 +291,7 @@ class CheckpointStore:
         """Remove complete checkpoints beyond the newest `keep` (never `keep_path`, the
         one just written), then what --force set aside (the new run has one now)."""
         for i, (_, path) in enumerate(self.steps()):
-            if i >= self.keep and path != keep_path:
+            if i >= self.keep and path not in (keep_path, self.pinned):
                 shutil.rmtree(path)
                 faults.point("save:rotating")
         replaced = os.path.join(self.out_dir, REPLACED)
@@ -356,10 +362,14 @@ def _decide(out_dir: str, resume: bool, force: bool, keep: int, log, command: st
         store = CheckpointStore(out_dir, keep, log)
         store.adopt_legacy()
         newest = store.newest()
+        replaced = os.path.join(out_dir, REPLACED)
+        aside = (f" (an interrupted --force run set the earlier ones aside in {replaced}: "
+                 "move them back to checkpoints/ to resume them)"
+                 if os.path.isdir(replaced) else "")
         path = None
         if resume:
             if newest is None:
-                raise ValueError(f"--resume: no checkpoint in {store.root}")
+                raise ValueError(f"--resume: no checkpoint in {store.root}{aside}")
             path = store.select(log)
             store.point_at(int(_STEP.match(os.path.basename(path)).group(1)))
         elif newest is not None:
@@ -368,6 +378,10 @@ def _decide(out_dir: str, resume: bool, force: bool, keep: int, log, command: st
                                  f"{os.path.basename(newest)}): pass --resume to continue "
                                  "that run or --force to start over")
             store.set_aside(log)
+        elif aside and not force:
+            # only --force consents to the deletion of what it set aside
+            raise ValueError(f"{out_dir} has no checkpoint of its own{aside}; pass --force "
+                             "to start over anyway")
         return RunDir(lock, path)
     except BaseException:
         lock.release()

@@ -358,6 +358,8 @@ class Trainer:
             }
             try:
                 if managed:
+                    if self.step >= self.cfg.train.steps:
+                        self.store.pinned = None       # the run is complete
                     self.store.commit(self.step, meta, self.extra_files)
                 else:
                     ckpt_lib.finish_save(path, meta, self.extra_files)
@@ -424,6 +426,7 @@ class Trainer:
         self.guard.load_state_dict(ckpt.meta.get("divergence") or {})
         if os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.store.root):
             self._saved_step = self.step      # resuming in place: that step is saved
+            self.store.pinned = os.path.join(self.store.root, os.path.basename(path))
         self._warn_schedule_change(ckpt.meta)
 
     def _warn_schedule_change(self, meta: dict):

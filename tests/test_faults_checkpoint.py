@@ -239,7 +239,17 @@ def test_huge_lr_stops_the_run_and_saves_nothing(data, tmp_path):
     assert code == 1 and "diverged" in msg
     assert_kept(before, out)
     assert sorted(snapshot(out)) == sorted(before)           # nothing new was saved
-    # the good checkpoint still resumes
+    # with the spike guard off the garbage is caught only by the skip streak, after it
+    # was saved; the checkpoint the run resumed from is pinned, so it survives rotation
+    code, lines, _ = pretrain(data, out, "--resume", "--train.lr", "1000", "--train.min_lr",
+                              "1000", "--train.save_every", "1",
+                              "--train.loss_spike_factor", "0", steps=40)
+    assert code == 1 and "in a row skipped" in err_line(lines)
+    assert snapshot(out)["step_000004"] == before["step_000004"]
+    # the good checkpoint still resumes (moved back over the bad ones)
+    for name in os.listdir(out / "checkpoints"):
+        if name.startswith("step_") and name != "step_000004":
+            shutil.rmtree(out / "checkpoints" / name)
     assert pretrain(data, out, "--resume", steps=5)[0] == 0
 
 
@@ -485,3 +495,24 @@ def test_interrupted_swap_of_an_explicit_path_is_restored(tmp_path):
         ckpt_lib.save_checkpoint(path, bad, {}, {"step": 2})
     assert ckpt_lib.Checkpoint(path).meta["step"] == 1
     assert not os.path.exists(path + ".tmp")
+
+
+def test_after_an_interrupted_force_only_force_deletes_what_it_set_aside(data, tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "run"
+    assert pretrain(data, out)[0] == 0
+
+    def crash(name):
+        if name == "save:begin":
+            raise Crash(name)
+    monkeypatch.setattr(faults, "point", crash)
+    with pytest.raises(Crash):
+        pretrain(data, out, "--force")
+    monkeypatch.undo()
+    code, lines, _ = pretrain(data, out)
+    assert code == 1 and "checkpoints.replaced" in err_line(lines)
+    code, lines, _ = pretrain(data, out, "--resume")
+    assert code == 1 and "move them back" in err_line(lines)
+    assert (out / "checkpoints.replaced" / "step_000004").is_dir()
+    assert pretrain(data, out, "--force")[0] == 0
+    assert not (out / "checkpoints.replaced").exists()
