@@ -32,7 +32,7 @@ $(PRETRAINED): | data
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/pretrain --train.threads 1
 
 demo: data $(PRETRAINED)
-	$(PY) runners/pretrain.py --config configs/demo_translate.json \
+	$(PY) runners/pretrain.py --config configs/demo_translate.json --force \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
 	    --train.init_from $(RUNS)/pretrain/checkpoint
 	$(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint --name teacher \
@@ -43,7 +43,7 @@ demo: data $(PRETRAINED)
 	$(PY) runners/prune.py --teacher $(RUNS)/translate/checkpoint --data-dir $(DATA) \
 	    --out $(RUNS)/student/pruned --method activation --layer-metric loss \
 	    --calib-task translation --seq-len 48 --layers 4 --hidden 192 --threads $(THREADS)
-	$(PY) runners/distill.py --teacher $(RUNS)/translate/checkpoint \
+	$(PY) runners/distill.py --teacher $(RUNS)/translate/checkpoint --force \
 	    --student $(RUNS)/student/pruned --config configs/demo_distill.json \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/student/kd --train.threads $(THREADS)
 	$(PY) runners/evaluate.py --checkpoint $(RUNS)/student/kd/checkpoint --name student \

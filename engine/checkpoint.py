@@ -6,10 +6,14 @@
                                     one file per writer (e.g. per pipeline stage)
     <dir>/optim/*.safetensors       optimizer state, per parameter name
                                     ("exp_avg/<name>", "exp_avg_sq/<name>", ...)
+    <dir>/tokenizer.model           (runs) the tokenizer, hashed like every other file
 
 Any reader finds a tensor by name in whichever file holds it, so a checkpoint written by
 one layout loads into any other. Writing goes to a sibling temp directory that is renamed
 into place only when complete: an interrupted save never damages an existing checkpoint.
+meta.json carries the sha256 of its own canonical content ("meta_sha256"), so an edited
+step or config is refused like a corrupted tensor file. Training runs keep several
+step-numbered checkpoints per out_dir (engine/run_dir.py).
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+from engine import faults
+
+FORMAT_VERSION = 2      # 2: meta.json carries meta_sha256
+TOKENIZER_FILE = "tokenizer.model"
 
 
 class CheckpointError(ValueError):
@@ -58,19 +65,57 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
+def meta_digest(meta: dict) -> str:
+    """sha256 of meta.json's canonical content without the digest itself."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def fsync_dir(path: str):
+    """Make a rename inside `path` durable (a power cut must not undo it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tensor_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def check_free_space(path: str, need: int, what: str):
+    """Refuse a save the disk cannot hold before writing a byte of it."""
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise CheckpointError(f"not enough free space for {what} in {path}: it needs "
+                              f"{need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free")
+
+
 def temp_dir_for(path: str) -> str:
     path = os.path.abspath(path)
     return f"{path}.tmp"
 
 
-def begin_save(path: str) -> str:
-    """Create an empty temp dir next to `path` (one writer, before a barrier)."""
-    tmp = temp_dir_for(path)
+def make_temp_dir(tmp: str) -> str:
+    """An empty temp dir (a stale one of an interrupted save is partial: removed)."""
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(os.path.join(tmp, "model"))
     os.makedirs(os.path.join(tmp, "optim"))
+    faults.point("save:begin")
     return tmp
+
+
+def begin_save(path: str) -> str:
+    """Create an empty temp dir next to `path` (one writer, before a barrier)."""
+    _restore_old(os.path.abspath(path))
+    return make_temp_dir(temp_dir_for(path))
 
 
 def write_tensors(tmp: str, relpath: str, tensors: dict[str, torch.Tensor]):
@@ -80,41 +125,81 @@ def write_tensors(tmp: str, relpath: str, tensors: dict[str, torch.Tensor]):
     dest = os.path.join(tmp, relpath)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, dest)
+    with open(dest, "rb") as f:
+        os.fsync(f.fileno())
+    faults.point("save:tensors")
 
 
-def finish_save(path: str, meta: dict):
-    """Hash every file, write meta.json last, then swap the temp dir into place."""
-    path = os.path.abspath(path)
-    tmp = temp_dir_for(path)
+def seal(tmp: str, meta: dict, extra_files: dict[str, str] | None = None) -> dict:
+    """Copy the extra files (name in the checkpoint -> source path) into the temp dir,
+    hash every file, write meta.json last (with its own digest). A tokenizer.model that
+    is not the one meta's tokenizer_sha256 names is refused."""
+    for rel, src in (extra_files or {}).items():
+        dest = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(src, dest)
     files = {}
     for root, _, names in os.walk(tmp):
         for name in sorted(names):
             full = os.path.join(root, name)
             files[os.path.relpath(full, tmp)] = sha256_file(full)
+    want = meta.get("tokenizer_sha256")
+    if TOKENIZER_FILE in files and want and files[TOKENIZER_FILE] != want:
+        src = (extra_files or {}).get(TOKENIZER_FILE, TOKENIZER_FILE)
+        raise CheckpointError(f"{src} (sha256 {files[TOKENIZER_FILE][:12]}) is not the "
+                              f"tokenizer this run trained with (sha256 {want[:12]}); was it "
+                              "replaced during the run?")
     meta = {**meta, "format_version": FORMAT_VERSION, "files": files,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta["meta_sha256"] = meta_digest(meta)
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+    faults.point("save:sealed")
+    return meta
+
+
+def _restore_old(path: str):
+    """A crash between finish_save's two renames leaves `path`.old as the only complete
+    copy: put it back before anything could delete it."""
+    old = f"{path}.old"
+    if os.path.isdir(old) and not os.path.exists(path):
+        os.rename(old, path)
+
+
+def finish_save(path: str, meta: dict, extra_files: dict[str, str] | None = None):
+    """Hash every file, write meta.json last, then swap the temp dir into place."""
+    path = os.path.abspath(path)
+    tmp = temp_dir_for(path)
+    seal(tmp, meta, extra_files)
+    _restore_old(path)
     old = f"{path}.old"
     if os.path.exists(old):
         shutil.rmtree(old)
     if os.path.exists(path):
         os.rename(path, old)
+    faults.point("save:swapping")
     os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
     if os.path.exists(old):
         shutil.rmtree(old)
 
 
 def save_checkpoint(path: str, model_tensors: dict, optim_tensors: dict, meta: dict,
                     model_file: str = "model/model.safetensors",
-                    optim_file: str = "optim/rank0.safetensors"):
-    """Single-writer convenience: everything from one process."""
+                    optim_file: str = "optim/rank0.safetensors",
+                    extra_files: dict[str, str] | None = None):
+    """Single-writer convenience: everything from one process. A failed save removes
+    its partial files and leaves an existing checkpoint at `path` as it was."""
     tmp = begin_save(path)
-    write_tensors(tmp, model_file, model_tensors)
-    write_tensors(tmp, optim_file, optim_tensors)
-    finish_save(path, meta)
+    try:
+        write_tensors(tmp, model_file, model_tensors)
+        write_tensors(tmp, optim_file, optim_tensors)
+        finish_save(path, meta, extra_files)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class Checkpoint:
@@ -125,7 +210,9 @@ class Checkpoint:
         self.path = path
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isdir(path):
-            raise CheckpointError(f"checkpoint {path} does not exist")
+            hint = (f" ({path}.old holds the previous one: a save was interrupted)"
+                    if os.path.isdir(f"{path}.old") else "")
+            raise CheckpointError(f"checkpoint {path} does not exist{hint}")
         if not os.path.isfile(meta_path):
             raise CheckpointError(f"checkpoint {path} has no meta.json (incomplete save?)")
         try:
@@ -133,9 +220,21 @@ class Checkpoint:
                 self.meta = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"checkpoint {meta_path} is corrupt: {e}") from None
+        if not isinstance(self.meta, dict):
+            raise CheckpointError(f"checkpoint {meta_path} is corrupt: not a JSON object")
         for key in ("format_version", "files", "step"):
             if key not in self.meta:
                 raise CheckpointError(f"checkpoint {meta_path} lacks {key!r}")
+        if not isinstance(self.meta["format_version"], int):
+            raise CheckpointError(f"checkpoint {meta_path}: format_version "
+                                  f"{self.meta['format_version']!r} is not a number")
+        if self.meta["format_version"] >= 2 and (
+                self.meta.get("meta_sha256") != meta_digest(self.meta)):
+            raise CheckpointError(f"checkpoint {meta_path} was edited or is corrupt (its "
+                                  "meta_sha256 does not match its content)")
+        if not isinstance(self.meta["step"], int) or self.meta["step"] < 0:
+            raise CheckpointError(f"checkpoint {meta_path}: step {self.meta['step']!r} is not "
+                                  "a step number")
         for rel, digest in self.meta["files"].items():
             full = os.path.join(path, rel)
             if not os.path.isfile(full):
@@ -143,6 +242,12 @@ class Checkpoint:
             if verify and sha256_file(full) != digest:
                 raise CheckpointError(f"checkpoint file {full} is corrupt or truncated "
                                       "(sha256 mismatch)")
+        want = self.meta.get("tokenizer_sha256")
+        have = self.meta["files"].get(TOKENIZER_FILE)
+        if want and have and want != have:
+            raise CheckpointError(f"checkpoint {path}: its {TOKENIZER_FILE} (sha256 "
+                                  f"{have[:12]}) is not the tokenizer it was trained with "
+                                  f"({want[:12]})")
         self._index: dict[str, dict[str, str]] = {}  # "model" | "optim" -> name -> file
 
     def _files(self, kind: str) -> list[str]:

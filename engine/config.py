@@ -39,6 +39,9 @@ class TrainConfig:
     threads: int = 0                  # torch intra-op threads; 0 leaves torch's default
     recompute: bool = False           # full activation recompute: layers keep only their
     #                                   input, rerun forward in backward (engine/recompute.py)
+    keep_checkpoints: int = 2         # complete checkpoints kept in out_dir/checkpoints/
+    max_skipped_steps: int = 5        # more inf/nan-gradient skips in a row stop the run
+    loss_spike_factor: float = 10.0   # stop when loss > factor x its running mean; 0: off
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "num_microbatches", "seq_len", "log_every",
@@ -49,6 +52,13 @@ class TrainConfig:
                      "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 0")
+        if self.loss_spike_factor != 0 and not self.loss_spike_factor > 1:
+            raise ValueError(f"train.loss_spike_factor={self.loss_spike_factor} must be 0 "
+                             "(off) or > 1")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need "
                              "0 <= min_lr <= lr and lr > 0")

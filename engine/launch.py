@@ -1,16 +1,17 @@
-"""Glue between a RunConfig and the Trainer: the process groups (under torchrun), data,
-tokenizer check, resume, final save."""
+"""Glue between a RunConfig and the Trainer: the process groups (under torchrun), the
+out_dir (lock, resume or refuse: engine/run_dir.py), data, tokenizer check, final save."""
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
+from engine.checkpoint import TOKENIZER_FILE
 from engine.config import RunConfig
 from engine.data.loaders import make_datasets
 from engine.trainer import Trainer
@@ -172,7 +173,17 @@ def model_parallel_group(state):
     return mine
 
 
-def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
+def open_out_dir(cfg: RunConfig, state, resume: bool, force: bool, log=print):
+    """The run's out_dir, locked, with the checkpoint to resume from (engine/run_dir.py)."""
+    from engine.run_dir import open_run_dir
+    return open_run_dir(cfg.train.out_dir, resume=resume, force=force,
+                        keep=cfg.train.keep_checkpoints, state=state, log=log,
+                        command=" ".join(sys.argv))
+
+
+def run_training(cfg: RunConfig, resume: bool = False, log=print,
+                 force: bool = False) -> Trainer:
+    """force: start over in an out_dir that holds checkpoints (they are set aside)."""
     cfg = resolve_parallel(cfg, log)
     tc = cfg.train
     if tc.init_from:
@@ -180,18 +191,19 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
         cfg.model = with_layout_of(cfg.model, ckpt_lib.Checkpoint(tc.init_from)
                                    .meta.get("config", {}).get("model", {}))
     state = parallel_state(cfg)
+    run_dir = None
     try:
+        run_dir = open_out_dir(cfg, state, resume, force, log)
         tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
                                         cfg.model.padded_vocab_size, cfg.data.objective,
                                         model_config=cfg.model)
+        # the tokenizer travels inside every checkpoint so evaluation needs nothing else
         trainer = Trainer(cfg, train, dev, state=state, tokenizer_sha256=tok.sha256, log=log,
-                          mp_group=model_parallel_group(state))
-        ckpt_dir = os.path.join(tc.out_dir, "checkpoint")
-        if resume:
-            if not os.path.isdir(ckpt_dir):
-                raise ValueError(f"--resume: no checkpoint at {ckpt_dir}")
-            trainer.resume(ckpt_dir)
-            trainer.log(f"resumed from {ckpt_dir} at step {trainer.step}")
+                          mp_group=model_parallel_group(state),
+                          extra_files={TOKENIZER_FILE: str(tok.path)})
+        if run_dir.resume_path:
+            trainer.resume(run_dir.resume_path)
+            trainer.log(f"resumed from {run_dir.resume_path} at step {trainer.step}")
         n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
         layout = (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
                   f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state else
@@ -200,13 +212,11 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
                     f"{cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
                     f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")
         trainer.fit()
-        path = trainer.save(ckpt_dir)
-        if trainer.rank == 0:
-            # the tokenizer travels with the checkpoint so evaluation needs nothing else
-            shutil.copy(os.path.join(cfg.data.dir, "tokenizer", "tokenizer.model"),
-                        os.path.join(path, "tokenizer.model"))
-            trainer.log(f"saved {path}")
+        path = trainer.save()
+        trainer.log(f"saved {path}")
         return trainer
     finally:
+        if run_dir is not None:
+            run_dir.close()
         if state is not None and dist.is_initialized():
             dist.destroy_process_group()

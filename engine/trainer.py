@@ -20,16 +20,20 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from engine import checkpoint as ckpt_lib
 from engine.config import RunConfig
+from engine.divergence import DivergenceError, DivergenceGuard
 from engine.flops import train_flops_per_token
 from engine.optim import DistributedOptimizer, OptimConfig
+from engine.run_dir import CheckpointStore
 from engine.schedules import build_stage, forward_backward, glm_forward_step
 from model.config import layout_mismatch
 
@@ -68,6 +72,7 @@ class StepStats:
     tokens: int       # tokens processed by the whole job this step (padding included)
     seconds: float
     skipped: bool = False
+    backoff: bool = False   # skipped as an fp16 loss-scale back-off (not divergence)
 
 
 class Trainer:
@@ -80,14 +85,17 @@ class Trainer:
     before_step(microbatches) runs before each training forward/backward (distillation
     runs a pipelined teacher over the same microbatches there); log_terms() -> {name:
     float} adds values to each log line and metrics record (distillation's per-term
-    means, reduced over the job)."""
+    means, reduced over the job).
+    extra_files: {name in the checkpoint: source path} written inside every checkpoint's
+    atomic save and hashed with it (the runners pass the tokenizer)."""
 
     def __init__(self, cfg: RunConfig, train_data, dev_data=None, *, state=None,
                  tokenizer_sha256: str | None = None, log=print, device=None, model=None,
                  extra_meta: dict | None = None, loss_fn=None, forward_step=None,
                  aux_modules: dict | None = None, mp_group=None, before_step=None,
-                 log_terms=None):
+                 log_terms=None, extra_files: dict | None = None):
         self.cfg, self.state = cfg, state
+        self.extra_files = dict(extra_files or {})
         self.train_data, self.dev_data = train_data, dev_data
         self.tokenizer_sha256 = tokenizer_sha256
         self.extra_meta = extra_meta or {}
@@ -180,6 +188,9 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(tc.out_dir, exist_ok=True)
         self.metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+        self.guard = DivergenceGuard(tc.max_skipped_steps, tc.loss_spike_factor)
+        self.store = CheckpointStore(tc.out_dir, tc.keep_checkpoints, log=self.log)
+        self._saved_step: int | None = None    # the step of the last managed save
 
     # ---- pieces ----------------------------------------------------------------------
     @property
@@ -230,11 +241,14 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.train)
         mbs = self.microbatches(self.train_data, self.step)
         loss = self._run(mbs)
+        scaler = self.optimizer.scaler
+        can_back_off = scaler is not None and scaler.scale > scaler.min_scale
         result = self.optimizer.step(lr)
         self.step += 1
         tokens = sum(int(mb["input_ids"].numel()) for mb in mbs) * self.dp
         return StepStats(self.step, loss, lr, result.grad_norm, tokens,
-                         time.perf_counter() - t0, result.skipped)
+                         time.perf_counter() - t0, result.skipped,
+                         result.skipped and can_back_off)
 
     @torch.no_grad()
     def evaluate(self, data=None, batches: int | None = None) -> float:
@@ -260,24 +274,77 @@ class Trainer:
         if self.state is not None:
             dist.barrier()
 
+    def _agree(self, error: tuple | None, payload=None) -> list:
+        """Every rank's (error, payload) on every rank (a collective in place of a
+        barrier); the first error is raised everywhere, so one rank's failed write stops
+        all of them at the same point instead of leaving the others in the next barrier."""
+        items = [(error, payload)]
+        if self.state is not None:
+            items = [None] * self.state.dims.world_size
+            dist.all_gather_object(items, (error, payload))
+        for rank, (err, _) in enumerate(items):
+            if err is not None:
+                kind, msg = err
+                cls = DivergenceError if kind == "diverged" else ckpt_lib.CheckpointError
+                where = f"rank {rank}: " if self.state is not None else ""
+                raise cls(f"checkpoint at step {self.step} not saved: {where}{msg}")
+        return [p for _, p in items]
+
     def save(self, path: str | None = None) -> str:
         """Every rank takes part; the first dp rank of each stage writes that stage's
-        model and optimizer tensors under their global names (layout-free)."""
-        path = path or os.path.join(self.cfg.train.out_dir, "checkpoint")
+        model and optimizer tensors under their global names (layout-free). Without
+        `path` the checkpoint is out_dir/checkpoints/step_N (the last K kept,
+        out_dir/checkpoint pointing at the newest: engine/run_dir.py). A state that
+        diverged (in a run of skipped steps, or with inf/nan weights) is never written;
+        free space is checked first; a failed save removes its partial files."""
+        if path is None and self._saved_step == self.step:
+            return self.store.path(self.step)   # this state is on disk already
+        if path is None and self.guard.in_streak:
+            raise DivergenceError(f"checkpoint at step {self.step} not saved: the last "
+                                  f"{self.guard.skipped_in_a_row} step(s) were skipped for "
+                                  "inf/nan gradients")
+        if path is None:
+            self._probe()
         full = self.optimizer.full_state()   # collective over dp
         tensors = self._full_tensors(list(self.named_trained_parameters()))  # over tp
         optim = {}
         for key in ("master", "exp_avg", "exp_avg_sq"):
             gathered = self._full_tensors([(n, st[key]) for n, st in full["params"].items()])
             optim.update({f"{key}/{n}": t for n, t in gathered.items()})
+        writer = self.dp_rank == 0 and self.tp_rank == 0
+        error, nbytes = None, 0
+        if writer:
+            nbytes = ckpt_lib.tensor_bytes(tensors) + ckpt_lib.tensor_bytes(optim)
+            if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+                error = ("diverged", "the weights hold inf/nan")
+        sizes = self._agree(error, nbytes)
+        managed = path is None
+        tmp = self.store.tmp_for(self.step) if managed else ckpt_lib.temp_dir_for(path)
+        error = None
         if self.rank == 0:
-            ckpt_lib.begin_save(path)
-        self._barrier()
-        tmp = ckpt_lib.temp_dir_for(path)
-        if self.dp_rank == 0 and self.tp_rank == 0:
-            ckpt_lib.write_tensors(tmp, f"model/stage{self.stage}.safetensors", tensors)
-            ckpt_lib.write_tensors(tmp, f"optim/stage{self.stage}.safetensors", optim)
-        self._barrier()
+            try:
+                need = sum(sizes) + sum(os.path.getsize(p) for p in self.extra_files.values())
+                tmp = self.store.begin(self.step) if managed else ckpt_lib.begin_save(path)
+                ckpt_lib.check_free_space(tmp, need + (1 << 20), f"checkpoint step {self.step}")
+            except (OSError, ValueError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = ("failed", str(e))
+        self._agree(error)
+        error = None
+        if writer:
+            try:
+                ckpt_lib.write_tensors(tmp, f"model/stage{self.stage}.safetensors", tensors)
+                ckpt_lib.write_tensors(tmp, f"optim/stage{self.stage}.safetensors", optim)
+            except (OSError, SafetensorError, ValueError) as e:
+                error = ("failed", f"writing {tmp}: {e}")
+        try:
+            self._agree(error)
+        except ckpt_lib.CheckpointError:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        error = None
+        final = self.store.path(self.step) if managed else os.path.abspath(path)
         if self.rank == 0:
             dims = self.state.dims if self.state else None
             meta = {
@@ -291,11 +358,32 @@ class Trainer:
                            "sequence_parallel": self.cfg.parallel.sequence_parallel,
                            "zero_stage": self.cfg.parallel.zero_stage},
                 "optimizer": {k: v for k, v in full.items() if k != "params"},
+                "divergence": self.guard.state_dict(),
                 **self.extra_meta,
             }
-            ckpt_lib.finish_save(path, meta)
-        self._barrier()
-        return path
+            try:
+                if managed:
+                    if self.step >= self.cfg.train.steps:
+                        self.store.pinned = None       # the run is complete
+                    self.store.commit(self.step, meta, self.extra_files)
+                else:
+                    ckpt_lib.finish_save(path, meta, self.extra_files)
+            except (OSError, ValueError) as e:
+                if os.path.isdir(tmp):          # not yet renamed into place: partial
+                    shutil.rmtree(tmp, ignore_errors=True)
+                error = ("failed", str(e))
+        self._agree(error)
+        if managed:
+            self._saved_step = self.step
+        return final
+
+    def _probe(self):
+        """One forward (no dropout, no gradients, no RNG drawn) of the next training batch
+        on the state about to be saved; the same value on every rank."""
+        loss = self._run(self.microbatches(self.train_data, self.step), forward_only=True)
+        for c in self.chunks:
+            c.train()
+        self.guard.check_state(self.step, loss)
 
     def _full_tensors(self, named: list) -> dict:
         """This rank's (name, tensor) pairs -> full-shape tensors (collective over tp)."""
@@ -340,6 +428,23 @@ class Trainer:
         self.optimizer.load_state_dict(state)
         self.step = int(ckpt.meta["step"])
         ckpt_lib.set_rng_state(ckpt.meta["rng"])
+        self.guard.load_state_dict(ckpt.meta.get("divergence") or {})
+        if os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.store.root):
+            self._saved_step = self.step      # resuming in place: that step is saved
+            self.store.pinned = os.path.join(self.store.root, os.path.basename(path))
+        self._warn_schedule_change(ckpt.meta)
+
+    def _warn_schedule_change(self, meta: dict):
+        """lr_at depends on these: another value moves the LR curve under a resumed run."""
+        old = (meta.get("config") or {}).get("train") or {}
+        tc = self.cfg.train
+        changed = [f"{k} {old[k]} -> {getattr(tc, k)}"
+                   for k in ("steps", "lr", "min_lr", "warmup_steps")
+                   if k in old and old[k] != getattr(tc, k)]
+        if changed:
+            self.log(f"warning: resuming with another LR schedule than the checkpoint's "
+                     f"({', '.join(changed)}): the learning rate changes from step "
+                     f"{self.step} on")
 
     # ---- the loop --------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> list[StepStats]:
@@ -352,8 +457,7 @@ class Trainer:
             history.append(st)
             window_tokens += st.tokens
             window_time += st.seconds
-            if not math.isfinite(st.loss):
-                raise FloatingPointError(f"loss became {st.loss} at step {st.step}")
+            self.guard.observe(st.step, st.loss, st.skipped, st.backoff)
             record = {"step": st.step, "loss": st.loss, "lr": st.lr, "grad_norm": st.grad_norm,
                       "tokens": st.tokens, "seconds": st.seconds}
             if st.step % tc.log_every == 0 or st.step == last:
@@ -366,7 +470,7 @@ class Trainer:
                          f" | gnorm {st.grad_norm:.3f} | {tps:,.0f} tok/s"
                          f" | {tps * self.flops_per_token / 1e9:.2f} GFLOP/s"
                          + "".join(f" | {k} {v:.4f}" for k, v in terms.items())
-                         + (" | skipped (inf/nan grads)" if st.skipped else ""))
+                         + (self._skip_note(st) if st.skipped else ""))
                 window_tokens, window_time = 0, 0.0
             if self.dev_data is not None and tc.eval_every and (
                     st.step % tc.eval_every == 0 or st.step == tc.steps):
@@ -375,5 +479,16 @@ class Trainer:
                          f"ppl {math.exp(min(record['dev_loss'], 50)):.1f}")
             self._write_metrics(record)
             if tc.save_every and st.step % tc.save_every == 0:
-                self.save()
+                if self.guard.in_streak:       # the weights may be garbage: keep the last
+                    self.log(f"step {st.step:5d} | not saving: {self.guard.skipped_in_a_row}"
+                             " step(s) in a row skipped for inf/nan gradients")
+                else:
+                    self.save()
         return history
+
+    def _skip_note(self, st: StepStats) -> str:
+        if st.backoff:
+            return (f" | skipped (fp16 overflow: loss scale backs off to "
+                    f"{self.optimizer.loss_scale:g})")
+        return (f" | skipped (inf/nan grads, {self.guard.skipped_in_a_row} in a row of at "
+                f"most {self.cfg.train.max_skipped_steps})")

@@ -72,10 +72,23 @@ def to_chatglm(src: str, out: str, dtype: torch.dtype | None = None,
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     ckpt = ckpt_lib.Checkpoint(src)
+    tok = os.path.join(src, TOKENIZER)
+    have = None
+    if os.path.isfile(tok):
+        # the checkpoint lists its tokenizer's sha256 (older ones only in tokenizer_sha256):
+        # a swapped file would ship a model with another vocabulary
+        want = ckpt.meta["files"].get(TOKENIZER) or ckpt.meta.get("tokenizer_sha256")
+        have = ckpt_lib.sha256_file(tok)
+        if want and have != want:
+            raise ckpt_lib.CheckpointError(f"{tok} (sha256 {have[:12]}) is not the tokenizer "
+                                           f"checkpoint {src} was trained with "
+                                           f"({want[:12]}); not shipping it")
     names = export_chatglm(native_model(ckpt, dtype), out,
                            max_shard_bytes=int(max_shard_gb * GB), overwrite=overwrite)
-    if os.path.isfile(os.path.join(src, TOKENIZER)):   # ChatGLM keeps it beside the weights
-        shutil.copy(os.path.join(src, TOKENIZER), os.path.join(out, TOKENIZER))
+    if have is not None:   # ChatGLM keeps it beside the weights
+        shutil.copy(tok, os.path.join(out, TOKENIZER))
+        if ckpt_lib.sha256_file(os.path.join(out, TOKENIZER)) != have:
+            raise ckpt_lib.CheckpointError(f"copying {tok} to {out} changed its bytes")
     return names
 
 

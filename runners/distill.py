@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--from-scratch", action="store_true",
                    help="random-init the student's shape instead of loading its weights")
     p.add_argument("--resume", action="store_true",
-                   help="continue from <train.out_dir>/checkpoint")
+                   help="continue from the newest complete checkpoint in <train.out_dir>")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an out_dir that holds checkpoints")
     args, rest = p.parse_known_args(argv)
     return args, rest
 
@@ -84,10 +85,11 @@ def main(argv=None):
     from engine.config import build_run_config, load_file, parse_overrides
     from engine.data.loaders import make_datasets
     from engine.evaluate import dev_loss
-    from engine.launch import parallel_state
+    from engine.divergence import DivergenceError
+    from engine.launch import open_out_dir, parallel_state
     from model import GLM, GLMConfig
 
-    state = None
+    state = run_dir = None
     try:
         base, over, dist_cfg = split_config(load_file(args.config) if args.config else {},
                                             parse_overrides(rest))
@@ -105,6 +107,7 @@ def main(argv=None):
         cfg.train.init_from = "" if args.from_scratch else args.student
         tc = cfg.train
         state = parallel_state(cfg)
+        run_dir = open_out_dir(cfg, state, args.resume, args.force)
         tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
                                         cfg.model.padded_vocab_size, cfg.data.objective,
                                         model_config=cfg.model)
@@ -127,13 +130,11 @@ def main(argv=None):
         trainer, loss_fn = distill_trainer(
             cfg, dcfg, train, dev, teacher=t_ckpt if dcfg.needs_teacher else None,
             kept_hidden=kept, state=state, tokenizer_sha256=tok.sha256, extra_meta=extra,
-            log=lambda m: print(m, flush=True) if rank0 else None)
-        ckpt_dir = os.path.join(tc.out_dir, "checkpoint")
-        if args.resume:
-            if not os.path.isdir(ckpt_dir):
-                raise ValueError(f"--resume: no checkpoint at {ckpt_dir}")
-            trainer.resume(ckpt_dir)
-            trainer.log(f"resumed from {ckpt_dir} at step {trainer.step}")
+            log=lambda m: print(m, flush=True) if rank0 else None,
+            extra_files={ckpt_lib.TOKENIZER_FILE: str(tok.path)})
+        if run_dir.resume_path:
+            trainer.resume(run_dir.resume_path)
+            trainer.log(f"resumed from {run_dir.resume_path} at step {trainer.step}")
         t_tokens = train_tokens(t_ckpt.meta) if t_ckpt is not None else None
         n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
         trainer.log(
@@ -146,11 +147,9 @@ def main(argv=None):
         trainer.log("distill: " + " ".join(f"{k}={v}" for k, v in dcfg.to_dict().items())
                     + (" | from scratch" if args.from_scratch else ""))
         trainer.fit()
-        path = trainer.save(ckpt_dir)
+        path = trainer.save()
         s_loss = trainer.evaluate()  # the student's own cross-entropy (DistillLoss, no_grad)
         if rank0:
-            shutil.copy(os.path.join(cfg.data.dir, "tokenizer", "tokenizer.model"),
-                        os.path.join(path, "tokenizer.model"))
             line = f"dev loss ({cfg.data.task}, {tc.eval_batches} batches): student {s_loss:.4f}"
             # the teacher's dev loss where rank 0 holds it whole
             teacher = getattr(loss_fn.teacher, "model", None)
@@ -159,9 +158,11 @@ def main(argv=None):
                 line += f" | teacher {t_loss:.4f}"
             print(line)
             print(f"saved {path}")
-    except ValueError as e:
+    except (ValueError, DivergenceError) as e:
         sys.exit(f"error: {e}")
     finally:
+        if run_dir is not None:
+            run_dir.close()
         if state is not None and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +36,10 @@ def parse_args(argv=None):
                    help="teacher: hybrid fine-tuning (Eq. 12); student: continued "
                         "distillation on D_d (Eq. 13)")
     p.add_argument("--config", help="JSON or YAML: model / train / data / parallel / finetune")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in <train.out_dir>")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an out_dir that holds checkpoints")
     g = p.add_argument_group("tasks")
     g.add_argument("--source-tsv", default="", help="D_s training pairs (default: the shards)")
     g.add_argument("--target-tsv", default="", help="D_d training pairs (default: the shards)")
@@ -55,11 +58,12 @@ def main(argv=None):
     from engine import checkpoint as ckpt_lib
     from engine.config import build_run_config, load_file, parse_overrides, pop_section
     from engine.finetune import FinetuneConfig, build_tasks, teacher_objective
-    from engine.launch import model_parallel_group, parallel_state
+    from engine.divergence import DivergenceError
+    from engine.launch import model_parallel_group, open_out_dir, parallel_state
     from model import GLMConfig
     from model.config import with_layout_of
 
-    state = None
+    state = run_dir = None
     try:
         base, over, ft = pop_section(load_file(args.config) if args.config else {},
                                      parse_overrides(rest), "finetune")
@@ -77,6 +81,7 @@ def main(argv=None):
                                        .meta["config"]["model"])
         tc = cfg.train
         state = parallel_state(cfg)
+        run_dir = open_out_dir(cfg, state, args.resume, args.force)
         rank0 = state is None or state.rank == 0
         log = (lambda m: print(m, flush=True)) if rank0 else (lambda *a, **k: None)
         log("layout: " + (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
@@ -86,6 +91,7 @@ def main(argv=None):
                                                   cfg.model.padded_vocab_size,
                                                   args.source_tsv, args.target_tsv,
                                                   model_config=cfg.model)
+        tokenizer = {ckpt_lib.TOKENIZER_FILE: str(tok.path)}    # inside every checkpoint
         record = {"stage": args.stage, "finetune": fcfg.to_dict(), "n_s": len(d_s),
                   "n_d": len(d_d)}
         if args.stage == "teacher":
@@ -98,7 +104,7 @@ def main(argv=None):
             trainer = Trainer(cfg, train, dev_d, state=state, tokenizer_sha256=tok.sha256,
                               log=log, forward_step=loss.forward_step,
                               mp_group=model_parallel_group(state),
-                              extra_meta={"finetune": record})
+                              extra_meta={"finetune": record}, extra_files=tokenizer)
         else:
             from engine.compress.distill_run import distill_trainer
             dcfg = fcfg.distill_config()
@@ -110,26 +116,30 @@ def main(argv=None):
             # each rank loads the part of the teacher its layout needs
             trainer, _ = distill_trainer(cfg, dcfg, d_d, dev_d, teacher=args.teacher or None,
                                          state=state, tokenizer_sha256=tok.sha256, log=log,
-                                         extra_meta={"finetune": record})
+                                         extra_meta={"finetune": record},
+                                         extra_files=tokenizer)
+        if run_dir.resume_path:
+            trainer.resume(run_dir.resume_path)
+            log(f"resumed from {run_dir.resume_path} at step {trainer.step}")
         t0 = time.perf_counter()
         history = trainer.fit()
         record["train_seconds"] = time.perf_counter() - t0
         record["step_seconds"] = sum(h.seconds for h in history)
-        path = trainer.save(os.path.join(tc.out_dir, "checkpoint"))
+        path = trainer.save()
         # dev losses of both tasks (the student's own cross-entropy in the student stage)
         record["dev_loss_target"] = trainer.evaluate(dev_d)
         record["dev_loss_source"] = trainer.evaluate(dev_s)
         if rank0:
-            shutil.copy(os.path.join(cfg.data.dir, "tokenizer", "tokenizer.model"),
-                        os.path.join(path, "tokenizer.model"))
             with open(os.path.join(tc.out_dir, "finetune.json"), "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=1)
             log(f"dev loss: D_d {record['dev_loss_target']:.4f} | D_s "
                 f"{record['dev_loss_source']:.4f} | {record['step_seconds']:.1f} s training")
             log(f"saved {path}")
-    except ValueError as e:
+    except (ValueError, DivergenceError) as e:
         sys.exit(f"error: {e}")
     finally:
+        if run_dir is not None:
+            run_dir.close()
         if state is not None and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -26,7 +26,10 @@ def parse_args(argv=None):
                                 epilog="Any --section.field VALUE overrides the config file.")
     p.add_argument("--config", help="JSON or YAML run config")
     p.add_argument("--resume", action="store_true",
-                   help="continue from <train.out_dir>/checkpoint")
+                   help="continue from the newest complete checkpoint in <train.out_dir>")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an out_dir that holds checkpoints (they are removed "
+                        "once this run saved its first one)")
     p.add_argument("--print-config", action="store_true", help="print the merged config")
     args, rest = p.parse_known_args(argv)
     return args, rest
@@ -41,10 +44,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
+    from engine.divergence import DivergenceError
     from engine.launch import run_training
     try:
-        run_training(cfg, resume=args.resume)
-    except ValueError as e:  # bad input: one line, not a traceback
+        run_training(cfg, resume=args.resume, force=args.force)
+    except (ValueError, DivergenceError) as e:  # bad input, divergence: one line
         sys.exit(f"error: {e}")
 
 

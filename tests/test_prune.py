@@ -1,5 +1,6 @@
 """Structured pruning on the tensors: removing structures whose contribution is exactly
 zero leaves the logits unchanged; GQA mapping; pruned checkpoints reload and train."""
+import hashlib
 import json
 import math
 import os
@@ -325,8 +326,11 @@ def test_pruned_checkpoint_reloads_with_the_same_loss_and_trains(tmp_path):
     model = build()
     c = model.config
     src = tmp_path / "teacher"
+    # the tokenizer file must be the one tokenizer_sha256 names (a checkpoint whose
+    # tokenizer.model is another is refused: tests/test_faults_checkpoint.py)
+    tok_sha = hashlib.sha256(b"not really a tokenizer").hexdigest()
     meta = {"config": {"model": c.to_dict(), "train": {"steps": 1}}, "step": 7,
-            "tokenizer_sha256": "ab" * 32}
+            "tokenizer_sha256": tok_sha}
     ckpt_lib.save_checkpoint(str(src), model.state_dict(), {}, meta)
     (src / "tokenizer.model").write_bytes(b"not really a tokenizer")
     teacher, ckpt = load_glm(str(src))
@@ -340,7 +344,7 @@ def test_pruned_checkpoint_reloads_with_the_same_loss_and_trains(tmp_path):
     save_student(str(out), cfg2, state2, ckpt, {"selection": sel.to_dict()})
 
     meta2 = json.load(open(out / "meta.json"))
-    assert meta2["tokenizer_sha256"] == "ab" * 32 and meta2["step"] == 0
+    assert meta2["tokenizer_sha256"] == tok_sha and meta2["step"] == 0
     assert (out / "tokenizer.model").read_bytes() == b"not really a tokenizer"
     assert "tokenizer.model" in meta2["files"]
     assert meta2["pruning"]["selection"]["hidden"] == sel.hidden
@@ -360,7 +364,7 @@ def test_pruned_checkpoint_reloads_with_the_same_loss_and_trains(tmp_path):
                                       "warmup_steps": 0, "eval_every": 0,
                                       "out_dir": str(tmp_path / "run"), "init_from": str(out)}})
     run.model = cfg2
-    trainer = Trainer(run, Data(), tokenizer_sha256="ab" * 32, log=lambda *_: None)
+    trainer = Trainer(run, Data(), tokenizer_sha256=tok_sha, log=lambda *_: None)
     hist = trainer.fit()
     assert all(math.isfinite(h.loss) for h in hist)
     assert os.path.isdir(trainer.save())

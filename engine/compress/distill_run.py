@@ -199,7 +199,7 @@ def _projection(cfg: RunConfig, t_config: GLMConfig, kept_hidden, tp: TPShards |
 def distill_trainer(cfg: RunConfig, dcfg: DistillConfig, train, dev=None, *,
                     teacher, kept_hidden: list[int] | None = None, state=None,
                     tokenizer_sha256: str | None = None, log=print,
-                    extra_meta: dict | None = None):
+                    extra_meta: dict | None = None, extra_files: dict | None = None):
     """-> (Trainer, DistillLoss). `teacher`: a checkpoint (path or Checkpoint), from
     which each rank loads only what its layout needs, or a whole GLM in memory; needed
     when a KD term has weight, on every rank for teacher_layout "same" (with pp or tp)
@@ -232,7 +232,7 @@ def distill_trainer(cfg: RunConfig, dcfg: DistillConfig, train, dev=None, *,
                       aux_modules={"proj": proj} if proj is not None else None,
                       mp_group=model_parallel_group(state),
                       before_step=source.run if isinstance(source, StagedTeacher) else None,
-                      log_terms=lambda: loss.pop_stats(state))
+                      log_terms=lambda: loss.pop_stats(state), extra_files=extra_files)
     if isinstance(source, StagedTeacher):
         source.attach(trainer)
     return trainer, loss

@@ -9,7 +9,6 @@ runners/evaluate.py, runners/distill.py and the trainer's init_from read it like
 from __future__ import annotations
 
 import os
-import shutil
 
 from engine import checkpoint as ckpt_lib
 from engine.compress.prune import build_from_state
@@ -45,11 +44,9 @@ def save_student(path: str, config: GLMConfig, state: dict, source: ckpt_lib.Che
             "tokenizer_sha256": source.meta.get("tokenizer_sha256"),
             "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "zero_stage": 0},
             "pruning": record}
-    tmp = ckpt_lib.begin_save(path)
-    ckpt_lib.write_tensors(tmp, "model/model.safetensors", state)
     tok = os.path.join(source.path, TOKENIZER_FILE)
-    if os.path.isfile(tok):
-        # inside the temp dir, so it is hashed in meta.json and arrives atomically
-        shutil.copy(tok, os.path.join(tmp, TOKENIZER_FILE))
-    ckpt_lib.finish_save(path, meta)
+    # inside the atomic save, so it is hashed in meta.json (and checked against
+    # tokenizer_sha256) and arrives with the weights
+    ckpt_lib.save_checkpoint(path, state, {}, meta,
+                             extra_files={TOKENIZER_FILE: tok} if os.path.isfile(tok) else None)
     return path

@@ -44,6 +44,18 @@ def _special_ids(ids) -> SpecialIds:
     return ids
 
 
+def open_shard(source, ids) -> Shard:
+    """A Shard (prefix or Shard) checked against the tokenizer it is read with, when `ids`
+    is a Tokenizer (it has a sha256): shards record their tokenizer's sha256, and tokens
+    of another vocabulary train or evaluate silently into nonsense."""
+    want = getattr(ids, "sha256", None)
+    shard = source if isinstance(source, Shard) else Shard(source, expect_tokenizer_sha256=want)
+    if want is not None and shard.tokenizer_sha256 != want:
+        raise ValueError(f"{shard.prefix}: written with tokenizer {shard.tokenizer_sha256[:12]}, "
+                         f"read with {want[:12]}; rerun prepare_data --force")
+    return shard
+
+
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -94,7 +106,7 @@ class PretrainDataset:
 
     def __init__(self, shard, ids, seq_len: int, objective: str = "glm", seed: int = 0,
                  mask_ratio: float = 0.15, mean_span: float = 3.0, gmask_prob: float = 0.5):
-        self.shard = shard if isinstance(shard, Shard) else Shard(shard)
+        self.shard = open_shard(shard, ids)
         self.ids = _special_ids(ids)
         _check_positive("seq_len", seq_len)
         if objective not in self.OBJECTIVES:
@@ -235,13 +247,13 @@ class TranslationDataset:
         if seed < 0:
             raise ValueError(f"seed={seed} must be >= 0")
         self.seq_len, self.direction, self.seed, self.shuffle = seq_len, direction, seed, shuffle
-        self.pairs = self._load(source, tokenizer)
+        self.pairs = self._load(source, tokenizer, tokenizer if tokenizer is not None else ids)
         if not self.pairs:
             raise ValueError(f"translation source {source!r} holds no pairs")
         self._perm = _EpochCache(self._permutation)
 
     @staticmethod
-    def _load(source, tokenizer) -> list[tuple[list[int], list[int]]]:
+    def _load(source, tokenizer, reader=None) -> list[tuple[list[int], list[int]]]:
         if isinstance(source, list):
             return [(list(map(int, en)), list(map(int, zh))) for en, zh in source]
         if isinstance(source, (str, os.PathLike)) and str(source).endswith(".tsv"):
@@ -251,13 +263,10 @@ class TranslationDataset:
             en = tokenizer.encode_batch([e for e, _ in text])
             zh = tokenizer.encode_batch([z for _, z in text])
             return list(zip(en, zh))
-        shard = source if isinstance(source, Shard) else Shard(source)
+        shard = open_shard(source, reader)
         if shard.fields != ("en", "zh"):
             raise ValueError(f"{shard.prefix}: fields {shard.fields} are not ('en', 'zh'); "
                              "not a translation shard")
-        if tokenizer is not None and shard.tokenizer_sha256 != tokenizer.sha256:
-            raise ValueError(f"{shard.prefix}: written with a different tokenizer "
-                             f"({shard.tokenizer_sha256[:12]} != {tokenizer.sha256[:12]})")
         return [(en.astype(np.int64).tolist(), zh.astype(np.int64).tolist())
                 for en, zh in (shard[i] for i in range(len(shard)))]
 

@@ -62,6 +62,8 @@ class Recipe:
                 "--train.log_every", str(max(1, steps // 4)), "--train.seed", str(rc.seed),
                 "--train.threads", str(threads), "--train.out_dir", out,
                 "--parallel.pp", str(pp), "--finetune.lam", str(rc.lam),
+                # a stage not reused is redone from its start, over a crashed attempt
+                "--force",
                 "--source-tsv", self.train_tsv, "--target-tsv", self.train_tsv]
 
     def _timed(self, name: str, fn):
