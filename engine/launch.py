@@ -46,7 +46,10 @@ def parallel_state(cfg: RunConfig):
                              f"{cfg.model.padded_vocab_size}")
     if world == 1:
         return None
-    return init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
+    from engine.monitor import start_monitor
+    state = init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
+    start_monitor(state)   # heartbeats: a dead or hung rank is named (engine/monitor.py)
+    return state
 
 
 # ---- --parallel auto --------------------------------------------------------------------
@@ -170,6 +173,11 @@ def model_parallel_group(state):
     return mine
 
 
+def stopped_line(trainer, path: str) -> str:
+    return (f"stopped by {trainer.stopped_by} after step {trainer.step}/"
+            f"{trainer.cfg.train.steps}: saved {path} (continue with --resume)")
+
+
 def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
     cfg = resolve_parallel(cfg, log)
     tc = cfg.train
@@ -198,7 +206,8 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print) -> Trainer:
             # the tokenizer travels with the checkpoint so evaluation needs nothing else
             shutil.copy(os.path.join(cfg.data.dir, "tokenizer", "tokenizer.model"),
                         os.path.join(path, "tokenizer.model"))
-            trainer.log(f"saved {path}")
+            trainer.log(stopped_line(trainer, path) if trainer.stopped_by else
+                        f"saved {path}")
         return trainer
     finally:
         if state is not None and dist.is_initialized():

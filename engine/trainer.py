@@ -29,8 +29,10 @@ import torch.distributed as dist
 from engine import checkpoint as ckpt_lib
 from engine.config import RunConfig
 from engine.flops import train_flops_per_token
+from engine.monitor import step_guard
 from engine.optim import DistributedOptimizer, OptimConfig
 from engine.schedules import build_stage, forward_backward, glm_forward_step
+from engine.stop import active as active_stop
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
 
@@ -224,8 +226,9 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
         mbs = self.microbatches(self.train_data, self.step)
-        loss = self._run(mbs)
-        result = self.optimizer.step(lr)
+        with step_guard(self.state, self.step + 1):   # names a dead peer on failure
+            loss = self._run(mbs)
+            result = self.optimizer.step(lr)
         self.step += 1
         tokens = sum(int(mb["input_ids"].numel()) for mb in mbs) * self.dp
         return StepStats(self.step, loss, lr, result.grad_norm, tokens,
@@ -342,6 +345,8 @@ class Trainer:
         history = []
         last = min(tc.steps, stop_at) if stop_at is not None else tc.steps
         window_tokens, window_time = 0, 0.0
+        stop = active_stop()   # SIGTERM / SIGINT: stop after a step (engine/stop.py)
+        self.stopped_by = None
         while self.step < last:
             st = self.train_step()
             history.append(st)
@@ -371,4 +376,7 @@ class Trainer:
             self._write_metrics(record)
             if tc.save_every and st.step % tc.save_every == 0:
                 self.save()
+            if stop is not None and st.step < last and stop.agreed(self.state):
+                self.stopped_by = stop.stopped_by
+                break
         return history

@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -154,8 +155,8 @@ def main(argv=None):
             from_chatglm(src, out, dtype, args.max_shard_gb, args.overwrite)
             print(f"wrote {out}: native checkpoint at step 0 (use --train.init_from {out})")
     except (ValueError, OSError) as e:       # bad input: one line, never a traceback
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
