@@ -255,6 +255,9 @@ class Monitor:
         if self._stop.is_set():
             return
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            # out of any store call before the interpreter tears the client down
+            self._thread.join(timeout=self.interval + 5.0)
         if not self.status.startswith("failed:"):
             self.status = "exited"
         self.beat()

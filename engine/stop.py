@@ -51,8 +51,17 @@ class GracefulStop:
         global _active
         if threading.current_thread() is not threading.main_thread():
             return self   # signals are delivered to the main thread only
+        # Python runs a handler in the main thread only between bytecodes, so not while
+        # that thread is blocked in a collective: the C-level handler's wakeup byte is
+        # read by a thread instead, which acts on each signal as it arrives
+        self._rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        self._wfd = wfd
+        self._old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
+        threading.Thread(target=self._read_signals, name="graceful-stop",
+                         daemon=True).start()
         _active = self
         return self
 
@@ -61,11 +70,26 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._wfd)   # ends the reader thread
         if _active is self:
             _active = None
         return False
 
-    def _handle(self, signum, frame):
+    def _read_signals(self):
+        while True:
+            try:
+                data = os.read(self._rfd, 64)
+            except OSError:
+                return
+            if not data:
+                os.close(self._rfd)
+                return
+            for signum in data:
+                if signum in [int(s) for s in self.signals]:
+                    self._handle(signum)
+
+    def _handle(self, signum, frame=None):
         name = signal.Signals(signum).name
         now = time.monotonic()
         if self.requested_at is None:
