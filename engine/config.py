@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from engine.config_check import check_fields
 from model.config import GLMConfig
 
 
@@ -105,6 +106,8 @@ class ParallelConfig:
     memory_gb: float = 0.0            # auto's per-device memory; 0: the device profile's
 
     def __post_init__(self):
+        if not self.timeout_s > 0:       # also refuses nan; 0 or less would reach C++
+            raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0")
         for name in ("tp", "pp", "vpp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
@@ -240,15 +243,17 @@ def build_run_config(base: dict | None = None, overrides: dict | None = None) ->
         values = dict(merged.get(section, {}))
         if cls is GLMConfig:
             preset = values.pop("preset", "tiny")
+            if not isinstance(preset, str):
+                raise ValueError(f"model.preset={preset!r} must be a preset name")
             known = {f.name for f in dataclasses.fields(GLMConfig)}
             bad = sorted(set(values) - known)
             if bad:
                 raise ValueError(f"unknown model field(s): {', '.join(bad)}")
-            kwargs[section] = GLMConfig.preset(preset, **values)
+            kwargs[section] = GLMConfig.preset(preset, **check_fields(cls, values, section))
         else:
             known = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(values) - known)
             if bad:
                 raise ValueError(f"unknown {section} field(s): {', '.join(bad)}")
-            kwargs[section] = cls(**values)
+            kwargs[section] = cls(**check_fields(cls, values, section))
     return RunConfig(**kwargs)

@@ -49,7 +49,10 @@ def parallel_state(cfg: RunConfig):
                              f"{cfg.model.padded_vocab_size}")
     if world == 1:
         return None
-    return init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
+    from engine.monitor import start_monitor
+    state = init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
+    start_monitor(state)   # heartbeats: a dead or hung rank is named (engine/monitor.py)
+    return state
 
 
 # ---- --parallel auto --------------------------------------------------------------------
@@ -173,6 +176,11 @@ def model_parallel_group(state):
     return mine
 
 
+def stopped_line(trainer, path: str) -> str:
+    return (f"stopped by {trainer.stopped_by} after step {trainer.step}/"
+            f"{trainer.cfg.train.steps}: saved {path} (continue with --resume)")
+
+
 def open_out_dir(cfg: RunConfig, state, resume: bool, force: bool, log=print):
     """The run's out_dir, locked, with the checkpoint to resume from (engine/run_dir.py)."""
     from engine.run_dir import open_run_dir
@@ -213,7 +221,7 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print,
                     f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")
         trainer.fit()
         path = trainer.save()
-        trainer.log(f"saved {path}")
+        trainer.log(stopped_line(trainer, path) if trainer.stopped_by else f"saved {path}")
         return trainer
     finally:
         if run_dir is not None:

@@ -119,17 +119,25 @@ def wait_all(works, state, what: str, peers, board: FailureBoard | None = None,
     started = time.monotonic() if started is None else started
     deadline = started + timeout.total_seconds()
     # NCCL: wait() orders the current stream after the transfer without blocking the
-    # host; a timed wait would block it. The process-group watchdog enforces the timeout.
+    # host; a timed wait would block it. The heartbeat monitor's thread times the work
+    # instead (engine/monitor.py), the process-group watchdog is the backstop.
     host_wait = state is None or state.backend != "nccl"
+    monitor = getattr(state, "monitor", None)
+    if monitor is not None:
+        status, monitor.status = monitor.status, f"waiting: {what}"
     for i, work in enumerate(works):
         try:
             if host_wait:
                 work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
             else:
                 work.wait()
+                if monitor is not None:
+                    monitor.watch(work, what, peers[i], timeout.total_seconds())
         except Exception as err:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
             raise peer_error(state, what, peers[i], err, board, time.monotonic() - started,
                              timeout) from err
+    if monitor is not None:
+        monitor.status = status
 
 
 def peer_error(state, what: str, peer, err: BaseException, board: FailureBoard | None,
@@ -143,6 +151,12 @@ def peer_error(state, what: str, peer, err: BaseException, board: FailureBoard |
         why = "connection closed: the peer process exited or crashed"
     else:
         why = _first_line(err)
+    monitor = getattr(state, "monitor", None)
+    if monitor is not None and not isinstance(peer, int):
+        # a collective names only its group: the heartbeats name the member that failed
+        culprit = monitor.identify(list(peer))
+        if culprit is not None:
+            them, why = _where(state, culprit[0]), f"{why} ({culprit[1]})"
     first = None
     if board is not None:
         first = board.report(f"{them} stopped responding ({why}); seen by {me} during {what}")

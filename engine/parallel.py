@@ -177,6 +177,16 @@ def _device_and_backend() -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+def _backstop(timeout: timedelta, backend: str) -> timedelta:
+    """The groups' own timeout. NCCL: our deadline is the heartbeat monitor's (engine/
+    monitor.py) and the watchdog is the backstop, so it also allows for the first step's
+    JIT compiles."""
+    if backend != "nccl":
+        return timeout
+    from engine.monitor import FIRST_STEP_ALLOWANCE_S
+    return timeout + timedelta(seconds=FIRST_STEP_ALLOWANCE_S)
+
+
 def init_distributed(dims: ParallelDims, timeout: timedelta | float = 120.0,
                      num_layers: int | None = None) -> ParallelState:
     """Join (or reuse) the default process group from the torchrun environment, check the
@@ -198,13 +208,14 @@ def init_distributed(dims: ParallelDims, timeout: timedelta | float = 120.0,
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         dims.validate(world, num_layers)
-        dist.init_process_group(backend, timeout=timeout, device_id=device
+        dist.init_process_group(backend, timeout=_backstop(timeout, backend), device_id=device
                                 if device.type == "cuda" else None)
         rank = dist.get_rank()
     mine: dict[str, tuple[object, list[int]]] = {}
+    pg_timeout = _backstop(timeout, backend)
     for dim in ("tp", "dp", "pp"):
         for ranks in rank_groups(dims, dim):
-            group = dist.new_group(ranks, timeout=timeout)
+            group = dist.new_group(ranks, timeout=pg_timeout)
             if rank in ranks:
                 mine[dim] = (group, ranks)
     return ParallelState(dims=dims, rank=rank, coords=rank_to_coords(rank, dims), device=device,

@@ -32,10 +32,12 @@ from engine import checkpoint as ckpt_lib
 from engine.config import RunConfig
 from engine.divergence import DivergenceError, DivergenceGuard
 from engine.flops import train_flops_per_token
+from engine.monitor import step_guard
 from engine.optim import DistributedOptimizer, OptimConfig
 from engine.run_dir import CheckpointStore
 from engine.schedules import build_stage, forward_backward, glm_forward_step
 from model.config import layout_mismatch
+from engine.stop import active as active_stop
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
 
@@ -240,10 +242,11 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
         mbs = self.microbatches(self.train_data, self.step)
-        loss = self._run(mbs)
-        scaler = self.optimizer.scaler
-        can_back_off = scaler is not None and scaler.scale > scaler.min_scale
-        result = self.optimizer.step(lr)
+        with step_guard(self.state, self.step + 1):   # names a dead peer on failure
+            loss = self._run(mbs)
+            scaler = self.optimizer.scaler
+            can_back_off = scaler is not None and scaler.scale > scaler.min_scale
+            result = self.optimizer.step(lr)
         self.step += 1
         tokens = sum(int(mb["input_ids"].numel()) for mb in mbs) * self.dp
         return StepStats(self.step, loss, lr, result.grad_norm, tokens,
@@ -452,6 +455,8 @@ class Trainer:
         history = []
         last = min(tc.steps, stop_at) if stop_at is not None else tc.steps
         window_tokens, window_time = 0, 0.0
+        stop = active_stop()   # SIGTERM / SIGINT: stop after a step (engine/stop.py)
+        self.stopped_by = None
         while self.step < last:
             st = self.train_step()
             history.append(st)
@@ -484,6 +489,9 @@ class Trainer:
                              " step(s) in a row skipped for inf/nan gradients")
                 else:
                     self.save()
+            if stop is not None and st.step < last and stop.agreed(self.state):
+                self.stopped_by = stop.stopped_by
+                break
         return history
 
     def _skip_note(self, st: StepStats) -> str:

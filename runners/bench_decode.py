@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -99,7 +100,7 @@ def main(argv=None):
             ckpt.check_tokenizer(tok.sha256, os.path.join(args.data_dir, "tokenizer"))
             models[name] = model.eval()
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     prompts = [prompt_ids(tok, en, 96) for en, _ in pairs]
     with torch.no_grad():
         times = bench(models, prompts, args.new_tokens, args.rounds, tok.pad_id, tok.sop_id)
@@ -109,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

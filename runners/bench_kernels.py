@@ -30,6 +30,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from engine.errors import run_main  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must happen before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -444,4 +446,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

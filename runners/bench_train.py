@@ -14,6 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import run_main  # noqa: E402
 import torch  # noqa: E402
 
 from engine.flops import train_flops_per_token  # noqa: E402
@@ -78,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,6 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -211,8 +212,8 @@ def main(argv=None):
                   f"position_layout={m['position_layout']} rope_ratio={m['rope_ratio']} "
                   f"rope_scaling={m['rope_scaling']} chat_format={m['chat_format'] or 'none'}")
     except (ValueError, OSError) as e:       # bad input: one line, never a traceback
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

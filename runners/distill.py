@@ -34,6 +34,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -83,17 +84,18 @@ def main(argv=None):
     from engine.compress.distill import DistillConfig
     from engine.compress.distill_run import distill_trainer, teacher_weights
     from engine.config import build_run_config, load_file, parse_overrides
+    from engine.config_check import check_fields
     from engine.data.loaders import make_datasets
     from engine.evaluate import dev_loss
     from engine.divergence import DivergenceError
-    from engine.launch import open_out_dir, parallel_state
+    from engine.launch import open_out_dir, parallel_state, stopped_line
     from model import GLM, GLMConfig
 
     state = run_dir = None
     try:
         base, over, dist_cfg = split_config(load_file(args.config) if args.config else {},
                                             parse_overrides(rest))
-        dcfg = DistillConfig(**dist_cfg)
+        dcfg = DistillConfig(**check_fields(DistillConfig, dist_cfg, "distill"))
         cfg = build_run_config(base, over)
         if cfg.train.init_from:
             raise ValueError("train.init_from is not used here: the student comes from "
@@ -157,9 +159,9 @@ def main(argv=None):
                 t_loss = dev_loss(teacher, dev, tc.eval_batches, tc.micro_batch_size)
                 line += f" | teacher {t_loss:.4f}"
             print(line)
-            print(f"saved {path}")
+            print(stopped_line(trainer, path) if trainer.stopped_by else f"saved {path}")
     except (ValueError, DivergenceError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     finally:
         if run_dir is not None:
             run_dir.close()
@@ -168,4 +170,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, graceful_stop=True)

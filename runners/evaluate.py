@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -77,7 +78,7 @@ def main(argv=None):
                                               tok.encode_batch([z for _, z in pairs]))),
                                      tok, seq, seed=0, shuffle=False, fmt=fmt)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     result = evaluate(model, tok, pairs, dev=dev, heldout=heldout, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, mode=args.mode,
                       num_beams=args.num_beams, latency_samples=args.latency_samples,
@@ -97,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

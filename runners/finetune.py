@@ -27,6 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -57,9 +58,10 @@ def main(argv=None):
 
     from engine import checkpoint as ckpt_lib
     from engine.config import build_run_config, load_file, parse_overrides, pop_section
+    from engine.config_check import check_fields
     from engine.finetune import FinetuneConfig, build_tasks, teacher_objective
     from engine.divergence import DivergenceError
-    from engine.launch import model_parallel_group, open_out_dir, parallel_state
+    from engine.launch import model_parallel_group, open_out_dir, parallel_state, stopped_line
     from model import GLMConfig
     from model.config import with_layout_of
 
@@ -67,7 +69,7 @@ def main(argv=None):
     try:
         base, over, ft = pop_section(load_file(args.config) if args.config else {},
                                      parse_overrides(rest), "finetune")
-        fcfg = FinetuneConfig(**ft)
+        fcfg = FinetuneConfig(**check_fields(FinetuneConfig, ft, "finetune"))
         cfg = build_run_config(base, over)
         if args.stage == "student":
             if not args.student or (fcfg.lam > 0 and not args.teacher):
@@ -134,9 +136,9 @@ def main(argv=None):
                 json.dump(record, f, indent=1)
             log(f"dev loss: D_d {record['dev_loss_target']:.4f} | D_s "
                 f"{record['dev_loss_source']:.4f} | {record['step_seconds']:.1f} s training")
-            log(f"saved {path}")
+            log(stopped_line(trainer, path) if trainer.stopped_by else f"saved {path}")
     except (ValueError, DivergenceError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     finally:
         if run_dir is not None:
             run_dir.close()
@@ -145,4 +147,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, graceful_stop=True)

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 from engine.planner import PlanRequest, best, device_profile, format_table, plan  # noqa: E402
 
 GB = 1e9
@@ -92,7 +93,7 @@ def main(argv=None):
             zero_stages=tuple(int(z) for z in args.zero_stages.split(",") if z.strip()))
         cands = plan(req, dev)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     n_fit = sum(c.fits for c in cands)
     print(f"{req.model_name or 'model'}: {args.gpus} x {req.device_memory_gb:.4g} GB "
           f"({dev.name}, {dev.reserved_bytes / GB:g} GB reserved), seq {req.seq_len}, "
@@ -102,7 +103,7 @@ def main(argv=None):
     try:
         chosen = best(cands)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     t = chosen.time
     print(f"\nchosen: {chosen.layout.short()}  ({chosen.memory.peak.total / GB:.1f} GB on "
           f"stage {chosen.memory.peak.stage}; step {t.total:.3f} s = gemm {t.gemm:.3f} + "
@@ -116,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

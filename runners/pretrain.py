@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 from engine.config import build_run_config, load_file, parse_overrides  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def main(argv=None):
         cfg = build_run_config(load_file(args.config) if args.config else {},
                                parse_overrides(rest))
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
     from engine.divergence import DivergenceError
@@ -49,8 +50,8 @@ def main(argv=None):
     try:
         run_training(cfg, resume=args.resume, force=args.force)
     except (ValueError, DivergenceError) as e:  # bad input, divergence: one line
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, graceful_stop=True)

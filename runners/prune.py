@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 SHAPE_FLAGS = {"layers": "num_layers", "heads": "num_attention_heads",
                "groups": "multi_query_group_num", "head_dim": "kv_channels",
                "ffn": "ffn_hidden_size", "hidden": "hidden_size"}
@@ -112,7 +113,7 @@ def main(argv=None):
         fixed = PruneTarget(**{SHAPE_FLAGS[f]: v for f, v in explicit.items()})
         fixed.resolve(cfg)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
     teacher.eval()
     state = {k: v.detach() for k, v in teacher.state_dict().items()}
@@ -140,7 +141,7 @@ def main(argv=None):
         sel = select(imp, cfg, target, rotary=args.rotary)
         new_cfg, new_state = prune_state_dict(state, cfg, sel)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
     p_teacher, p_student = non_embedding_params(cfg), non_embedding_params(new_cfg)
     loss_t = calib_loss(cfg, state, batches)
@@ -158,7 +159,7 @@ def main(argv=None):
     try:
         save_student(args.out, new_cfg, new_state, ckpt, record)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     keys = ("num_layers", "hidden_size", "num_attention_heads", "multi_query_group_num",
             "kv_channels", "ffn_hidden_size")
     print("shape   " + " ".join(f"{k}={getattr(cfg, k)}->{getattr(new_cfg, k)}" for k in keys))
@@ -172,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -63,7 +64,7 @@ def main(argv=None):
         results = Recipe(rc, log=lambda m: print(m, flush=True), resume=args.resume).run()
         written = write_reports(results, rc.out_dir)
     except (ValueError, StageError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     print(f"wrote {', '.join(written['markdown'] + written['plots'])} to {rc.out_dir} "
           f"in {time.perf_counter() - t0:.0f} s")
     if written["plots_skipped"]:
@@ -71,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,6 +33,7 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.errors import fail, run_main  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -394,17 +395,17 @@ def main(argv=None):
     try:
         model = model_config(args.preset, args.layers).to_dict()
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     torch.set_num_threads(1)
     try:
         print(HEADER)
         rows = validate(names, model, args.seq_len, args.global_batch, args.rounds, spawn)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     print(summary(rows, args.margin))
     if args.margin < 0.5:
         print(summary(rows, 0.5).splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
