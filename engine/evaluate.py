@@ -78,7 +78,8 @@ def measure_latency(model, tok, sources: list[str], max_new_tokens=64,
     for s in sources:
         t0 = time.perf_counter()
         out = generate(model, [prompt_ids(tok, s, max_source, fmt)],
-                       max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids, pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
+                       max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids, pad_id=tok.pad_id,
+                       sop_id=tok.sop_id, mode="greedy",
                        vocab_size=tok.vocab_size)
         times.append(time.perf_counter() - t0)
         tokens += max(len(out[0]), 1)    # the end token is generated too

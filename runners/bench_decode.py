@@ -77,8 +77,8 @@ def main(argv=None):
 
     from engine.compress.export import load_glm
     from engine.data.corpus import read_tsv
-    from engine.evaluate import prompt_ids
-    from model.tokenizer import Tokenizer
+    from engine.evaluate import prompt_ids, translation_format
+    from model.tokenizer import load_tokenizer
     from pathlib import Path
 
     torch.set_num_threads(args.threads)
@@ -90,7 +90,7 @@ def main(argv=None):
         for k in ("prompts", "new_tokens", "rounds"):
             if getattr(args, k) <= 0:
                 raise ValueError(f"--{k.replace('_', '-')} must be positive")
-        tok = Tokenizer(os.path.join(args.data_dir, "tokenizer", "tokenizer.model"))
+        tok = load_tokenizer(os.path.join(args.data_dir, "tokenizer", "tokenizer.model"))
         pairs = read_tsv(Path(args.data_dir) / "pairs" / "test.tsv")[:args.prompts]
         if not pairs:
             raise ValueError(f"no test pairs in {args.data_dir}/pairs/test.tsv")
@@ -101,7 +101,9 @@ def main(argv=None):
             models[name] = model.eval()
     except ValueError as e:
         fail(e)
-    prompts = [prompt_ids(tok, en, 96) for en, _ in pairs]
+    # the first model's prompt layout (native, or an imported ChatGLM's chat prompt)
+    fmt = translation_format(next(iter(models.values())), tok)
+    prompts = [prompt_ids(tok, en, 96, fmt) for en, _ in pairs]
     with torch.no_grad():
         times = bench(models, prompts, args.new_tokens, args.rounds, tok.pad_id, tok.sop_id)
     print(f"batch-1 greedy decode, {len(prompts)} prompts x {args.new_tokens} new tokens, "

@@ -8,20 +8,21 @@ from sacrebleu.metrics import BLEU
 
 from engine.compress.export import load_glm
 from engine.data.corpus import read_tsv
-from engine.evaluate import evaluate
+from engine.evaluate import evaluate, translation_format
 from model.generate import generate
-from model.tokenizer import Tokenizer
+from model.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
 def zh_en_bleu(model, tok, pairs, max_new_tokens: int, batch_size: int = 32,
                max_source: int = 96) -> float:
     hyps = []
+    fmt = translation_format(model, tok)   # native Part A, or an imported chat prompt
     for i in range(0, len(pairs), batch_size):
-        prompts = [[tok.zh_id] + tok.encode(zh)[:max_source] + [tok.gmask_id]
+        prompts = [fmt.prompt(tok.encode(zh)[:max_source], "zh-en")
                    for _, zh in pairs[i:i + batch_size]]
         # vocab_size: never emit the padded rows past the tokenizer's pieces (no text)
-        out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eop_id,
+        out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids,
                        pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
                        vocab_size=tok.vocab_size)
         hyps += [tok.decode(o).strip() for o in out]
@@ -33,7 +34,7 @@ def measure(checkpoint: str, test_tsv: str, tokenizer_path: str, n: int,
     from pathlib import Path
     model, _ = load_glm(checkpoint)
     model.eval()
-    tok = Tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     pairs = read_tsv(Path(test_tsv))[:n]
     r = evaluate(model, tok, pairs, max_new_tokens=max_new_tokens,
                  latency_samples=latency_samples, checkpoint_dir=checkpoint, n_examples=2)
