@@ -360,8 +360,10 @@ def step_guard(state, step: int, what: str | None = None):
                                 f"failed: {mon.failure}") from err
             raise peer_error(state, what or f"a collective of step {step}", ranks, err,
                              FailureBoard(), timeout=state.timeout) from err
-        if mon is not None:
+        if mon is not None:   # this rank failed first: say so before peers time out
             mon.mark_failed(err)
+            FailureBoard().report(f"{_where(state, state.rank)} raised "
+                                  f"{type(err).__name__}: {mon.status.split(': ', 2)[-1]}")
         raise
     if mon is not None:
         mon.first_step = False
