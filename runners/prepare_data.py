@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import fail, run_main  # noqa: E402
 from engine.data.prepare import PrepareConfig, prepare  # noqa: E402
+from engine.errors import fail, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
