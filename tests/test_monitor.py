@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
-from engine.monitor import Monitor, step_guard
+from engine.monitor import Monitor, neighbours, step_guard
 from engine.p2p import FailureBoard, PeerError, wait_all
 
 
@@ -165,3 +165,17 @@ def test_a_failing_step_publishes_its_own_failure_first(monkeypatch):
     finally:
         for m in mons:
             m.stop()
+
+
+def test_each_rank_watches_its_ring_neighbours_in_every_group():
+    from engine.parallel import ParallelDims, rank_groups
+    dims = ParallelDims(tp=2, pp=2, dp=4)
+    groups = {d: rank_groups(dims, d) for d in ("tp", "dp", "pp")}
+    watchers = {r: set() for r in range(dims.world_size)}
+    for r in range(dims.world_size):
+        mine = [next(g for g in groups[d] if r in g) for d in ("tp", "dp", "pp")]
+        watched = neighbours(r, mine)
+        assert len(watched) <= 5 and r not in watched    # constant, not the group sizes
+        for w in watched:
+            watchers[w].add(r)
+    assert all(len(w) >= 2 for w in watchers.values())   # nobody dies unwatched
