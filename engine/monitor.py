@@ -366,6 +366,7 @@ def step_guard(state, step: int, what: str | None = None):
     mon = getattr(state, "monitor", None) if state is not None else None
     if mon is not None:
         mon.status = f"busy in step {step}"
+    started = time.monotonic()
     try:
         yield mon
     except PeerError:
@@ -379,7 +380,8 @@ def step_guard(state, step: int, what: str | None = None):
                 raise PeerError(f"{_where(state, state.rank)}: {what or f'step {step}'} "
                                 f"failed: {mon.failure}") from err
             raise peer_error(state, what or f"a collective of step {step}", ranks, err,
-                             FailureBoard(), timeout=state.timeout) from err
+                             FailureBoard(), time.monotonic() - started,   # since the
+                             state.timeout) from err                       # step began
         if mon is not None:   # this rank failed first: say so before peers time out
             mon.mark_failed(err)
             FailureBoard().report(f"{_where(state, state.rank)} raised "
