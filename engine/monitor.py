@@ -2,7 +2,8 @@
 
 Every rank runs one daemon thread that beats a counter into the rendezvous store
 (`engine/hb/<attempt>/<rank>` = "<count>|<status>") every `interval` seconds and reads
-the counters of the ranks it shares a group with. A peer whose counter has not moved for
+the counters of its neighbours in each of its groups (so every rank is watched, with
+constant store traffic per rank). A peer whose counter has not moved for
 `deadline` seconds (the layout's timeout) is dead or frozen (SIGSTOP, a wedged host): the
 thread records that as the job's first failure on the FailureBoard (engine/p2p.py), so
 the next error anywhere names it. Staleness is measured on the watcher's own monotonic
@@ -90,7 +91,15 @@ class Monitor:
 
     def read(self, ranks) -> dict[int, str]:
         """Latest published values of `ranks` that have one (a rank not started yet has
-        none); missing keys are skipped without waiting."""
+        none); missing keys are skipped without waiting. Two round trips when every key
+        exists (the usual case)."""
+        ranks = list(ranks)
+        keys = [self.key(r) for r in ranks]
+        try:
+            if keys and self.store.check(keys):
+                return {r: v.decode() for r, v in zip(ranks, self.store.multi_get(keys))}
+        except Exception:  # noqa: BLE001 - fall back to one key at a time
+            pass
         out = {}
         for r in ranks:
             try:
@@ -146,8 +155,19 @@ class Monitor:
         allowance) it expires."""
         allowance = FIRST_STEP_ALLOWANCE_S if self.first_step else 0.0
         with self._lock:
+            # completed works go at once: a work keeps its tensors alive (a cheap event
+            # query on NCCL, no host wait)
+            while self._works and self._done(self._works[0][0]):
+                self._works.pop(0)
             self._works.append((work, self.clock() + timeout + allowance, what, peers,
                                 timeout + allowance))
+
+    @staticmethod
+    def _done(work) -> bool:
+        try:
+            return work.is_completed()
+        except Exception:  # noqa: BLE001 - a failed work raises in the main thread
+            return True
 
     def _check_works(self):
         with self._lock:
@@ -155,11 +175,7 @@ class Monitor:
         now, keep = self.clock(), []
         for item in works:
             work, due, what, peers, limit = item
-            try:
-                done = work.is_completed()
-            except Exception:  # noqa: BLE001 - a failed work raises in the main thread
-                done = True
-            if done:
+            if self._done(work):
                 continue
             if now < due:
                 keep.append(item)
@@ -206,11 +222,11 @@ class Monitor:
 
     def identify(self, ranks, wait_s: float | None = None) -> tuple[int, str] | None:
         """After a collective over `ranks` failed: watch their beats for up to wait_s
-        (default 4 beats) and name who failed, died or is holding it up."""
+        (default 3 beats) and name who failed, died or is holding it up."""
         others = [r for r in ranks if r != self.rank]
         if not others:
             return None
-        wait_s = min(self.deadline, 4 * self.interval) if wait_s is None else wait_s
+        wait_s = min(self.deadline, 3 * self.interval) if wait_s is None else wait_s
         start = self.poll(others)
         end = self.clock() + wait_s
         while True:
@@ -293,11 +309,23 @@ def _abort_groups(message: str):
         pass
 
 
+def neighbours(rank: int, groups) -> set[int]:
+    """rank's previous and next member in each group's ring: every rank of a group is
+    then watched by two others, whatever the group's size."""
+    out = set()
+    for ranks in groups:
+        i = ranks.index(rank)
+        out |= {ranks[i - 1], ranks[(i + 1) % len(ranks)]}
+    return out - {rank}
+
+
 def start_monitor(state) -> Monitor:
-    """The heartbeat monitor for a ParallelState, watching the ranks it shares a group
-    with; attached as state.monitor (wait_all and peer_error look for it there)."""
+    """The heartbeat monitor for a ParallelState, watching its neighbours in each of its
+    groups (constant store traffic per rank at any scale; `identify` reads a failed
+    group's members on demand); attached as state.monitor (wait_all and peer_error look
+    for it there)."""
     from engine.p2p import FailureBoard
-    watch = set(state.tp_ranks) | set(state.dp_ranks) | set(state.pp_ranks)
+    watch = neighbours(state.rank, (state.tp_ranks, state.dp_ranks, state.pp_ranks))
     deadline = state.timeout.total_seconds()
     mon = Monitor(_store_client(deadline), state.rank, state.dims.world_size, watch=watch,
                   deadline=deadline, board=FailureBoard(), name=lambda r: _where(state, r),
@@ -338,6 +366,7 @@ def step_guard(state, step: int, what: str | None = None):
     mon = getattr(state, "monitor", None) if state is not None else None
     if mon is not None:
         mon.status = f"busy in step {step}"
+    started = time.monotonic()
     try:
         yield mon
     except PeerError:
@@ -346,15 +375,17 @@ def step_guard(state, step: int, what: str | None = None):
         if state is None:
             raise
         if is_comm_error(err):
-            ranks = sorted(set(mon.peers) | {state.rank}) if mon else list(
-                range(state.dims.world_size))
+            ranks = list(range(state.dims.world_size))   # the group is unknown here
             if mon is not None and mon.failure:
                 raise PeerError(f"{_where(state, state.rank)}: {what or f'step {step}'} "
                                 f"failed: {mon.failure}") from err
             raise peer_error(state, what or f"a collective of step {step}", ranks, err,
-                             FailureBoard(), timeout=state.timeout) from err
-        if mon is not None:
+                             FailureBoard(), time.monotonic() - started,   # since the
+                             state.timeout) from err                       # step began
+        if mon is not None:   # this rank failed first: say so before peers time out
             mon.mark_failed(err)
+            FailureBoard().report(f"{_where(state, state.rank)} raised "
+                                  f"{type(err).__name__}: {mon.status.split(': ', 2)[-1]}")
         raise
     if mon is not None:
         mon.first_step = False

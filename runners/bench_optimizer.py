@@ -17,12 +17,12 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import run_main  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from engine.optim import DistributedOptimizer, OptimConfig  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
+from engine.errors import run_main  # noqa: E402
 
 
 def time_steps(model, opt, cfg: GLMConfig, batch: int, seq_len: int, steps: int):

@@ -38,7 +38,6 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import run_main  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -50,6 +49,7 @@ from engine.parallel import ParallelDims, init_distributed  # noqa: E402
 from engine.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
                               forward_backward)
 from model import GLM, GLMConfig  # noqa: E402
+from engine.errors import run_main  # noqa: E402
 
 
 def parse_args(argv=None):

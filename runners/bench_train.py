@@ -14,11 +14,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import run_main  # noqa: E402
 import torch  # noqa: E402
 
 from engine.flops import train_flops_per_token  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
+from engine.errors import run_main  # noqa: E402
 
 
 def matmul_flops(n: int, reps: int, dtype=torch.float32) -> float:

@@ -27,7 +27,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import fail, run_main  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -35,6 +34,7 @@ from engine import checkpoint as ckpt_lib  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
 from model.convert import export_chatglm, load_chatglm  # noqa: E402
+from engine.errors import fail, run_main  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER = "tokenizer.model"

@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import run_main  # noqa: E402
 from engine.data.prepare import PrepareConfig, prepare  # noqa: E402
+from engine.errors import fail, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -63,8 +63,7 @@ def main(argv=None) -> int:
             tokenizer=os.path.abspath(args.tokenizer) if args.tokenizer else "")
         manifest = prepare(config, force=args.force)
     except ValueError as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 2
+        fail(e)
     for step, seconds in manifest["timings_s"].items():
         print(f"  {step:<18} {seconds:7.2f}")
     print(f"total {time.perf_counter() - start:.1f} s; pairs {manifest['pairs']}")

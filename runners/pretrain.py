@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import fail, run_main  # noqa: E402
 from engine.config import build_run_config, load_file, parse_overrides  # noqa: E402
+from engine.errors import fail, run_main  # noqa: E402
 
 
 def parse_args(argv=None):

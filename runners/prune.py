@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.errors import fail, run_main  # noqa: E402
+
 SHAPE_FLAGS = {"layers": "num_layers", "heads": "num_attention_heads",
                "groups": "multi_query_group_num", "head_dim": "kv_channels",
                "ffn": "ffn_hidden_size", "hidden": "hidden_size"}

@@ -33,13 +33,13 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import fail, run_main  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from engine.planner import Layout, PlanRequest, predict_memory, predict_time  # noqa: E402
 from model import GLMConfig  # noqa: E402
 from model.masks import causal_example, collate  # noqa: E402
+from engine.errors import fail, run_main  # noqa: E402
 
 # name -> (tp, pp, dp, zero_stage, sequence_parallel, micro-batch size)
 LAYOUTS = {

@@ -180,6 +180,7 @@ def test_second_signal_exits_at_once_without_saving(data_dir, stopped, tmp_path)
     finally:
         os.kill(stage0, signal.SIGCONT)
     code = run.finish()
+    print(f"second SIGTERM -> rank 1 exited {seconds:.2f}s; torchrun exit {code}")
     assert seconds < 1.0, seconds
     assert _error_lines(run.err(1)) == ["error: rank 1: second SIGTERM: exiting now, "
                                         "without saving"]
