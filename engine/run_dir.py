@@ -88,6 +88,8 @@ class RunLock:
 
     @staticmethod
     def describe(rec: dict) -> str:
+        if not rec:
+            return "a run that is starting (its record is not written yet)"
         return (f"pid {rec.get('pid')} on host {rec.get('host')} since {rec.get('started')}"
                 + (f" ({rec['command']})" if rec.get("command") else ""))
 
