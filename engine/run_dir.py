@@ -88,6 +88,8 @@ class RunLock:
 
     @staticmethod
     def describe(rec: dict) -> str:
+        if not rec:
+            return "a run that is starting (its record is not written yet)"
         return (f"pid {rec.get('pid')} on host {rec.get('host')} since {rec.get('started')}"
                 + (f" ({rec['command']})" if rec.get("command") else ""))
 
@@ -402,7 +404,9 @@ def open_run_dir(out_dir: str, *, resume: bool = False, force: bool = False, kee
         except Exception as e:             # re-raised on every rank below
             box[0] = e
     if state is not None:
-        sent = [box[0] if isinstance(box[0], Exception) else box[0].resume_path]
+        sent = [None]
+        if rank == 0:
+            sent = [box[0] if isinstance(box[0], Exception) else box[0].resume_path]
         dist.broadcast_object_list(sent, src=0)
         if rank != 0:
             box[0] = sent[0] if isinstance(sent[0], Exception) else RunDir(None, sent[0])
