@@ -141,7 +141,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step(stopped):
     assert code == 0, (run.err(0), run.err(1))
     last = run.out(0).strip().splitlines()[-1]
     m = re.fullmatch(r"stopped by SIGTERM \(sent to another rank\) after step (\d+)/100000: "
-                     rf"saved {re.escape(out)}/checkpoint \(continue with --resume\)", last)
+                     rf"saved {re.escape(out)}/checkpoints/step_0*\1 \(continue with --resume\)", last)
     assert m, last
     step = int(m.group(1))
     assert _error_lines(run.err(0)) == [] and _error_lines(run.err(1)) == []
@@ -200,7 +200,7 @@ def test_killed_rank_is_named_by_the_survivor_within_the_deadline(data_dir, stop
                    "--parallel.pp", "1")
     step = json.load(open(os.path.join(out, "checkpoint", "meta.json")))["step"]
     # the stopped run resumes where it stopped
-    run.wait_for(rf"resumed from {re.escape(out)}/checkpoint at step {step}\n")
+    run.wait_for(rf"resumed from {re.escape(out)}/checkpoints/step_0*{step} at step {step}\n")
     run.wait_for(rf"step +{step + 3}/")
     t0 = time.monotonic()
     os.kill(run.worker_pid(1), signal.SIGKILL)
