@@ -158,16 +158,19 @@ class P2P:
     """Activations to the next stage, gradients to the previous one, for one pipeline.
 
     hidden_size / dtype describe the hidden states [s, b, h] that cross stage boundaries;
-    s and b are agreed per step by `begin_step`. With sequence parallelism each tensor-
-    parallel rank holds [s / tp, b, h] of the residual stream: pass seq_shards=tp (the
-    side tensors still cover the whole sequence)."""
+    s and b are agreed per step by `begin_step`. wire_dtype (default: dtype) is what they
+    travel in: under autocast the compute dtype, half the bytes of fp32; sends are cast
+    to it and what arrives is cast back to dtype, so stages compute as without it. With
+    sequence parallelism each tensor-parallel rank holds [s / tp, b, h] of the residual
+    stream: pass seq_shards=tp (the side tensors still cover the whole sequence)."""
 
     def __init__(self, state, hidden_size: int, dtype: torch.dtype = torch.float32,
                  timeout: timedelta | float | None = None, board: FailureBoard | None = None,
-                 seq_shards: int = 1):
+                 seq_shards: int = 1, wire_dtype: torch.dtype | None = None):
         self.state = state
         self.hidden_size = hidden_size
         self.dtype = dtype
+        self.wire_dtype = wire_dtype or dtype
         self.seq_shards = seq_shards
         if timeout is not None and not isinstance(timeout, timedelta):
             timeout = timedelta(seconds=float(timeout))
@@ -240,19 +243,21 @@ class P2P:
         if send_next is not None:
             hidden, side = send_next
             self._check(hidden, full, "activation to send")
-            add(dist.isend, hidden.contiguous(), self.next, TAG_ACT, "send activations")
+            add(dist.isend, hidden.to(self.wire_dtype).contiguous(), self.next, TAG_ACT,
+                "send activations")
             add(dist.isend, side.pack(), self.next, TAG_SIDE)
         act = side_buf = grad = None
         if recv_prev:
-            act = torch.empty(full, dtype=self.dtype, device=self.device)
+            act = torch.empty(full, dtype=self.wire_dtype, device=self.device)
             side_buf = torch.empty(Side.numel(s, b), dtype=torch.long, device=self.device)
             add(dist.irecv, act, self.prev, TAG_ACT, "receive activations")
             add(dist.irecv, side_buf, self.prev, TAG_SIDE)
         if send_prev is not None:
             self._check(send_prev, full, "gradient to send")
-            add(dist.isend, send_prev.contiguous(), self.prev, TAG_GRAD, "send gradients")
+            add(dist.isend, send_prev.to(self.wire_dtype).contiguous(), self.prev, TAG_GRAD,
+                "send gradients")
         if recv_next:
-            grad = torch.empty(full, dtype=self.dtype, device=self.device)
+            grad = torch.empty(full, dtype=self.wire_dtype, device=self.device)
             add(dist.irecv, grad, self.next, TAG_GRAD, "receive gradients")
         if not ops:
             return None, None
@@ -264,8 +269,8 @@ class P2P:
             raise peer_error(self.state, label, peers[0] if len(set(peers)) == 1 else peers,
                              err, self.board, 0.0, self.timeout) from err
         wait_all(works, self.state, label, peers, self.board, self.timeout, started)
-        received = (act, Side.unpack(side_buf, s, b)) if recv_prev else None
-        return received, grad
+        received = (act.to(self.dtype), Side.unpack(side_buf, s, b)) if recv_prev else None
+        return received, None if grad is None else grad.to(self.dtype)
 
     def _check(self, t: torch.Tensor, full, name: str):
         if tuple(t.shape) != full or t.dtype != self.dtype:

@@ -160,8 +160,10 @@ class Trainer:
         if self.pp > 1:
             from engine.p2p import P2P
             from engine.optim.config import PRECISIONS
+            # under autocast, stages exchange in the compute dtype (half of fp32's bytes)
             self.comm = P2P(state, cfg.model.hidden_size, dtype=PRECISIONS[param_precision],
-                            seq_shards=self.tp if pc.sequence_parallel else 1)
+                            seq_shards=self.tp if pc.sequence_parallel else 1,
+                            wire_dtype=self.autocast_dtype)
         # ---- the optimizer takes over the parameters' storage: build it last
         self.optimizer = DistributedOptimizer(
             list(self.named_trained_parameters()),
