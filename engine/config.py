@@ -39,6 +39,8 @@ class TrainConfig:
     threads: int = 0                  # torch intra-op threads; 0 leaves torch's default
     recompute: bool = False           # full activation recompute: layers keep only their
     #                                   input, rerun forward in backward (engine/recompute.py)
+    profile_steps: str = ""           # "A:B": torch.profiler trace + pipeline timeline of
+    #                                   steps A..B (1-based) into out_dir/profile
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "num_microbatches", "seq_len", "log_every",
@@ -57,6 +59,9 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={self.precision!r} must be auto, fp32, bf16 "
                              "or fp16")
+        if self.profile_steps:
+            from engine.profiling import parse_steps
+            parse_steps(self.profile_steps)   # raises naming train.profile_steps
 
 
 @dataclass

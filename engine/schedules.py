@@ -57,17 +57,19 @@ activations, and no dead copies of its outputs.
 from __future__ import annotations
 
 import contextlib
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from engine.p2p import Side, wait_all
+from engine.timing import Clock
 
 SCHEDULES = ("none", "gpipe", "1f1b", "interleaved")
+_KIND_NAMES = {"F": "forward", "B": "backward", "X": "exchange"}
 
 
 # ---- the op lists ---------------------------------------------------------------------
@@ -281,6 +283,23 @@ class ScheduleStats:
     comm_wait_s: float = 0.0      # seconds in exchanges: mostly waiting, i.e. the bubble
     outputs_freed: int = 0        # sent stage outputs whose .data was deallocated
     ops: list[str] = field(default_factory=list)   # the program as run, e.g. "F3.0"
+    # (op, "compute" | "wait", start s, end s) from the step's start, device time
+    timeline: list[tuple[str, str, float, float]] = field(default_factory=list)
+
+    def record(self, clock, marks):
+        """Add the ops measured as (op, start mark, end mark) by an engine.timing.Clock;
+        resolving them is this step's one synchronisation (CUDA events)."""
+        if not marks:
+            return
+        origin = marks[0][1]
+        for op, a, b in marks:
+            start, end = clock.seconds(origin, a), clock.seconds(origin, b)
+            kind = "wait" if op.kind == "X" else "compute"
+            if kind == "wait":
+                self.comm_wait_s += end - start
+            else:
+                self.compute_s += end - start
+            self.timeline.append((str(op), kind, start, end))
 
 
 class SavedActivationMeter:
@@ -384,24 +403,26 @@ class _StageRun:
 
     def run(self, program: list[Op]) -> torch.Tensor:
         last_backward = {op.chunk: i for i, op in enumerate(program) if op.kind == "B"}
+        clock = Clock(self.device) if self.stats is not None else None
+        marks = []
         for i, op in enumerate(program):
-            t0 = time.perf_counter()
-            if op.kind == "F":
-                self.forward(op.mb, op.chunk)
-            elif op.kind == "B":
-                # DP reduction only in the last backward of each chunk (overlaps with it)
-                sync_off = self.no_sync is not None and i != last_backward[op.chunk]
-                with self.no_sync() if sync_off else contextlib.nullcontext():
-                    self.backward(op.mb, op.chunk)
-            else:
-                self.exchange(op.msgs)
-            if self.stats is not None:
-                dt = time.perf_counter() - t0
-                if op.kind == "X":
-                    self.stats.comm_wait_s += dt
+            t0 = clock.mark() if clock is not None else None
+            # a named range per op for torch.profiler traces (near-free when not profiling)
+            with record_function(f"{_KIND_NAMES[op.kind]} stage{self.s} {op}"):
+                if op.kind == "F":
+                    self.forward(op.mb, op.chunk)
+                elif op.kind == "B":
+                    # DP reduction only in the last backward of each chunk (overlaps with it)
+                    sync_off = self.no_sync is not None and i != last_backward[op.chunk]
+                    with self.no_sync() if sync_off else contextlib.nullcontext():
+                        self.backward(op.mb, op.chunk)
                 else:
-                    self.stats.compute_s += dt
+                    self.exchange(op.msgs)
+            if clock is not None:
+                marks.append((op, t0, clock.mark()))
                 self.stats.ops.append(str(op))
+        if clock is not None:
+            self.stats.record(clock, marks)
         left = [k for d in (self.inputs, self.outputs, self.out_grads, self.in_grads) for k in d]
         if left:  # cheap invariant; pipeline_sim proves the programs consume everything
             raise RuntimeError(f"stage {self.s}: the schedule left tensors behind for {left}")
