@@ -38,7 +38,6 @@ from engine.optim.loss_scale import DynamicLossScaler
 _NORM_CHUNK = 1 << 22
 
 
-
 class StepResult(NamedTuple):
     grad_norm: float        # global L2 norm before clipping, unscaled; equal on every rank
     skipped: bool           # True when the gradients held inf/nan (on any rank)
@@ -230,9 +229,9 @@ class DistributedOptimizer:
         for g, slo, shi in pieces:
             if coef != 1.0:
                 g.mul_(coef)
-            adamw_(self.master_view(slo, shi), g, self.exp_avg[slo:shi], self.exp_avg_sq[slo:shi],
-                   step=self.step_count, lr=lr, beta1=beta1, beta2=beta2, eps=cfg.eps,
-                   weight_decay=cfg.weight_decay,
+            adamw_(self.master_view(slo, shi), g, self.exp_avg[slo:shi],
+                   self.exp_avg_sq[slo:shi], step=self.step_count, lr=lr, beta1=beta1,
+                   beta2=beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                    decay_ranges=self._local(self._decay_ranges, slo, shi))
         self._publish_params()
         self._finish_step(found_inf=False)
@@ -297,8 +296,10 @@ class DistributedOptimizer:
     def _publish_params(self):
         """Master shard -> model dtype -> every dp rank's model."""
         if self.shard_world > 1:   # the gather writes this rank's slices too
-            self._gather_flat(self._shard("master").to(self.param_buffer.dtype, copy=True),
-                              self.param_buffer)
+            # its input must not alias the output: a copy (the sliced alias's is one already)
+            mine = (self._shard("master") if self.master is None
+                    else self.master.to(self.param_buffer.dtype, copy=True))
+            self._gather_flat(mine, self.param_buffer)
         elif not self._alias:
             self.param_buffer.copy_(self.master)
 
