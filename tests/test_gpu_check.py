@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import gpu_check
+from engine.gpu_check.nccl import section_nccl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def test_bad_section_is_rejected():
 
 def test_nccl_section_runs_the_engine_under_torchrun(tmp_path):
     plan = gpu_check.Plan(out_dir=str(tmp_path), nccl_timeout_s=180)
-    out = gpu_check.section_nccl(plan, torch.device("cpu"), {}, lambda *a: None)
+    out = section_nccl(plan, torch.device("cpu"), {}, lambda *a: None)
     w = out["worker"]
     assert out["returncode"] == 0 and w["ok"], out["output_tail"]
     assert w["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
