@@ -63,3 +63,34 @@ def test_pp2_profile_writes_trace_and_timeline(tmp_path):
     assert rows == ["rank 0 (stage 0)", "rank 1 (stage 1)"]
     logged = [x for x in lines[0] if "tok/s" in x]
     assert logged and all("MFU" in x for x in logged), lines[0]
+
+
+class _Padded:
+    """Rows of 5..16 real tokens right-padded to 16, with the pad id where the trainer
+    looks for it (data.ids.pad)."""
+
+    class ids:
+        pad = 0
+
+    def get_batch(self, index, batch_size):
+        import torch
+        from model.masks import causal_example, collate
+        g = torch.Generator().manual_seed(index)
+        rows = [torch.randint(4, 64, (int(torch.randint(5, 17, (1,), generator=g)),),
+                              generator=g).tolist() for _ in range(batch_size)]
+        return collate([causal_example(r) for r in rows], 16, pad_id=0)
+
+
+def test_step_tokens_count_real_tokens_not_padding(tmp_path):
+    from engine.trainer import real_tokens
+    cfg = _cfg(str(tmp_path / "run"))
+    cfg.train.profile_steps = ""
+    data = _Padded()
+    tr = Trainer(cfg, data, log=lambda *a: None)
+    hist = tr.fit()
+    for st, step in zip(hist, range(2)):
+        mbs = tr.microbatches(data, step)
+        want = sum(int((mb["input_ids"] != 0).sum()) for mb in mbs)
+        assert st.tokens == want == real_tokens(mbs, 0)
+        assert want < sum(mb["input_ids"].numel() for mb in mbs)   # there was padding
+        assert st.seconds > 0
