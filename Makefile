@@ -6,7 +6,7 @@ RUNS    := runs/demo
 PRETRAINED := $(RUNS)/pretrain/checkpoint/meta.json
 THREADS ?= 2
 
-.PHONY: setup test demo data paper clean
+.PHONY: setup test demo data paper clean gpu-check
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv .venv
@@ -58,6 +58,11 @@ paper: data $(PRETRAINED)
 	.venv/bin/pip install -q -e ".[report]" || echo "matplotlib unavailable: tables only"
 	$(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS) \
 	    --pretrained $(RUNS)/pretrain/checkpoint --resume
+
+# one CUDA GPU, the machine's own python3 (nothing installed): kernels vs references,
+# kernel timings, base-preset training triton vs torch, the NCCL path; <= 8 minutes
+gpu-check:
+	PYTHONPATH=. python3 runners/gpu_check.py --out runs/gpu_check
 
 clean:
 	rm -rf $(RUNS) runs/paper reports .pytest_cache

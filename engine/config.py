@@ -43,6 +43,8 @@ class TrainConfig:
     keep_checkpoints: int = 2         # complete checkpoints kept in out_dir/checkpoints/
     max_skipped_steps: int = 5        # more inf/nan-gradient skips in a row stop the run
     loss_spike_factor: float = 10.0   # stop when loss > factor x its running mean; 0: off
+    profile_steps: str = ""           # "A:B": torch.profiler trace + pipeline timeline of
+    #                                   steps A..B (1-based) into out_dir/profile
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "num_microbatches", "seq_len", "log_every",
@@ -68,6 +70,9 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={self.precision!r} must be auto, fp32, bf16 "
                              "or fp16")
+        if self.profile_steps:
+            from engine.profiling import parse_steps
+            parse_steps(self.profile_steps)   # raises naming train.profile_steps
 
 
 @dataclass

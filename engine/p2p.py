@@ -172,16 +172,19 @@ class P2P:
     """Activations to the next stage, gradients to the previous one, for one pipeline.
 
     hidden_size / dtype describe the hidden states [s, b, h] that cross stage boundaries;
-    s and b are agreed per step by `begin_step`. With sequence parallelism each tensor-
-    parallel rank holds [s / tp, b, h] of the residual stream: pass seq_shards=tp (the
-    side tensors still cover the whole sequence)."""
+    s and b are agreed per step by `begin_step`. wire_dtype (default: dtype) is what they
+    travel in: under autocast the compute dtype, half the bytes of fp32; sends are cast
+    to it and what arrives is cast back to dtype, so stages compute as without it. With
+    sequence parallelism each tensor-parallel rank holds [s / tp, b, h] of the residual
+    stream: pass seq_shards=tp (the side tensors still cover the whole sequence)."""
 
     def __init__(self, state, hidden_size: int, dtype: torch.dtype = torch.float32,
                  timeout: timedelta | float | None = None, board: FailureBoard | None = None,
-                 seq_shards: int = 1):
+                 seq_shards: int = 1, wire_dtype: torch.dtype | None = None):
         self.state = state
         self.hidden_size = hidden_size
         self.dtype = dtype
+        self.wire_dtype = wire_dtype or dtype
         self.seq_shards = seq_shards
         if timeout is not None and not isinstance(timeout, timedelta):
             timeout = timedelta(seconds=float(timeout))
@@ -281,21 +284,22 @@ class P2P:
         if send_next is not None:
             hidden, side = send_next
             self._check(hidden, full, "activation to send")
-            sent += [hidden.contiguous(), side.pack()]
+            # sent in the wire dtype (autocast's under autocast), kept until the send is done
+            sent += [hidden.to(self.wire_dtype).contiguous(), side.pack()]
             add(dist.isend, sent[-2], self.next, TAG_ACT, "send", "send activations")
             add(dist.isend, sent[-1], self.next, TAG_SIDE, "send")
         act = side_buf = grad = None
         if recv_prev:
-            act = torch.empty(full, dtype=self.dtype, device=self.device)
+            act = torch.empty(full, dtype=self.wire_dtype, device=self.device)
             side_buf = torch.empty(Side.numel(s, b), dtype=torch.long, device=self.device)
             add(dist.irecv, act, self.prev, TAG_ACT, "act", "receive activations")
             add(dist.irecv, side_buf, self.prev, TAG_SIDE, "act")
         if send_prev is not None:
             self._check(send_prev, full, "gradient to send")
-            sent.append(send_prev.contiguous())
+            sent.append(send_prev.to(self.wire_dtype).contiguous())
             add(dist.isend, sent[-1], self.prev, TAG_GRAD, "send", "send gradients")
         if recv_next:
-            grad = torch.empty(full, dtype=self.dtype, device=self.device)
+            grad = torch.empty(full, dtype=self.wire_dtype, device=self.device)
             add(dist.irecv, grad, self.next, TAG_GRAD, "grad", "receive gradients")
         label = " + ".join(what)   # e.g. "send activations + receive gradients"
         works = []
@@ -381,11 +385,12 @@ class Posted:
         """(hidden, Side) from the previous stage, once it has arrived."""
         self._wait(("act",))
         s, b = self._shape
-        return self._act, Side.unpack(self._side, s, b)
+        # back from the wire dtype: stages compute in the parameters' dtype
+        return self._act.to(self.comm.dtype), Side.unpack(self._side, s, b)
 
     def gradient(self):
         self._wait(("grad",))
-        return self._grad
+        return self._grad.to(self.comm.dtype)
 
     def sends_done(self) -> bool:
         return all(w.is_completed() for w, _, kind in self.works if kind == "send")

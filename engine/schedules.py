@@ -58,16 +58,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from engine.p2p import Side, wait_all
 from engine.schedule_names import SCHEDULES, SPLIT_BACKWARD
+from engine.timing import Clock
+
+_KIND_NAMES = {"F": "forward", "B": "backward", "W": "weight-grad", "X": "exchange"}
 
 
 # ---- the op lists ---------------------------------------------------------------------
@@ -326,6 +329,29 @@ class ScheduleStats:
     comm_wait_s: float = 0.0      # seconds in exchanges: mostly waiting, i.e. the bubble
     outputs_freed: int = 0        # sent stage outputs whose .data was deallocated
     ops: list[str] = field(default_factory=list)   # the program as run, e.g. "F3.0"
+    # (op, "compute" | "wait", start s, end s) from the step's start, device time
+    timeline: list[tuple[str, str, float, float]] = field(default_factory=list)
+
+    def record(self, clock, marks):
+        """Add the ops measured by an engine.timing.Clock as (op, is an exchange, start
+        mark, end mark, (start, end) marks of a receive waited on inside the op, or None);
+        resolving them is this step's one synchronisation (CUDA events)."""
+        if not marks:
+            return
+        origin = marks[0][2]
+        for op, exchange, a, b, waited in marks:
+            start, end = clock.seconds(origin, a), clock.seconds(origin, b)
+            if exchange:
+                self.comm_wait_s += end - start
+                self.timeline.append((op, "wait", start, end))
+                continue
+            if waited is not None:   # the op began by waiting for its input
+                w0, w1 = clock.seconds(origin, waited[0]), clock.seconds(origin, waited[1])
+                self.comm_wait_s += w1 - w0
+                self.timeline.append((op, "wait", w0, w1))
+                start = w1
+            self.compute_s += end - start
+            self.timeline.append((op, "compute", start, end))
 
 
 class SavedActivationMeter:
@@ -451,49 +477,58 @@ class _StageRun:
         ahead = {}
         if self.comm is not None and getattr(self.comm.state, "backend", "gloo") != "nccl":
             ahead = {a: program[b].msgs for a, b in zip(exchanges, exchanges[1:])}
+        self.clock = Clock(self.device) if self.stats is not None else None
+        # (op name, is an exchange, start mark, end mark, receive-wait marks inside the op)
+        marks = []
         for i, op in enumerate(program):
-            t0 = time.perf_counter()
-            waited = 0.0
-            if op.kind == "X":
-                self.exchange(op.msgs)
-                if i in ahead:
-                    self.exchange(tuple(x for x in ahead[i] if x.op == "recv"))
-            else:
-                sync_off = self.no_sync is not None and op.kind != "F" and i not in synced
-                with self.no_sync() if sync_off else contextlib.nullcontext():
-                    if op.kind == "F":
-                        waited = self.forward(op.mb, op.chunk)
-                    elif op.kind == "B":
-                        waited = self.backward(op.mb, op.chunk)
-                    else:
-                        self.stores[op.chunk].run((op.mb, op.chunk))
-            if self.stats is not None:
-                dt = time.perf_counter() - t0
-                self.stats.comm_wait_s += waited + (dt if op.kind == "X" else 0.0)
-                self.stats.compute_s += dt - waited if op.kind != "X" else 0.0
+            t0 = self._mark()
+            waited = None
+            # a named range per op for torch.profiler traces (near-free when not profiling)
+            with record_function(f"{_KIND_NAMES[op.kind]} stage{self.s} {op}"):
+                if op.kind == "X":
+                    self.exchange(op.msgs)
+                    if i in ahead:
+                        self.exchange(tuple(x for x in ahead[i] if x.op == "recv"))
+                else:
+                    sync_off = self.no_sync is not None and op.kind != "F" and i not in synced
+                    with self.no_sync() if sync_off else contextlib.nullcontext():
+                        if op.kind == "F":
+                            waited = self.forward(op.mb, op.chunk)
+                        elif op.kind == "B":
+                            waited = self.backward(op.mb, op.chunk)
+                        else:
+                            self.stores[op.chunk].run((op.mb, op.chunk))
+            if self.clock is not None:
+                marks.append((str(op), op.kind == "X", t0, self._mark(), waited))
                 self.stats.ops.append(str(op))
-        t0 = time.perf_counter()
-        for posted in self.sends:
-            posted.wait_sends()
+        t0 = self._mark()
+        with record_function(f"exchange stage{self.s} wait sends"):
+            for posted in self.sends:
+                posted.wait_sends()
         self.sends = []
-        if self.stats is not None:
-            self.stats.comm_wait_s += time.perf_counter() - t0
+        if self.clock is not None:
+            marks.append(("sends", True, t0, self._mark(), None))
+            self.stats.record(self.clock, marks)
         left = [k for d in (self.inputs, self.outputs, self.in_grads, self.recvs) for k in d]
         left += [k for st in self.stores or () for k in st.pending]
         if left:  # cheap invariant; pipeline_sim proves the programs consume everything
             raise RuntimeError(f"stage {self.s}: the schedule left tensors behind for {left}")
         return self.total
 
+    def _mark(self):
+        return self.clock.mark() if self.clock is not None else None
+
     def _received(self, kind, mb, c):
-        """Wait for a posted receive; returns (value, seconds waited)."""
-        t0 = time.perf_counter()
+        """Wait for a posted receive; returns (value, (start, end) marks of the wait) so
+        that ScheduleStats counts it as waiting, not compute."""
+        t0 = self._mark()
         posted = self.recvs.pop((kind, mb, c))
         value = posted.activation() if kind == "act" else posted.gradient()
-        return value, time.perf_counter() - t0
+        return value, (t0, self._mark())
 
-    def forward(self, mb: int, c: int) -> float:
+    def forward(self, mb: int, c: int):
         batch = self.microbatches[mb]
-        waited = 0.0
+        waited = None
         if self.first(c):
             side, x = Side.from_batch(batch, self.device), None
         else:
@@ -527,9 +562,9 @@ class _StageRun:
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, held)
         return waited
 
-    def backward(self, mb: int, c: int) -> float:
+    def backward(self, mb: int, c: int):
         out = self.outputs.pop((mb, c))
-        waited = 0.0
+        waited = None
         split = (self.stores[c].backward_of((mb, c)) if self.stores is not None
                  else contextlib.nullcontext())
         with split:

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +34,11 @@ from engine.flops import train_flops_per_token
 from engine.monitor import step_guard
 from engine.optim import DistributedOptimizer, OptimConfig
 from engine.run_dir import CheckpointStore
+from engine.profiling import StepProfiler
 from engine.schedules import build_stage, forward_backward, glm_forward_step
-from model.config import layout_mismatch
 from engine.stop import active as active_stop
+from engine.timing import Clock, peak_flops
+from model.config import layout_mismatch
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
 
@@ -59,6 +60,13 @@ def count_tokens(microbatches: list[dict]) -> int:
     return int(sum((mb["labels"] != -100).sum().item() for mb in microbatches))
 
 
+def real_tokens(microbatches: list[dict], pad_id: int | None) -> int:
+    """Input tokens that are not padding (all of them when the pad id is unknown)."""
+    if pad_id is None:
+        return sum(int(mb["input_ids"].numel()) for mb in microbatches)
+    return int(sum((mb["input_ids"] != pad_id).sum().item() for mb in microbatches))
+
+
 def lm_loss(model, batch: dict, device) -> torch.Tensor:
     """The default objective: summed token cross-entropy of the batch (the caller divides
     by the global label count). Distillation and fine-tuning pass their own."""
@@ -71,8 +79,8 @@ class StepStats:
     loss: float
     lr: float
     grad_norm: float
-    tokens: int       # tokens processed by the whole job this step (padding included)
-    seconds: float
+    tokens: int       # real (non-padding) input tokens of the whole job this step
+    seconds: float    # device time (engine.timing.Clock)
     skipped: bool = False
     backoff: bool = False   # skipped as an fp16 loss-scale back-off (not divergence)
 
@@ -175,8 +183,10 @@ class Trainer:
         if self.pp > 1:
             from engine.p2p import P2P
             from engine.optim.config import PRECISIONS
+            # under autocast, stages exchange in the compute dtype (half of fp32's bytes)
             self.comm = P2P(state, cfg.model.hidden_size, dtype=PRECISIONS[param_precision],
-                            seq_shards=self.tp if pc.sequence_parallel else 1)
+                            seq_shards=self.tp if pc.sequence_parallel else 1,
+                            wire_dtype=self.autocast_dtype)
         # ---- the optimizer takes over the parameters' storage: build it last
         self.optimizer = DistributedOptimizer(
             list(self.named_trained_parameters()),
@@ -187,6 +197,8 @@ class Trainer:
             model_parallel_group=mp_group, tp_rank=self.tp_rank)
         self.step = 0
         self.flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
+        self._peak: float | None = None     # measured / looked up at the first log line
+        self._real_tokens = 0
         if self.rank == 0:
             os.makedirs(tc.out_dir, exist_ok=True)
         self.metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
@@ -211,12 +223,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _global_count(self, n: int) -> int:
-        if self.dp == 1:
-            return n
-        t = torch.tensor([n], dtype=torch.long, device=self.device)
-        dist.all_reduce(t, group=self.state.dp_group)
-        return int(t.item())
+    def _global_count(self, n: int, *more: int):
+        """Sums over data parallel, in one all-reduce (n alone: an int; else a list)."""
+        if self.dp > 1:
+            t = torch.tensor([n, *more], dtype=torch.long, device=self.device)
+            dist.all_reduce(t, group=self.state.dp_group)
+            n, *more = (int(x) for x in t.tolist())
+        return [n, *more] if more else n
 
     def microbatches(self, data, step: int) -> list[dict]:
         tc = self.cfg.train
@@ -224,8 +237,10 @@ class Trainer:
         base = step * m * self.dp + self.dp_rank * m
         return [data.get_batch(base + i, tc.micro_batch_size) for i in range(m)]
 
-    def _run(self, mbs, forward_only=False) -> float:
-        num_tokens = self._global_count(count_tokens(mbs))
+    def _run(self, mbs, forward_only=False, stats=None) -> float:
+        pad = getattr(getattr(self.train_data, "ids", None), "pad", None)
+        num_tokens, self._real_tokens = self._global_count(count_tokens(mbs),
+                                                           real_tokens(mbs, pad))
         if num_tokens == 0:
             raise ValueError(f"step {self.step}: the global batch has no label tokens")
         for c in self.chunks:
@@ -236,22 +251,33 @@ class Trainer:
                                 self.state, forward_only=forward_only,
                                 no_sync=None if forward_only else self.optimizer.no_sync,
                                 forward_step=self.forward_step, autocast=self.autocast,
-                                scale_loss=None if forward_only else self.optimizer.scale_loss)
+                                scale_loss=None if forward_only else self.optimizer.scale_loss,
+                                stats=stats)
 
-    def train_step(self) -> StepStats:
-        t0 = time.perf_counter()
+    def train_step(self, stats=None) -> StepStats:
+        """stats: an engine.schedules.ScheduleStats to fill (the profiler's timeline)."""
+        clock = Clock(self.device)
+        t0 = clock.mark()
         lr = lr_at(self.step, self.cfg.train)
         mbs = self.microbatches(self.train_data, self.step)
         with step_guard(self.state, self.step + 1):   # names a dead peer on failure
-            loss = self._run(mbs)
+            loss = self._run(mbs, stats=stats)
             scaler = self.optimizer.scaler
             can_back_off = scaler is not None and scaler.scale > scaler.min_scale
             result = self.optimizer.step(lr)
         self.step += 1
-        tokens = sum(int(mb["input_ids"].numel()) for mb in mbs) * self.dp
-        return StepStats(self.step, loss, lr, result.grad_norm, tokens,
-                         time.perf_counter() - t0, result.skipped,
+        return StepStats(self.step, loss, lr, result.grad_norm, self._real_tokens,
+                         clock.seconds(t0, clock.mark()), result.skipped,
                          result.skipped and can_back_off)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation of the whole job against its devices' matmul peak (the
+        planner's profile on known GPUs; on CPU this process's measured matmul rate)."""
+        if self._peak is None:
+            self._peak = peak_flops(self.device)[0] or 0.0
+        devices = self.dp * self.tp * self.pp
+        return tokens_per_s * self.flops_per_token / (self._peak * devices) \
+            if self._peak else None
 
     @torch.no_grad()
     def evaluate(self, data=None, batches: int | None = None) -> float:
@@ -457,8 +483,11 @@ class Trainer:
         window_tokens, window_time = 0, 0.0
         stop = active_stop()   # SIGTERM / SIGINT: stop after a step (engine/stop.py)
         self.stopped_by = None
+        profiler = StepProfiler.from_config(tc.profile_steps, tc.out_dir, self.state,
+                                            self.device, self.log)
         while self.step < last:
-            st = self.train_step()
+            with profiler.step(self.step + 1) as stats:
+                st = self.train_step(stats)
             history.append(st)
             window_tokens += st.tokens
             window_time += st.seconds
@@ -469,11 +498,15 @@ class Trainer:
                 tps = window_tokens / max(window_time, 1e-9)
                 record["tokens_per_s"] = tps
                 record["flops_per_s"] = tps * self.flops_per_token
+                mfu = self.mfu(tps) if self.rank == 0 else None
+                if mfu is not None:
+                    record["mfu"] = mfu
                 terms = self.log_terms() if self.log_terms is not None else {}
                 record.update(terms)
                 self.log(f"step {st.step:5d}/{tc.steps} | loss {st.loss:.4f} | lr {st.lr:.2e}"
                          f" | gnorm {st.grad_norm:.3f} | {tps:,.0f} tok/s"
                          f" | {tps * self.flops_per_token / 1e9:.2f} GFLOP/s"
+                         + (f" | MFU {mfu:.1%}" if mfu is not None else "")
                          + "".join(f" | {k} {v:.4f}" for k, v in terms.items())
                          + (self._skip_note(st) if st.skipped else ""))
                 window_tokens, window_time = 0, 0.0
@@ -492,6 +525,7 @@ class Trainer:
             if stop is not None and st.step < last and stop.agreed(self.state):
                 self.stopped_by = stop.stopped_by
                 break
+        profiler.close()   # a run that ends inside the profiled steps still writes them
         return history
 
     def _skip_note(self, st: StepStats) -> str:

@@ -33,7 +33,6 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,6 +47,7 @@ from engine.p2p import P2P  # noqa: E402
 from engine.parallel import ParallelDims, init_distributed  # noqa: E402
 from engine.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
                               forward_backward)
+from engine.timing import Clock  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
 from engine.errors import run_main  # noqa: E402
 
@@ -199,12 +199,13 @@ def single_process_step(model: GLM, mbs, num_tokens) -> float:
 
 # ---- the run --------------------------------------------------------------------------
 
-def timed(fn, group=None) -> tuple[float, float]:
-    """(seconds, result): barrier, run, then the slowest rank's time."""
+def timed(fn, device, group=None) -> tuple[float, float]:
+    """(seconds, result): barrier, run, then the slowest rank's (device) time."""
     dist.barrier(group=group)
-    t0 = time.perf_counter()
-    result = fn()
-    t = torch.tensor([time.perf_counter() - t0])
+    clock = Clock(device)
+    with clock.span() as span:
+        result = fn()
+    t = torch.tensor([span.seconds])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item()), result
 
@@ -243,7 +244,7 @@ def bench(args):
     waits = {v.name: [] for v in variants if isinstance(v, Ours)}   # (wait, step) per rep
     for rep in range(args.reps + 1):          # round 0 warms up (and lets torch infer shapes)
         for v in variants:
-            t, loss = timed(v.step)
+            t, loss = timed(v.step, state.device)
             losses[v.name] = loss
             if rep:
                 times[v.name].append(t)
@@ -257,10 +258,11 @@ def bench(args):
     for rep in range(args.reps + 1):
         dist.barrier()
         if rank == 0:
-            t0 = time.perf_counter()
-            losses["single process"] = single_process_step(full, mbs, num_tokens)
+            clock = Clock(state.device)
+            with clock.span() as span:
+                losses["single process"] = single_process_step(full, mbs, num_tokens)
             if rep:
-                ts.append(time.perf_counter() - t0)
+                ts.append(span.seconds)
         dist.barrier()
     single = statistics.median(ts) if rank == 0 else 0.0
 
@@ -286,7 +288,7 @@ def bench(args):
 
 def report(args, cfg, times, single, losses, fracs, mem, names):
     p, m = args.pp, args.microbatches
-    tokens = m * args.micro_batch_size * args.seq_len
+    tokens = m * args.micro_batch_size * args.seq_len   # random ids: no padding
     say = print
     med = {k: statistics.median(x) for k, x in times.items()}
     spread = {k: (max(x) - min(x)) / statistics.median(x) for k, x in times.items()}

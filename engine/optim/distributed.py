@@ -13,10 +13,11 @@ flat buffer in the training dtype (cast from its current values; the fp32 master
 taken before the cast), so the ZeRO all-gather writes straight into the model. Build the
 optimizer after tensor parallelism has replaced and marked the parameters.
 
-Data layout (see layout.py): parameters laid out in reverse order in one flat space,
-padded to a multiple of dp; gradient buckets are contiguous ranges of it and each dp rank
-owns the contiguous slice [rank * S, (rank + 1) * S) of fp32 master weights and moments
-(ZeRO 1/2) or all of it (ZeRO 0).
+Data layout (see layout.py): parameters laid out in reverse order in one flat space;
+gradient buckets are contiguous ranges of it, each padded to a multiple of dp, and each dp
+rank owns the r-th equal slice of every bucket (ZeRO 1/2: S elements of fp32 master
+weights and moments in all) or all of it (ZeRO 0). Gradients are reduce-scattered and
+parameters all-gathered one bucket at a time.
 """
 from __future__ import annotations
 
@@ -27,15 +28,14 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from engine.optim import state as state_lib
+from engine.optim import collectives, state as state_lib
 from engine.optim.adamw import adamw_
 from engine.optim.config import OptimConfig
 from engine.optim.grad_buckets import GradBuckets
 from engine.optim.layout import FlatLayout, intersect
 from engine.optim.loss_scale import DynamicLossScaler
 
-
-_NORM_CHUNK = 1 << 20
+_NORM_CHUNK = 1 << 22
 
 
 class StepResult(NamedTuple):
@@ -96,7 +96,7 @@ class DistributedOptimizer:
                                  bucket_numel=max(1, int(cfg.bucket_mb * 2 ** 20) // itemsize),
                                  shard_world=self.shard_world)
         self.device = self.params[0].device
-        self._lo, self._hi = self.layout.shard_range(self.shard_rank)
+        self._flat_ranges = self.layout.shard_flat_ranges(self.shard_rank)
         self._segments = self.layout.param_segments(self.shard_rank)
         self.step_count = 0
         self.scaler = (DynamicLossScaler(cfg.initial_loss_scale, cfg.min_loss_scale,
@@ -113,7 +113,8 @@ class DistributedOptimizer:
     def _build_buffers(self):
         S, dtype = self.layout.shard_size, self.cfg.param_dtype
         self.param_buffer = torch.zeros(self.layout.total, dtype=dtype, device=self.device)
-        # fp32 models need no separate master: the shard of the parameter buffer is it
+        # fp32 models need no separate master: the shard of the parameter buffer is it, as
+        # one view when the shard is one flat range (else master_view maps each piece)
         self._alias = dtype == torch.float32
         if not self._alias:
             self.master = torch.zeros(S, dtype=torch.float32, device=self.device)
@@ -126,7 +127,8 @@ class DistributedOptimizer:
             p.data = view.view(slot.shape)
             p.grad = None
         if self._alias:
-            self.master = self.param_buffer[self._lo:self._hi]
+            self.master = (self.param_buffer[self._flat_ranges[0][0]:self._flat_ranges[0][1]]
+                           if len(self._flat_ranges) == 1 else None)
         self.exp_avg = torch.zeros(S, dtype=torch.float32, device=self.device)
         self.exp_avg_sq = torch.zeros(S, dtype=torch.float32, device=self.device)
 
@@ -227,9 +229,9 @@ class DistributedOptimizer:
         for g, slo, shi in pieces:
             if coef != 1.0:
                 g.mul_(coef)
-            adamw_(self.master[slo:shi], g, self.exp_avg[slo:shi], self.exp_avg_sq[slo:shi],
-                   step=self.step_count, lr=lr, beta1=beta1, beta2=beta2, eps=cfg.eps,
-                   weight_decay=cfg.weight_decay,
+            adamw_(self.master_view(slo, shi), g, self.exp_avg[slo:shi],
+                   self.exp_avg_sq[slo:shi], step=self.step_count, lr=lr, beta1=beta1,
+                   beta2=beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                    decay_ranges=self._local(self._decay_ranges, slo, shi))
         self._publish_params()
         self._finish_step(found_inf=False)
@@ -240,21 +242,50 @@ class DistributedOptimizer:
             self.scaler.update(found_inf)
         self.grads.reset()
 
+    def master_view(self, slo: int, shi: int) -> torch.Tensor:
+        """The fp32 master weights of shard-local [slo, shi) (within one bucket's slice)."""
+        if self.master is not None:
+            return self.master[slo:shi]
+        for lo, hi, s0 in self._flat_ranges:   # fp32 alias over several bucket slices
+            if s0 <= slo and shi <= s0 + hi - lo:
+                return self.param_buffer[lo + slo - s0:lo + shi - s0]
+        raise AssertionError(f"shard range [{slo}, {shi}) crosses a bucket slice")
+
+    def _shard(self, key: str) -> torch.Tensor:
+        """This rank's whole shard of a state tensor (a copy for a sliced fp32 alias)."""
+        t = getattr(self, key)
+        if t is None:
+            t = torch.cat([self.param_buffer[lo:hi] for lo, hi, _ in self._flat_ranges])
+        return t
+
+    def _gather_flat(self, shard: torch.Tensor, out: torch.Tensor):
+        """Every dp rank's shard -> the flat [total] `out`: one all_gather_into_tensor per
+        bucket (a bucket is every rank's slice of it, in rank order), all in flight at
+        once. `shard` must not alias `out`."""
+        works = [collectives.all_gather(out[self.layout.buckets[b].start:
+                                            self.layout.buckets[b].end],
+                                        shard[slo:shi], self.dp_group)
+                 for b, _, _, slo, shi in self.layout.shard_pieces(self.shard_rank)]
+        for w in works:
+            w.wait()
+
     def _global_norm(self, pieces) -> float:
         """sqrt of the sum of squares of every gradient element of the model, each counted
         once: this rank's shard only (the other dp ranks count theirs), tp-replicated
         parameters only on tp rank 0; then summed over dp and over the model-parallel
         ranks. inf/nan anywhere makes it non-finite everywhere: that is the agreed
         overflow check, in one scalar all-reduce per group."""
-        acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        views = []
         for g, slo, shi in pieces:
             ranges = self._local(self._norm_ranges, slo, shi)
             for a, b in [(0, shi - slo)] if ranges is None else ranges:
-                # fp64 sums: an fp32 norm over millions of elements is off by ~1e-6, enough
-                # to make shard layouts disagree; chunks bound the fp64 copy's memory
-                for c in range(a, b, _NORM_CHUNK):
-                    acc += torch.linalg.vector_norm(g[c:min(b, c + _NORM_CHUNK)],
-                                                    dtype=torch.float64) ** 2
+                views += g[a:b].split(_NORM_CHUNK)
+        # fp64 sums: an fp32 norm over millions of elements is off by ~1e-6, enough to make
+        # shard layouts disagree. One foreach call for every piece (on CUDA a few fused
+        # launches); the chunks only bound the fp64 copy CPU makes of each
+        norms = torch._foreach_norm(views, 2, dtype=torch.float64) if views else []
+        acc = (torch.stack(norms).square().sum() if views
+               else torch.zeros((), dtype=torch.float64, device=self.device))
         if self.shard_world > 1:
             dist.all_reduce(acc, group=self.dp_group)
         if self.mp_group is not None:
@@ -264,12 +295,13 @@ class DistributedOptimizer:
     @torch.no_grad()
     def _publish_params(self):
         """Master shard -> model dtype -> every dp rank's model."""
-        if not self._alias:
-            self.param_buffer[self._lo:self._hi].copy_(self.master)
-        if self.shard_world > 1:
-            mine = self.param_buffer[self._lo:self._hi].clone()
-            dist.all_gather(list(self.param_buffer.chunk(self.shard_world)), mine,
-                            group=self.dp_group)
+        if self.shard_world > 1:   # the gather writes this rank's slices too
+            # its input must not alias the output: a copy (the sliced alias's is one already)
+            mine = (self._shard("master") if self.master is None
+                    else self.master.to(self.param_buffer.dtype, copy=True))
+            self._gather_flat(mine, self.param_buffer)
+        elif not self._alias:
+            self.param_buffer.copy_(self.master)
 
     # ---- inspection --------------------------------------------------------------------
     @torch.no_grad()
@@ -304,11 +336,16 @@ class DistributedOptimizer:
         """This rank's shard: {"meta": JSON-able layout + scalars, "master", "exp_avg",
         "exp_avg_sq": fp32 [S]}. Any set of all old ranks' dicts loads onto any dp size
         and ZeRO stage (load_state_dict)."""
+        ranges = self._flat_ranges
+        # one flat range keeps the original "shard" form; slices of several buckets list
+        # their (flat lo, flat hi, shard-local lo) as "pieces"
+        where = ({"shard": [ranges[0][0], ranges[0][1]]} if len(ranges) == 1
+                 else {"pieces": [list(r) for r in ranges]})
         meta = {"format": state_lib.FORMAT, "zero_stage": self.cfg.zero_stage,
-                "dp_size": self.dp_size, "dp_rank": self.dp_rank,
-                "shard": [self._lo, self._hi], "total": self.layout.total,
+                "dp_size": self.dp_size, "dp_rank": self.dp_rank, **where,
+                "total": self.layout.total,
                 "params": self.layout.describe(), **self._scalars()}
-        return {"meta": meta, "master": self.master.detach().clone(),
+        return {"meta": meta, "master": self._shard("master").detach().clone(),
                 "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
 
     @torch.no_grad()
@@ -319,11 +356,10 @@ class DistributedOptimizer:
         name."""
         flats = {}
         for key in state_lib.KEYS:
-            shard = getattr(self, key)
+            shard = self._shard(key)
             if self.shard_world > 1:
                 flat = torch.empty(self.layout.total, dtype=torch.float32, device=self.device)
-                dist.all_gather(list(flat.chunk(self.shard_world)), shard.contiguous(),
-                                group=self.dp_group)
+                self._gather_flat(shard, flat)
             else:
                 flat = shard
             flats[key] = flat
@@ -339,11 +375,16 @@ class DistributedOptimizer:
         source = state_lib.make_source(state)
         source.check_params([(s.name, s.shape) for s in self.layout.slots])
         for key in state_lib.KEYS:
-            getattr(self, key).zero_()
+            if key == "master" and self.master is None:
+                for lo, hi, _ in self._flat_ranges:
+                    self.param_buffer[lo:hi].zero_()
+            else:
+                getattr(self, key).zero_()
         for slot, plo, phi, slo in self._segments:
             for key in state_lib.KEYS:
-                getattr(self, key)[slo:slo + phi - plo].copy_(source.read(key, slot.name,
-                                                                          plo, phi))
+                dst = (self.master_view(slo, slo + phi - plo) if key == "master"
+                       else getattr(self, key)[slo:slo + phi - plo])
+                dst.copy_(source.read(key, slot.name, plo, phi))
         scalars = source.scalars
         self.step_count = int(scalars["step"])
         # a loss scale saved by a bf16/fp32 run (always 1.0) would make fp16 underflow:

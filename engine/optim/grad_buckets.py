@@ -11,25 +11,17 @@ The reduction is a SUM: each microbatch's loss is already divided by the global 
 of label tokens, so the sum over ranks is the gradient of the global-batch loss.
 
     ZeRO 0/1: all_reduce each bucket; every rank keeps full gradients.
-    ZeRO 2  : reduce-scatter each bucket into the shard owners; each rank then keeps only
-              its gradient shard (reduce dtype) and the bucket buffers are freed.
+    ZeRO 2  : one reduce_scatter_tensor per bucket (every rank owns an equal slice of
+              each bucket), straight into this rank's gradient shard (reduce dtype); the
+              bucket buffers are freed.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from engine.optim import collectives
 from engine.optim.layout import FlatLayout
-
-
-def reduce_scatter_to_owners(buf: torch.Tensor, owners: list[tuple[int, int, int]], group):
-    """Reduce-scatter with uneven pieces: sum buf[lo:hi] over the group onto rank `r`
-    for each (r, lo, hi). Implemented as one async `reduce` per owner, which gloo and NCCL
-    both have (uneven `reduce_scatter` is missing from older gloo builds); the traffic per
-    element is the same as a reduce-scatter. Non-owner ranks' copies of a piece are left
-    undefined. Returns the async works."""
-    return [dist.reduce(buf[lo:hi], dst=dist.get_global_rank(group, r), group=group,
-                        async_op=True) for r, lo, hi in owners]
 
 
 class GradBuckets:
@@ -92,8 +84,12 @@ class GradBuckets:
         if self.world == 1:
             return
         if self.scatter:
-            self._works[b] = reduce_scatter_to_owners(buf, self.layout.bucket_owners(b),
-                                                      self.group)
+            if self.grad_shard is None:
+                self.grad_shard = torch.empty(self.layout.shard_size, dtype=self.dtype,
+                                              device=self.device)
+            _, _, _, slo, shi = self.layout.shard_pieces(self.shard_rank)[b]
+            self._works[b] = [collectives.reduce_scatter(self.grad_shard[slo:shi], buf,
+                                                         self.group)]
         else:
             self._works[b] = [dist.all_reduce(buf, group=self.group, async_op=True)]
 
@@ -109,18 +105,13 @@ class GradBuckets:
             return
         for b in range(self._next, len(self.layout.buckets)):
             self._launch(b)
-        if self.scatter:
-            self.grad_shard = torch.zeros(self.layout.shard_size, dtype=self.dtype,
-                                          device=self.device)
-        pieces = self.layout.shard_pieces(self.shard_rank)
+        if self.scatter and self.world == 1:   # no collective: the bucket is the shard
+            self.grad_shard = torch.cat([self._buffer(b) for b in range(len(self.buffers))])
         for b, works in enumerate(self._works):
             for w in works:
                 w.wait()
             self._works[b] = []
             if self.scatter:
-                for pb, blo, bhi, slo, shi in pieces:
-                    if pb == b:
-                        self.grad_shard[slo:shi].copy_(self.buffers[b][blo:bhi])
                 self.buffers[b] = None  # this rank keeps only its shard
         self._finished = True
 
@@ -128,8 +119,9 @@ class GradBuckets:
         """(grad, slo, shi): this rank's reduced gradient shard as pieces, shard-local
         [slo, shi). Views into the buffers: the caller may scale them in place."""
         assert self._finished, "finish() first"
-        if self.scatter:
-            return [(self.grad_shard, 0, self.layout.shard_size)]
+        if self.scatter:   # per bucket slice, as the fp32 alias master is cut
+            return [(self.grad_shard[slo:shi], slo, shi)
+                    for _, _, _, slo, shi in self.layout.shard_pieces(self.shard_rank)]
         return [(self.buffers[b][blo:bhi], slo, shi)
                 for b, blo, bhi, slo, shi in self.layout.shard_pieces(self.shard_rank)]
 
@@ -141,7 +133,12 @@ class GradBuckets:
         if self.world == 1:
             return self.grad_shard.float()
         out = torch.empty(self.layout.total, dtype=self.dtype, device=self.device)
-        dist.all_gather(list(out.chunk(self.world)), self.grad_shard, group=self.group)
+        works = [collectives.all_gather(out[self.layout.buckets[b].start:
+                                            self.layout.buckets[b].end],
+                                        self.grad_shard[slo:shi], self.group)
+                 for b, _, _, slo, shi in self.layout.shard_pieces(self.shard_rank)]
+        for w in works:
+            w.wait()
         return out.float()
 
     def reset(self):

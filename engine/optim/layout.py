@@ -5,7 +5,12 @@ Pure integer bookkeeping, no tensors and no process group, so it is tested on it
 
     flat space: [ p_last | p_last-1 | ... | p_0 | pad ]     (each start aligned)
     buckets:    [ b0        | b1         | ... | b_k       ]  b0 is reduced first
-    shards:     [ rank 0         | rank 1         | ...     ]  equal, contiguous
+    shards:     [ r0 | r1 | .. ][ r0 | r1 | .. ] ...           an equal slice of every bucket
+
+Each rank owns the same-sized r-th slice of every bucket (buckets are padded to a multiple
+of the shard count), so a bucket's reduction is one even `reduce_scatter_tensor` and the
+parameter gather one `all_gather_into_tensor` per bucket. A rank's shard is the
+concatenation of its slices, in bucket order ("shard-local" offsets index it).
 """
 from __future__ import annotations
 
@@ -67,6 +72,8 @@ class FlatLayout:
         buckets: list[BucketSpan] = []
         members: list[int] = []
         offset = start = 0
+        # a bucket holds shard_world equal slices, each starting aligned
+        unit = align * shard_world
         # Reverse order: backward produces the last parameters' gradients first, so the
         # first bucket fills (and its reduction starts) while backward is still running.
         for i in reversed(range(n)):
@@ -76,55 +83,58 @@ class FlatLayout:
             members.append(i)
             offset = _round_up(offset + numel, align)
             if offset - start >= bucket_numel:
+                offset = _round_up(offset, unit)
                 buckets.append(BucketSpan(len(buckets), start, offset, tuple(members)))
                 members, start = [], offset
-        # pad so the space splits into shard_world equal shards, each starting aligned
-        self.total = max(_round_up(offset, align * shard_world), align * shard_world)
+        self.total = max(_round_up(offset, unit), unit)
         if members or not buckets:
             buckets.append(BucketSpan(len(buckets), start, self.total, tuple(members)))
-        else:  # the padding joins the last bucket so buckets tile the whole space
-            last = buckets[-1]
-            buckets[-1] = BucketSpan(last.index, last.start, self.total, last.slots)
         self.slots: list[Slot] = slots  # type: ignore[assignment]
         self.buckets = buckets
         self.shard_size = self.total // shard_world
 
     # ---- shards ------------------------------------------------------------------------
+    def slice_size(self, b: int) -> int:
+        """Elements of bucket b each rank owns."""
+        return self.buckets[b].size // self.shard_world
+
     def shard_range(self, rank: int) -> tuple[int, int]:
+        """`rank`'s range in the shard-major order (every rank's shard in turn); with one
+        shard it is the flat range. The flat ranges are `shard_flat_ranges`."""
         return rank * self.shard_size, (rank + 1) * self.shard_size
 
     def bucket_owners(self, b: int) -> list[tuple[int, int, int]]:
         """(owner rank, lo, hi) with [lo, hi) bucket-local: who receives which part of
-        bucket b in a reduce-scatter."""
-        span = self.buckets[b]
-        out = []
-        for r in range(self.shard_world):
-            cut = intersect(span.start, span.end, *self.shard_range(r))
-            if cut:
-                out.append((r, cut[0] - span.start, cut[1] - span.start))
-        return out
+        bucket b in a reduce-scatter (equal parts, in rank order)."""
+        n = self.slice_size(b)
+        return [(r, r * n, (r + 1) * n) for r in range(self.shard_world)]
 
     def shard_pieces(self, rank: int) -> list[tuple[int, int, int, int, int]]:
         """(bucket, blo, bhi, slo, shi): the parts of `rank`'s shard held by each bucket,
         bucket-local [blo, bhi) and shard-local [slo, shi)."""
-        lo, hi = self.shard_range(rank)
-        out = []
+        out, slo = [], 0
         for span in self.buckets:
-            cut = intersect(span.start, span.end, lo, hi)
-            if cut:
-                out.append((span.index, cut[0] - span.start, cut[1] - span.start,
-                            cut[0] - lo, cut[1] - lo))
+            n = self.slice_size(span.index)
+            out.append((span.index, rank * n, (rank + 1) * n, slo, slo + n))
+            slo += n
         return out
+
+    def shard_flat_ranges(self, rank: int) -> list[tuple[int, int, int]]:
+        """(lo, hi, slo): flat [lo, hi) is shard-local [slo, slo + hi - lo) of `rank`."""
+        return [(self.buckets[b].start + blo, self.buckets[b].start + bhi, slo)
+                for b, blo, bhi, slo, _ in self.shard_pieces(rank)]
 
     def param_segments(self, rank: int) -> list[tuple[Slot, int, int, int]]:
         """(slot, plo, phi, slo): elements [plo, phi) of the flattened parameter sit at
         shard-local offset slo of `rank`'s shard."""
-        lo, hi = self.shard_range(rank)
+        ranges = self.shard_flat_ranges(rank)
         out = []
         for slot in self.slots:
+            lo, hi, slo = ranges[slot.bucket]
             cut = intersect(slot.offset, slot.end, lo, hi)
             if cut:
-                out.append((slot, cut[0] - slot.offset, cut[1] - slot.offset, cut[0] - lo))
+                out.append((slot, cut[0] - slot.offset, cut[1] - slot.offset,
+                            slo + cut[0] - lo))
         return out
 
     def describe(self) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Two formats come in:
   shard dicts   one per old dp rank (DistributedOptimizer.state_dict): fp32 flat slices
-                plus a parameter table (name, shape, global offset) and the slice bounds;
+                plus a parameter table (name, shape, global offset) and where the slices
+                sit: "shard" [lo, hi) for one flat range, or "pieces" [lo, hi, shard lo];
   full state    {"params": {name: {"master", "exp_avg", "exp_avg_sq"}}, scalars}.
 Both become a *source* that reads any element range of any parameter, so the loader
 only asks "elements [lo, hi) of parameter X" for the pieces its own shard needs.
@@ -65,9 +66,17 @@ class ShardSource(_Source):
         self.scalars = {k: shards[0]["meta"][k] for k in SCALARS if k in shards[0]["meta"]}
         self._check_coverage()
 
+    @staticmethod
+    def _pieces(sd: dict) -> list[tuple[int, int, int]]:
+        meta = sd["meta"]
+        if "pieces" in meta:
+            return [tuple(p) for p in meta["pieces"]]
+        lo, hi = meta["shard"]
+        return [(lo, hi, 0)]
+
     def _check_coverage(self):
         covered: list[tuple[int, int]] = []
-        for lo, hi in sorted(tuple(sd["meta"]["shard"]) for sd in self.shards):
+        for lo, hi in sorted((lo, hi) for sd in self.shards for lo, hi, _ in self._pieces(sd)):
             if covered and lo <= covered[-1][1]:
                 covered[-1] = (covered[-1][0], max(covered[-1][1], hi))
             else:
@@ -83,10 +92,11 @@ class ShardSource(_Source):
         glo, ghi = e["offset"] + lo, e["offset"] + hi
         out = torch.empty(hi - lo, dtype=torch.float32)
         for sd in self.shards:
-            slo, shi = sd["meta"]["shard"]
-            cut = intersect(glo, ghi, slo, shi)
-            if cut:
-                out[cut[0] - glo:cut[1] - glo] = sd[key][cut[0] - slo:cut[1] - slo]
+            for flo, fhi, s0 in self._pieces(sd):
+                cut = intersect(glo, ghi, flo, fhi)
+                if cut:
+                    out[cut[0] - glo:cut[1] - glo] = \
+                        sd[key][s0 + cut[0] - flo:s0 + cut[1] - flo]
         return out
 
 

@@ -70,6 +70,10 @@ PROFILES = {
     "h100": DeviceProfile("h100", 989e12, 80 * GB, 450 * GB, 50 * GB, 3.35e12,
                           efficiency=0.7, n_half=128, op_overhead=10e-6,
                           reserved_bytes=3 * GB),
+    # H200 SXM: the H100's compute (989 TFLOP/s dense bf16) with 141 GB of 4.8 TB/s HBM3e
+    "h200": DeviceProfile("h200", 989e12, 141 * GB, 450 * GB, 50 * GB, 4.8e12,
+                          efficiency=0.7, n_half=128, op_overhead=10e-6,
+                          reserved_bytes=3 * GB),
     # A100 SXM 80 GB: 312 TFLOP/s bf16, NVLink 3 300 GB/s per direction, 200 Gb/s IB
     "a100": DeviceProfile("a100", 312e12, 80 * GB, 300 * GB, 25 * GB, 2.0e12,
                           efficiency=0.8, n_half=96, op_overhead=10e-6,
