@@ -179,6 +179,7 @@ class P2P:
         self.shape: tuple[int, int] | None = None   # (s, b) agreed by begin_step
         self._key = None            # this stage's (m, [b, s]) when they were agreed
         self._on_change = False     # every stage sees its shapes: re-agree on change only
+        self.handshakes = 0         # how many times the shapes were agreed
 
     # -- the shape handshake ------------------------------------------------------------
     def begin_step(self, microbatches: list[dict] | None, m: int):
@@ -204,6 +205,7 @@ class P2P:
                 b, s = key[1]
         t = torch.tensor([m, -m, s, -s if sees else -(2 ** 62), b, -b if sees else -(2 ** 62),
                           bad, -sees], dtype=torch.long, device=self.device)
+        self.handshakes += 1
         started = time.monotonic()
         try:
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
