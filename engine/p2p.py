@@ -294,8 +294,13 @@ class P2P:
                 raise peer_error(self.state, label,
                                  peers[0] if len(set(peers)) == 1 else peers, err, self.board,
                                  0.0, self.timeout) from err
-        return Posted(self, label, list(zip(works, peers, kinds)), act, side_buf, grad,
-                      sent, (s, b))
+        if len(works) == len(ops):
+            entries = list(zip(works, peers, kinds))
+        else:
+            # NCCL coalesces a batch into one work: every part of it waits on all of them
+            group_peer = peers[0] if len(set(peers)) == 1 else self.state.pp_ranks
+            entries = [(w, group_peer, kind) for kind in dict.fromkeys(kinds) for w in works]
+        return Posted(self, label, entries, act, side_buf, grad, sent, (s, b))
 
     def exchange(self, send_next=None, send_prev=None, recv_prev: bool = False,
                  recv_next: bool = False):
