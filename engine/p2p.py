@@ -196,6 +196,7 @@ class P2P:
         self.shape: tuple[int, int] | None = None   # (s, b) agreed by begin_step
         self._key = None            # this stage's (m, [b, s]) when they were agreed
         self._on_change = False     # every stage sees its shapes: re-agree on change only
+        self.handshakes = 0         # how many times the shapes were agreed
 
     # -- the shape handshake ------------------------------------------------------------
     def begin_step(self, microbatches: list[dict] | None, m: int):
@@ -221,6 +222,7 @@ class P2P:
                 b, s = key[1]
         t = torch.tensor([m, -m, s, -s if sees else -(2 ** 62), b, -b if sees else -(2 ** 62),
                           bad, -sees], dtype=torch.long, device=self.device)
+        self.handshakes += 1
         started = time.monotonic()
         try:
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
@@ -310,8 +312,13 @@ class P2P:
                 raise peer_error(self.state, label,
                                  peers[0] if len(set(peers)) == 1 else peers, err, self.board,
                                  0.0, self.timeout) from err
-        return Posted(self, label, list(zip(works, peers, kinds)), act, side_buf, grad,
-                      sent, (s, b))
+        if len(works) == len(ops):
+            entries = list(zip(works, peers, kinds))
+        else:
+            # NCCL coalesces a batch into one work: every part of it waits on all of them
+            group_peer = peers[0] if len(set(peers)) == 1 else self.state.pp_ranks
+            entries = [(w, group_peer, kind) for kind in dict.fromkeys(kinds) for w in works]
+        return Posted(self, label, entries, act, side_buf, grad, sent, (s, b))
 
     def exchange(self, send_next=None, send_prev=None, recv_prev: bool = False,
                  recv_next: bool = False):

@@ -38,7 +38,7 @@ def config():
     return GLMConfig.preset("tiny")
 
 
-def microbatches(m: int, step: int, offset: int = 0) -> list[dict]:
+def microbatches(m: int, step: int, offset: int = 0, seq: int = SEQ) -> list[dict]:
     """m microbatches cycling prefix-LM, blank infilling (2D positions) and [gMASK]."""
     out = []
     for i in range(offset, offset + m):
@@ -56,7 +56,7 @@ def microbatches(m: int, step: int, offset: int = 0) -> list[dict]:
             exs = [corrupt_spans(toks(10), MASK, SOP, EOP, g, ratio=0.3) for _ in range(BATCH)]
         else:
             exs = [gmask_example(toks(12), 5 + r, GMASK, SOP, EOP) for r in range(BATCH)]
-        out.append(collate(exs, SEQ, PAD))
+        out.append(collate(exs, seq, PAD))
     return out
 
 
@@ -140,10 +140,26 @@ def _train_case(state, schedule, m, steps, dp_offset=0, dp_m=None):
         grads = numpy_dict((n, p.grad) for c in chunks for n, p in c.named_parameters())
         opt.step()
         steps_out.append(dict(loss=loss, grads=grads, peak=stats.peak_in_flight,
+                              handshakes=comm.handshakes,
                               freed=stats.outputs_freed, no_sync=no_sync.n,
                               params=numpy_dict(n_p for c in chunks
                                                 for n_p in c.named_parameters())))
     return steps_out
+
+
+def _reshaped_case(state):
+    """One P2P over steps whose sequence length changes: shapes are agreed on the first
+    step and again only when they change."""
+    cfg = config()
+    chunks = build_stage(cfg, 2, 1, state.stage, seed=0)
+    comm = P2P(state, cfg.hidden_size, timeout=30)
+    out = []
+    for seq in (16, 16, 24, 24, 16):
+        mbs = microbatches(2, 0, seq=seq)
+        loss = forward_backward("1f1b", chunks, mbs, count_tokens(mbs), comm, state,
+                                forward_only=True)
+        out.append((seq, loss, comm.handshakes))
+    return out
 
 
 def _forward_only_case(state, m):
@@ -176,6 +192,7 @@ def _pp2_worker(rank, world):
     for schedule in ("1f1b", "gpipe", "zb-h1"):
         out[schedule] = _train_case(state, schedule, m=4, steps=3)
     out["zb-h1 m<p"] = _train_case(state, "zb-h1", m=1, steps=1)
+    out["reshaped"] = _reshaped_case(state)
     out["1f1b m<p"] = _train_case(state, "1f1b", m=1, steps=1)
     out["forward-only"] = _forward_only_case(state, m=3)
     for schedule in ("1f1b", "gpipe"):
@@ -272,6 +289,20 @@ def test_pp2_dp2_parity_and_groups(pp4, key):
                 assert_rel(g, want["grads"][n], f"pp2 dp2 rank {rank} grad {n}")
             for n, p in got["params"].items():
                 assert_rel(p, want["params"][n], f"pp2 dp2 rank {rank} param {n}")
+
+
+def test_shapes_agreed_once_and_again_on_change(pp2):
+    model = GLM.build(config(), seed=0)
+    for res in pp2:
+        # 3 steps with one comm: one handshake
+        assert [s["handshakes"] for s in res["1f1b"]] == [1, 1, 1]
+        assert [h for _, _, h in res["reshaped"]] == [1, 1, 2, 2, 3]
+        for seq, loss, _ in res["reshaped"]:
+            mbs = microbatches(2, 0, seq=seq)
+            with torch.no_grad():
+                want = sum(float(model(**{k: v for k, v in mb.items() if k != "labels"},
+                                       labels=mb["labels"]).sum()) for mb in mbs)
+            assert loss == pytest.approx(want / count_tokens(mbs), rel=RTOL), seq
 
 
 def test_forward_only_equals_single_process(pp2, pp4):

@@ -53,3 +53,20 @@ def test_plain_backward_through_an_installed_chunk_still_fills_weight_grads():
     (model(ids, labels=labels).sum() / 32).backward()
     for (n, a), b in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_split_backward_under_full_recompute():
+    # the recomputed forward runs inside B, so its linear layers stash for W as well
+    from engine.recompute import recompute_layers
+    cfg = GLMConfig.preset("tiny")
+    ids, labels = _batch()
+    ref, model = GLM.build(cfg, seed=0), GLM.build(cfg, seed=0)
+    (ref(ids, labels=labels).sum() / 32).backward()
+    recompute_layers(model)
+    store = store_for(model)
+    with store.backward_of(0):
+        (model(ids, labels=labels).sum() / 32).backward()
+    assert len(store) >= 4 * cfg.num_layers
+    store.run(0)
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=n)

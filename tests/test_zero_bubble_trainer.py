@@ -2,8 +2,6 @@
 fill during B and W, clipping and the inf check before the step) matches one process
 (losses, grad norms, reduced gradients, updated parameters), and its checkpoint
 continues under a single process with the same losses."""
-import torch
-
 from dist import run_workers
 from engine.config import build_run_config
 from engine.launch import model_parallel_group

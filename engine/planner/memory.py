@@ -50,8 +50,8 @@ Recompute (full, per layer) keeps only each layer's input, e*h (/ t with sp); in
 backward one layer at a time is recomputed, so one layer's full set comes back on top.
 
 In flight (how many microbatch-chunks a stage holds): gradient accumulation 1, GPipe m,
-1F1B min(p - s, m) (stage 0 the most), ZB-H1 min(p, m) (from F to W), interleaved 1F1B min(2(p - s - 1) + (v - 1)p + 1,
-m v) with each chunk L / (p v) layers deep (engine/schedules.py's warmup counts).
+1F1B min(p - s, m) (stage 0 the most), ZB-H1 min(p, m) (from F to W), interleaved 1F1B
+min(2(p - s - 1) + (v - 1)p + 1, m v) with each chunk L / (p v) layers deep (engine/schedules.py's warmup counts).
 """
 from __future__ import annotations
 
