@@ -11,6 +11,7 @@ running.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -27,6 +28,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run a single-process reference with the workers' one intra-op thread: a matmul
+    split over another thread count sums in another order, and at fp32 that alone moves
+    Adam's updates by ~1e-5 relative, the size of the parity tolerances."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def decode(value: bytes):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist import run_workers
+from dist import one_thread, run_workers
 from engine.optim import DistributedOptimizer, OptimConfig
 from model import GLM, GLMConfig
 from model.masks import collate, corrupt_spans, gmask_example
@@ -252,7 +252,8 @@ def _worker(rank, world, refs):
 
 @pytest.fixture(scope="module")
 def dp2():
-    refs = {c: _reference(c) for c in (CLIP, 0.0)}
+    with one_thread():
+        refs = {c: _reference(c) for c in (CLIP, 0.0)}
     return run_workers(_worker, 2, refs, timeout=120), refs
 
 

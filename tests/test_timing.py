@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import timing
-from engine.schedules import Op, ScheduleStats
+from engine.schedules import ScheduleStats
 
 
 def test_cpu_clock_measures_wall_time():
@@ -60,13 +60,19 @@ def test_schedule_stats_resolve_marks_into_compute_and_wait():
     FakeEvent.made = []
     with mock.patch.object(torch.cuda, "Event", FakeEvent):
         clock = timing.Clock("cuda")
-        ops = [Op("F", 0), Op("X"), Op("B", 0)]
-        marks = [(op, clock.mark(), clock.mark()) for op in ops]
+        marks = []
+        # F0.0 waits 10 ms for its received input, then computes 10 ms; the exchange
+        # waits 10 ms; B0.0 computes 10 ms with nothing to wait for
+        t0, w0, w1, t1 = (clock.mark() for _ in range(4))
+        marks.append(("F0.0", False, t0, t1, (w0, w1)))
+        marks.append(("X", True, clock.mark(), clock.mark(), None))
+        marks.append(("B0.0", False, clock.mark(), clock.mark(), None))
         stats = ScheduleStats()
         stats.record(clock, marks)
-    assert stats.compute_s == pytest.approx(0.020) and stats.comm_wait_s == pytest.approx(0.010)
+    assert stats.compute_s == pytest.approx(0.020) and stats.comm_wait_s == pytest.approx(0.020)
     assert [(k, round(a, 3), round(b, 3)) for _, k, a, b in stats.timeline] == [
-        ("compute", 0.0, 0.01), ("wait", 0.02, 0.03), ("compute", 0.04, 0.05)]
+        ("wait", 0.01, 0.02), ("compute", 0.02, 0.03), ("wait", 0.04, 0.05),
+        ("compute", 0.06, 0.07)]
 
 
 def test_peak_from_device_profile_on_cuda_and_measured_once_on_cpu():
