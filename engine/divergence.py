@@ -26,7 +26,7 @@ from collections import deque
 
 
 class DivergenceError(RuntimeError):
-    """The run diverged; nothing was saved after the last good checkpoint."""
+    """The run diverged: stop it, and save nothing of the diverged state."""
 
 
 class NonFiniteLossError(DivergenceError, FloatingPointError):
@@ -53,8 +53,7 @@ class DivergenceGuard:
         loss-scale back-off (the scale was above its minimum)."""
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss became {loss} at step {step}: the run diverged "
-                                     "(lower train.lr?); nothing was saved after the last "
-                                     "checkpoint")
+                                     "(lower train.lr?); this state was not saved")
         if skipped and backoff:
             self.backoffs += 1
             return
@@ -64,8 +63,7 @@ class DivergenceGuard:
                 raise DivergenceError(
                     f"{self.skipped_in_a_row} optimizer steps in a row skipped for inf/nan "
                     f"gradients (train.max_skipped_steps={self.max_skipped}) at step {step}: "
-                    "the run diverged (lower train.lr?); nothing was saved after the last "
-                    "checkpoint")
+                    "the run diverged (lower train.lr?); the skipped steps were not saved")
             return
         self.skipped_in_a_row = 0
         if self.spike_factor > 0 and len(self.recent) >= self.MIN_HISTORY:
@@ -74,7 +72,7 @@ class DivergenceGuard:
                 raise DivergenceError(
                     f"loss {loss:.4f} at step {step} is over train.loss_spike_factor="
                     f"{self.spike_factor:g} x its running mean {mean:.4f}: the run diverged; "
-                    "nothing was saved after the last checkpoint")
+                    "this state was not saved")
         self.recent.append(loss)
 
     def check_state(self, step: int, loss: float):
