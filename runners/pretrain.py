@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true",
                    help="start over in an out_dir that holds checkpoints (they are removed "
                         "once this run saved its first one)")
-    p.add_argument("--print-config", action="store_true", help="print the merged config")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit without training")
     args, rest = p.parse_known_args(argv)
     return args, rest
 
@@ -45,6 +46,7 @@ def main(argv=None):
         fail(e)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
+        return
     from engine.divergence import DivergenceError
     from engine.launch import run_training
     try:

@@ -1,0 +1,23 @@
+"""What the runners print and leave behind: output a person can trust (issue 18)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_print_config_prints_json_and_does_not_train(tmp_path):
+    out = tmp_path / "run"
+    r = _run(["runners/pretrain.py", "--config", "configs/demo_pretrain.json",
+              "--print-config", "--train.out_dir", str(out), "--train.steps", "7"])
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["out_dir"] == str(out)
+    assert not out.exists() or not any(out.iterdir())
