@@ -21,3 +21,14 @@ def test_print_config_prints_json_and_does_not_train(tmp_path):
     cfg = json.loads(r.stdout)
     assert cfg["train"]["steps"] == 7 and cfg["train"]["out_dir"] == str(out)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_score_has_no_detokenize_warning_and_same_bleu(caplog):
+    from engine.evaluate import score
+    refs = ["我喜欢狗."] * 120
+    spaced = score(["我 喜欢 猫 ."] * 120, refs)
+    with caplog.at_level("WARNING", logger="sacrebleu"):
+        plain = score(["我喜欢猫."] * 120, refs)
+        again = score(["我 喜欢 猫 ."] * 120, refs)
+    assert "detokenize" not in caplog.text
+    assert spaced["bleu"] == plain["bleu"] == again["bleu"] > 0
