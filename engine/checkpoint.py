@@ -202,6 +202,11 @@ def save_checkpoint(path: str, model_tensors: dict, optim_tensors: dict, meta: d
         raise
 
 
+def _looks_like_chatglm(path: str) -> bool:
+    names = os.listdir(path)
+    return "config.json" in names and any(n.endswith(".safetensors") for n in names)
+
+
 class Checkpoint:
     """A validated checkpoint directory: meta.json parsed, every file present with the
     recorded sha256. Tensors are read lazily by name from whichever file holds them."""
@@ -214,6 +219,11 @@ class Checkpoint:
                     if os.path.isdir(f"{path}.old") else "")
             raise CheckpointError(f"checkpoint {path} does not exist{hint}")
         if not os.path.isfile(meta_path):
+            if _looks_like_chatglm(path):   # a downloaded model, not a broken save
+                raise CheckpointError(
+                    f"{path} is a ChatGLM-format directory (config.json + safetensors, no "
+                    f"meta.json): import it once with `python runners/convert_checkpoint.py "
+                    f"--from-chatglm {path} OUT` and pass OUT")
             raise CheckpointError(f"checkpoint {path} has no meta.json (incomplete save?)")
         try:
             with open(meta_path, encoding="utf-8") as f:

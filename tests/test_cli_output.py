@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,3 +34,15 @@ def test_score_has_no_detokenize_warning_and_same_bleu(caplog):
         again = score(["我 喜欢 猫 ."] * 120, refs)
     assert "detokenize" not in caplog.text
     assert spaced["bleu"] == plain["bleu"] == again["bleu"] > 0
+
+
+def test_chatglm_directory_is_recognised_and_the_converter_suggested(tmp_path):
+    from engine.checkpoint import Checkpoint, CheckpointError
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="ChatGLM-format") as e:
+        Checkpoint(str(tmp_path))
+    assert f"--from-chatglm {tmp_path} OUT" in str(e.value)
+    (tmp_path / "config.json").unlink()     # control: weights alone stay an incomplete save
+    with pytest.raises(CheckpointError, match="incomplete save"):
+        Checkpoint(str(tmp_path))
