@@ -17,7 +17,6 @@ process: the teacher loads by tensor name from a checkpoint of any parallel layo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -168,8 +167,9 @@ def main(argv=None):
           f"({p_student / p_teacher:.1%}); total {teacher.num_params():,} -> "
           f"{sum(v.numel() for v in new_state.values()):,}")
     print(f"calibration loss (zero-shot) teacher {loss_t:.4f} -> student {loss_s:.4f}")
-    print(json.dumps({"rope_ratio": new_cfg.rope_ratio,
-                      "layernorm_epsilon": new_cfg.layernorm_epsilon}))
+    # the two config values pruning rescales so the student's rotary angles and norms match
+    print(f"adjusted rope_ratio {cfg.rope_ratio:g}->{new_cfg.rope_ratio:g} "
+          f"layernorm_epsilon {cfg.layernorm_epsilon:g}->{new_cfg.layernorm_epsilon:g}")
     print(f"saved {args.out} in {time.perf_counter() - t0:.1f}s")
 
 

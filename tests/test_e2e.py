@@ -53,9 +53,10 @@ def test_pretrain_finetune_evaluate(data_dir, tmp_path):
 
     # compression: prune the fine-tuned model to ~half its layers, distil, evaluate
     st = tmp_path / "student"
-    run("runners/prune.py", "--teacher", str(ft / "checkpoint"), "--data-dir", str(data_dir),
-        "--out", str(st / "pruned"), "--layers", "2", "--keep", "0.5", "--calib-batches", "2",
-        "--batch-size", "2", "--seq-len", "48")
+    out = run("runners/prune.py", "--teacher", str(ft / "checkpoint"), "--data-dir",
+              str(data_dir), "--out", str(st / "pruned"), "--layers", "2", "--keep", "0.5",
+              "--calib-batches", "2", "--batch-size", "2", "--seq-len", "48").stdout
+    assert "adjusted rope_ratio" in out and "{" not in out    # every printed value labelled
     run("runners/distill.py", "--teacher", str(ft / "checkpoint"), "--student",
         str(st / "pruned"), "--data.dir", str(data_dir), "--train.steps", "2",
         "--train.micro_batch_size", "4", "--train.seq_len", "48", "--train.eval_batches", "1",
