@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine import faults
+from engine.file_mode import respect_umask
 
 FORMAT_VERSION = 2      # 2: meta.json carries meta_sha256
 TOKENIZER_FILE = "tokenizer.model"
@@ -142,6 +143,7 @@ def seal(tmp: str, meta: dict, extra_files: dict[str, str] | None = None) -> dic
     for root, _, names in os.walk(tmp):
         for name in sorted(names):
             full = os.path.join(root, name)
+            respect_umask(full)   # safetensors.save_file creates its files 0600
             files[os.path.relpath(full, tmp)] = sha256_file(full)
     want = meta.get("tokenizer_sha256")
     if TOKENIZER_FILE in files and want and files[TOKENIZER_FILE] != want:

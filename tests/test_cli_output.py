@@ -46,3 +46,25 @@ def test_chatglm_directory_is_recognised_and_the_converter_suggested(tmp_path):
     (tmp_path / "config.json").unlink()     # control: weights alone stay an incomplete save
     with pytest.raises(CheckpointError, match="incomplete save"):
         Checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_and_data_files_respect_the_umask(tmp_path, umask):
+    import torch
+    from engine.checkpoint import save_checkpoint
+    from engine.data.io import write_json
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"x")
+    os.chmod(tok, 0o600)                      # a source the user keeps private
+    old = os.umask(umask)
+    try:
+        save_checkpoint(str(tmp_path / "ck"), {"w": torch.zeros(2)}, {"m": torch.zeros(2)},
+                        {"step": 0}, extra_files={"tokenizer.model": str(tok)})
+        write_json(tmp_path / "stats.json", {"a": 1})
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for rel in ("model/model.safetensors", "optim/rank0.safetensors", "tokenizer.model",
+                "meta.json"):
+        assert os.stat(tmp_path / "ck" / rel).st_mode & 0o777 == want, rel
+    assert os.stat(tmp_path / "stats.json").st_mode & 0o777 == want

@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from engine.file_mode import respect_umask
+
 
 @contextlib.contextmanager
 def staged_path(path: str | os.PathLike):
@@ -21,6 +23,7 @@ def staged_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    respect_umask(tmp)   # mkstemp's 0600 would otherwise become the final file's mode
     try:
         yield Path(tmp)
     finally:
