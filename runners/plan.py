@@ -55,25 +55,28 @@ def parse_args(argv=None):
     g.add_argument("--zero-stages", default="0,1,2", help="comma-separated ZeRO stages")
     g = p.add_argument_group("output")
     g.add_argument("--top", type=int, default=25, help="rows to print (0: all)")
-    g.add_argument("--json", action="store_true", help="print the chosen layout as JSON")
+    g.add_argument("--json", action="store_true",
+                   help="print only the chosen layout as JSON on stdout (the report goes "
+                        "to stderr)")
     g.add_argument("--validate", action="store_true",
                    help="(single device) run every printed layout here, compare memory "
                         "and step time with the prediction")
     return p.parse_args(argv)
 
 
-def _validate(req, cands):
+def _validate(req, cands, out):
     from engine.planner.measure import measure_layouts
     runnable = [c for c in cands if (c.layout.tp, c.layout.pp, c.layout.dp) == (1, 1, 1)]
     got = measure_layouts([(req, c.layout) for c in runnable])
     print(f"\n{'layout':<30} {'pred MB':>9} {'meas MB':>9} {'err':>7} {'act pred':>9} "
-          f"{'act meas':>9} {'pred s':>8} {'meas s':>8}")
+          f"{'act meas':>9} {'pred s':>8} {'meas s':>8}", file=out)
     for c, g in zip(runnable, got):
         pm = c.memory.peak
         pred = pm.states_and_activations
         print(f"{c.layout.short():<30} {pred / 1e6:>9.2f} {g.total / 1e6:>9.2f} "
               f"{pred / g.total - 1:>+7.2%} {pm.activations / 1e6:>9.2f} "
-              f"{g.activations / 1e6:>9.2f} {c.time.total:>8.3f} {g.step_time:>8.3f}")
+              f"{g.activations / 1e6:>9.2f} {c.time.total:>8.3f} {g.step_time:>8.3f}",
+              file=out)
 
 
 def main(argv=None):
@@ -95,11 +98,13 @@ def main(argv=None):
     except ValueError as e:
         fail(e)
     n_fit = sum(c.fits for c in cands)
+    # --json: stdout carries the JSON alone (for a pipe or a script); the report goes to stderr
+    out = sys.stderr if args.json else sys.stdout
     print(f"{req.model_name or 'model'}: {args.gpus} x {req.device_memory_gb:.4g} GB "
           f"({dev.name}, {dev.reserved_bytes / GB:g} GB reserved), seq {req.seq_len}, "
           f"global batch {req.global_batch}, {req.precision} / {req.kernels} kernels: "
-          f"{len(cands)} valid layouts, {n_fit} fit")
-    print(format_table(cands, top=args.top or None))
+          f"{len(cands)} valid layouts, {n_fit} fit", file=out)
+    print(format_table(cands, top=args.top or None), file=out)
     try:
         chosen = best(cands)
     except ValueError as e:
@@ -109,11 +114,11 @@ def main(argv=None):
           f"stage {chosen.memory.peak.stage}; step {t.total:.3f} s = gemm {t.gemm:.3f} + "
           f"elementwise {t.elementwise:.3f} + overhead {t.overhead:.3f} + tp {t.tp:.3f} + "
           f"p2p {t.p2p:.3f} + bubble {t.bubble:.3f} + dp {t.dp:.3f} + optimizer "
-          f"{t.optimizer:.3f}; {t.tokens_per_s:,.0f} tokens/s)")
+          f"{t.optimizer:.3f}; {t.tokens_per_s:,.0f} tokens/s)", file=out)
     if args.json:
         print(json.dumps(chosen.layout.as_dict()))
     if args.validate:
-        _validate(req, cands[:args.top] if args.top else cands)
+        _validate(req, cands[:args.top] if args.top else cands, out)
 
 
 if __name__ == "__main__":

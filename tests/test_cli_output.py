@@ -68,3 +68,24 @@ def test_checkpoint_and_data_files_respect_the_umask(tmp_path, umask):
                 "meta.json"):
         assert os.stat(tmp_path / "ck" / rel).st_mode & 0o777 == want, rel
     assert os.stat(tmp_path / "stats.json").st_mode & 0o777 == want
+
+
+def test_plan_ranks_fitting_layouts_first():
+    from engine.planner import PlanRequest, device_profile, plan
+    # 20 GB per device: the fastest layouts of a 6B model do not fit, slower ones do
+    cands = plan(PlanRequest("chatglm3-6b", 8, 20, 2048, 64), device_profile("h100"))
+    fits = [c.fits for c in cands]
+    assert any(fits) and not all(fits)
+    assert fits == sorted(fits, reverse=True)          # every fitting row above every other
+    assert min(c.time.total for c in cands if not c.fits) < cands[0].time.total
+    fit_times = [c.time.total for c in cands if c.fits]
+    assert fit_times == sorted(fit_times)
+
+
+def test_plan_json_prints_json_only():
+    r = _run(["runners/plan.py", "--model", "chatglm3-6b", "--gpus", "8", "--gpu-mem", "80",
+              "--top", "3", "--json"])
+    assert r.returncode == 0, r.stderr
+    layout = json.loads(r.stdout)                    # the whole of stdout is one JSON object
+    assert layout["tp"] * layout["pp"] * layout["dp"] == 8
+    assert "chosen:" in r.stderr and "valid layouts" in r.stderr

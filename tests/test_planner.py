@@ -242,8 +242,10 @@ def test_choose_layout_for_chatglm3_on_8_h100():
     cands = plan(_req(), device_profile("h100"))
     first_fit = next(c for c in cands if c.fits)
     assert first_fit.layout.as_dict() == d
-    # everything faster than the choice is over the memory budget
-    assert all(not c.fits for c in cands[:cands.index(first_fit)])
+    # fitting layouts rank first; everything faster than the choice is over the budget
+    assert cands[0] is first_fit and not any(cands[i].fits and not cands[i - 1].fits
+                                             for i in range(1, len(cands)))
+    assert all(not c.fits for c in cands if c.time.total < first_fit.time.total)
     assert first_fit.memory.peak.total <= 77e9
     table = format_table(cands, top=10)
     assert "*" + first_fit.layout.short() in table
@@ -251,8 +253,7 @@ def test_choose_layout_for_chatglm3_on_8_h100():
 
 def test_runner_prints_table(capsys):
     from runners.plan import main
-    main(["--model", "chatglm3-6b", "--gpus", "8", "--gpu-mem", "80", "--top", "5",
-          "--json"])
+    main(["--model", "chatglm3-6b", "--gpus", "8", "--gpu-mem", "80", "--top", "5"])
     out = capsys.readouterr().out
     assert "chatglm3-6b: 8 x 80 GB" in out and "chosen:" in out
     assert out.count("\n") > 8

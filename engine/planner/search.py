@@ -28,16 +28,17 @@ class Candidate:
         return self.memory.peak.total <= self.capacity
 
     def sort_key(self):
-        # fastest first; ties (ZeRO 2 often equals ZeRO 1 here) go to less memory, then
-        # to the simpler layout
+        # layouts that fit before those that do not (a faster one that cannot run is no
+        # option); then fastest first; ties (ZeRO 2 often equals ZeRO 1 here) go to less
+        # memory, then to the simpler layout
         lay = self.layout
-        return (round(self.time.total, 9), round(self.memory.peak.total), lay.zero_stage,
-                lay.tp * lay.pp, lay.vpp, lay.micro_batch_size)
+        return (not self.fits, round(self.time.total, 9), round(self.memory.peak.total),
+                lay.zero_stage, lay.tp * lay.pp, lay.vpp, lay.micro_batch_size)
 
 
 def plan(req: PlanRequest, device: DeviceProfile) -> list[Candidate]:
-    """Every valid layout with its predicted memory and time, fastest first, whether it
-    fits or not (`best` picks the first that fits; a table shows what memory costs)."""
+    """Every valid layout with its predicted memory and time: those that fit first, each
+    group fastest first (`best` picks the first that fits; a table shows what memory costs)."""
     capacity = req.device_memory_bytes - device.reserved_bytes
     cands = [Candidate(lay, predict_memory(req, lay), predict_time(req, lay, device), capacity)
              for lay in enumerate_layouts(req)]
@@ -75,10 +76,11 @@ def choose_layout(config, world_size: int, device_memory_gb: float | None = None
 
 
 def format_table(cands: list[Candidate], top: int | None = 20) -> str:
-    """One line per candidate, fastest first: layout, predicted peak memory per device
-    with its breakdown (params / grads / optimizer / activations / workspace, GB), step
-    time with compute and exposed communication, bubble, tokens/s. Rows that do not fit
-    say NO; the chosen layout is the first row that fits (marked *, and listed after the
+    """One line per candidate in plan()'s order (fitting rows first, each group fastest
+    first): layout, predicted peak memory per device with its breakdown (params / grads /
+    optimizer / activations / workspace, GB), step time with compute and exposed
+    communication, bubble, tokens/s. Rows that do not fit say NO; the chosen layout is the
+    first row that fits (marked *; in a list not ordered by plan(), it is listed after the
     top rows when it is not among them)."""
     head = (f"{'#':>3} {'layout':<34} {'fits':<4} {'mem GB':>7}  "
             f"{'param/grad/optim/act/work':<27} {'step s':>7} {'comp':>6} {'comm':>6} "
