@@ -100,6 +100,7 @@ class Utf8Constraint:
         self._cls = cls.to(self.device)
         self._next = nxt.to(self.device)
         self._blocked = (~allow)[:, cls].to(self.device)  # [S, V]: True = masked
+        self._other_blocked = (~allow)[:, OTHER].to(self.device)  # [S]
 
     @classmethod
     def for_tokenizer(cls, tok, device="cpu") -> "Utf8Constraint":
@@ -121,13 +122,16 @@ class Utf8Constraint:
 
     def mask(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """-inf where the next piece would break row r's sequence. logits [rows, V'] with
-        V' >= the tokenizer's size (padded vocabulary rows are left to restrict_vocab)."""
+        V' >= the tokenizer's size; padded vocabulary rows past it count as no bytes (as in
+        `advance` and `trim`), so they too wait for a character to be complete."""
         if not self.has_bytes:
             return logits
         v = self._blocked.shape[1]
         blocked = self._blocked.index_select(0, state)
         if logits.shape[-1] > v:
-            blocked = torch.nn.functional.pad(blocked, (0, logits.shape[-1] - v))
+            extra = self._other_blocked.index_select(0, state)
+            blocked = torch.cat([blocked, extra[:, None].expand(-1, logits.shape[-1] - v)],
+                                dim=1)
         return logits.masked_fill(blocked, float("-inf"))
 
     def advance(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

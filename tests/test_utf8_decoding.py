@@ -41,13 +41,18 @@ class Bias:
     """Forward hook: bias the byte pieces (+ random noise per call, so each step a
     different byte tends to win) or ban them."""
 
-    def __init__(self, ids, vocab_size, ban=False, seed=0):
+    def __init__(self, ids, vocab_size, ban=False, seed=0, padding=False):
         self.ids, self.vocab, self.ban = torch.tensor(ids), vocab_size, ban
+        self.padding = padding  # keep the padded vocabulary rows past the tokenizer
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, module, args, out):
         out = out.clone()
-        out[..., self.vocab:] = float("-inf")
+        if not self.padding:
+            out[..., self.vocab:] = float("-inf")
+        else:  # ... and make them as likely as a byte
+            noise = torch.rand(out[..., self.vocab:].shape, generator=self.gen) * 20
+            out[..., self.vocab:] += 30 + noise
         if self.ban:
             out[..., self.ids] = float("-inf")
         else:
@@ -56,14 +61,14 @@ class Bias:
         return out
 
 
-def run(model, tok, hook, utf8, **kw):
+def run(model, tok, hook, utf8, vocab_size=-1, **kw):
     handle = model.register_forward_hook(hook)
     try:
         prompts = [tok.encode(s) + [tok.gmask_id] for s in
                    ("Permission denied", "无法打开", "Save changes?", "x")]
         return generate(model, prompts, max_new_tokens=13, eos_id=tok.eop_id,
-                        pad_id=tok.pad_id, sop_id=tok.sop_id, vocab_size=tok.vocab_size,
-                        utf8=utf8, **kw)
+                        pad_id=tok.pad_id, sop_id=tok.sop_id, utf8=utf8,
+                        vocab_size=tok.vocab_size if vocab_size == -1 else vocab_size, **kw)
     finally:
         handle.remove()
 
@@ -100,6 +105,18 @@ def test_constrained_decoding_is_valid_utf8(model, tok, kw):
     # the model still writes the rare characters, now whole: at least one multi-byte one
     text = "".join(tok.decode(o) for o in out)
     assert any(ord(c) > 0x7F for c in text)
+
+
+@pytest.mark.parametrize("kw", MODES, ids=lambda kw: kw["mode"])
+def test_padded_vocabulary_rows_wait_for_a_whole_character(model, tok, kw):
+    # no vocab_size: ids past the tokenizer (no text) compete with the bytes, and count
+    # as no byte to the constraint: never inside a character
+    bias = Bias(byte_ids(tok), tok.vocab_size, padding=True)
+    out = run(model, tok, bias, Utf8Constraint.for_tokenizer(tok), vocab_size=None, **kw)
+    utf8 = Utf8Constraint.for_tokenizer(tok)
+    assert any(t >= tok.vocab_size for o in out for t in o)
+    assert all(utf8.trim(o) == o for o in out)
+    assert all(valid(tok, [t for t in o if t < tok.vocab_size]) for o in out)
 
 
 @pytest.mark.parametrize("kw", MODES, ids=lambda kw: kw["mode"])
