@@ -113,9 +113,15 @@ class Utf8Constraint:
         return cache[key]
 
     def to(self, device) -> "Utf8Constraint":
-        if torch.device(device) == self.device:
+        """The same constraint with its tables on `device` (copied once per device, not
+        once per generate call)."""
+        device = torch.device(device)
+        if device == self.device:
             return self
-        return Utf8Constraint(self.classes, device)
+        copies = self.__dict__.setdefault("_copies", {})
+        if str(device) not in copies:
+            copies[str(device)] = Utf8Constraint(self.classes, device)
+        return copies[str(device)]
 
     def initial(self, rows: int) -> torch.Tensor:
         return torch.full((rows,), FREE, dtype=torch.long, device=self.device)

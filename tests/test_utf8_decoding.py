@@ -187,3 +187,10 @@ def test_evaluation_translates_without_replacement_characters(model, tok):
     finally:
         handle.remove()
     assert n > 0 and all("\ufffd" not in h for h in hyps), hyps
+
+
+def test_tables_are_copied_once_per_device(tok):
+    utf8 = Utf8Constraint.for_tokenizer(tok)
+    assert utf8.to("cpu") is utf8
+    meta = utf8.to("meta")
+    assert meta is utf8.to("meta") and meta._blocked.device.type == "meta"
