@@ -15,6 +15,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from engine.data.prompts import TranslationFormat
 from model.generate import generate
+from model.utf8_constraint import Utf8Constraint
 from model.masks import collate
 
 
@@ -61,7 +62,8 @@ def translate(model, tok, sources: list[str], *, batch_size=32, max_new_tokens=6
         t0 = time.perf_counter()
         out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids,
                        pad_id=tok.pad_id, sop_id=tok.sop_id, mode=mode, num_beams=num_beams,
-                       vocab_size=tok.vocab_size)
+                       vocab_size=tok.vocab_size,
+                       utf8=Utf8Constraint.for_tokenizer(tok))
         seconds += time.perf_counter() - t0
         n_tokens += sum(len(o) for o in out)
         hyps += [tok.decode(o).strip() for o in out]
@@ -80,7 +82,8 @@ def measure_latency(model, tok, sources: list[str], max_new_tokens=64,
         out = generate(model, [prompt_ids(tok, s, max_source, fmt)],
                        max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids, pad_id=tok.pad_id,
                        sop_id=tok.sop_id, mode="greedy",
-                       vocab_size=tok.vocab_size)
+                       vocab_size=tok.vocab_size,
+                       utf8=Utf8Constraint.for_tokenizer(tok))
         times.append(time.perf_counter() - t0)
         tokens += max(len(out[0]), 1)    # the end token is generated too
     if not times:

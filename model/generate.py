@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import KVCache
+from model.utf8_constraint import Utf8Constraint
 
 MODES = ("greedy", "sample", "beam")
 
@@ -238,11 +239,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_i
              sop_id: int, mode: str = "greedy", temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
              seed: int | None = None, mask_id: int | Iterable[int] | None = None,
-             vocab_size: int | None = None) -> list[list[int]]:
+             vocab_size: int | None = None,
+             utf8: Utf8Constraint | None = None) -> list[list[int]]:
     """Continue each GLM prompt; returns the generated ids per prompt, without the prompt
     and without the eos. eos_id: one id or several (ChatGLM3 stops at </s>, <|user|> and
-    <|observation|>). The prompt layout follows model.config.position_layout (module
-    docstring). Needs a whole model (embedding and head on this stage)."""
+    <|observation|>). utf8 (Utf8Constraint.for_tokenizer(tok)): byte-fallback pieces only
+    ever form whole UTF-8 characters, so the decoded text has no U+FFFD. The prompt layout
+    follows model.config.position_layout (module docstring). Needs a whole model
+    (embedding and head on this stage)."""
     cfg = GenerationConfig(mode, max_new_tokens, temperature, top_k, top_p, num_beams,
                            length_penalty, seed, vocab_size)
     if not (model.pre_process and model.post_process
@@ -256,18 +260,23 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id, pad_i
     eos_id = frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     if cfg.max_new_tokens == 0:
         return [[] for _ in prompts]
+    if utf8 is not None:
+        utf8 = utf8.to(device)
     was_training = model.training
     model.eval()
     try:
         if cfg.mode == "beam":
-            return _beam_search(model, batch, cfg, eos_id, pad_id)
-        return _sample(model, batch, cfg, eos_id, pad_id)
+            out = _beam_search(model, batch, cfg, eos_id, pad_id, utf8)
+        else:
+            out = _sample(model, batch, cfg, eos_id, pad_id, utf8)
     finally:
         model.train(was_training)
+    # the budget can run out inside a character: drop its bytes rather than print U+FFFD
+    return out if utf8 is None else [utf8.trim(o) for o in out]
 
 
 def _sample(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
-            pad_id: int) -> list[list[int]]:
+            pad_id: int, utf8: Utf8Constraint | None = None) -> list[list[int]]:
     """Greedy and sampling: one token per row per step; finished rows are fed pads (their
     outputs are discarded) until every row has finished or the budget is spent."""
     device = batch.input_ids.device
@@ -279,13 +288,18 @@ def _sample(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
     logits = restrict_vocab(prefill(model, batch, cache), cfg.vocab_size)  # [b, V]
     out = [[] for _ in range(batch.rows)]
     done = torch.zeros(batch.rows, dtype=torch.bool, device=device)
+    state = None if utf8 is None else utf8.initial(batch.rows)
     for step in range(cfg.max_new_tokens):
+        if utf8 is not None:
+            logits = utf8.mask(logits, state)
         if cfg.mode == "greedy":
             tok = logits.argmax(-1)
         else:
             probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         tok = tok.masked_fill(done, pad_id)
+        if utf8 is not None:
+            state = utf8.advance(state, tok)
         for r, t in enumerate(tok.tolist()):
             if not done[r] and t not in eos_id:
                 out[r].append(t)
@@ -297,7 +311,7 @@ def _sample(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
 
 
 def _beam_search(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
-                 pad_id: int) -> list[list[int]]:
+                 pad_id: int, utf8: Utf8Constraint | None = None) -> list[list[int]]:
     """Batched beam search over B * K cache rows (row = prompt * K + beam).
 
     Each step ranks the K * V continuations of a prompt's beams by summed log-prob; eos
@@ -320,6 +334,7 @@ def _beam_search(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
     history: list[list[int]] = [[] for _ in range(B * K)]  # generated ids per cache row
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
+    state = None if utf8 is None else utf8.initial(B * K)
 
     def bound(raw: float, step: int) -> float:
         # best normalized score a live beam with summed log-prob raw (<= 0) can still
@@ -330,6 +345,9 @@ def _beam_search(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
 
     for step in range(T):
         logp = F.log_softmax(logits.float(), dim=-1)  # [B*K, V]
+        if utf8 is not None:
+            # masked after the softmax: allowed continuations keep the model's scores
+            logp = utf8.mask(logp, state)
         V = logp.shape[-1]
         cand = (scores.view(B * K, 1) + logp).view(B, K * V)
         top_scores, top_idx = cand.topk(min(2 * K, K * V), dim=1)  # [B, 2K]
@@ -361,12 +379,14 @@ def _beam_search(model, batch: PromptBatch, cfg: GenerationConfig, eos_id: int,
         rows = [bi * K + k for bi in range(B) for k in next_beam[bi]]
         history = [history[r] + [t] for r, t in zip(rows, sum(next_tok, []))]
         scores = torch.tensor(next_scores, device=device)
+        rows_t = torch.tensor(rows, device=device)
+        tok_t = torch.tensor(sum(next_tok, []), device=device)
+        if utf8 is not None:
+            state = utf8.advance(state.index_select(0, rows_t), tok_t)
         if all(done) or step == T - 1:
             break
-        cache.reorder(torch.tensor(rows, device=device))
-        logits = restrict_vocab(
-            decode_step(model, torch.tensor(sum(next_tok, []), device=device), batch, cache),
-            cfg.vocab_size)
+        cache.reorder(rows_t)
+        logits = restrict_vocab(decode_step(model, tok_t, batch, cache), cfg.vocab_size)
 
     results = []
     for bi in range(B):

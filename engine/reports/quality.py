@@ -10,6 +10,7 @@ from engine.compress.export import load_glm
 from engine.data.corpus import read_tsv
 from engine.evaluate import evaluate, translation_format
 from model.generate import generate
+from model.utf8_constraint import Utf8Constraint
 from model.tokenizer import load_tokenizer
 
 
@@ -24,7 +25,8 @@ def zh_en_bleu(model, tok, pairs, max_new_tokens: int, batch_size: int = 32,
         # vocab_size: never emit the padded rows past the tokenizer's pieces (no text)
         out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids,
                        pad_id=tok.pad_id, sop_id=tok.sop_id, mode="greedy",
-                       vocab_size=tok.vocab_size)
+                       vocab_size=tok.vocab_size,
+                       utf8=Utf8Constraint.for_tokenizer(tok))  # no U+FFFD
         hyps += [tok.decode(o).strip() for o in out]
     return BLEU(tokenize="13a").corpus_score(hyps, [[en for en, _ in pairs]]).score
 
