@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from model.tokenizer import SpecialIds
+from model.tokenizer import SpecialIdAccess, SpecialIds
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -32,7 +32,7 @@ def is_tiktoken(data: bytes) -> bool:
                               for line in head if line)
 
 
-class ChatGLMTokenizer:
+class ChatGLMTokenizer(SpecialIdAccess):
     """Same interface as model.tokenizer.Tokenizer (encode/decode/ids/special_ids/sha256)."""
 
     kind = "chatglm"
@@ -101,34 +101,6 @@ class ChatGLMTokenizer:
         if i >= self.n_words:
             return SPECIAL_TOKENS[i - self.n_words]
         return self.sp.id_to_piece(i)
-
-    @property
-    def pad_id(self) -> int:
-        return self.special_ids.pad
-
-    @property
-    def unk_id(self) -> int:
-        return self.special_ids.unk
-
-    @property
-    def mask_id(self) -> int:
-        return self.special_ids.mask
-
-    @property
-    def gmask_id(self) -> int:
-        return self.special_ids.gmask
-
-    @property
-    def smask_id(self) -> int:
-        return self.special_ids.smask
-
-    @property
-    def sop_id(self) -> int:
-        return self.special_ids.sop
-
-    @property
-    def eop_id(self) -> int:
-        return self.special_ids.eop
 
     def __repr__(self):
         return f"ChatGLMTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

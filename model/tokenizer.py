@@ -51,7 +51,39 @@ class SpecialIds:
                 self.en, self.zh}
 
 
-class Tokenizer:
+class SpecialIdAccess:
+    """`tok.sop_id` and friends, read off `self.special_ids` (both tokenizers)."""
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids.pad
+
+    @property
+    def unk_id(self) -> int:
+        return self.special_ids.unk
+
+    @property
+    def mask_id(self) -> int:
+        return self.special_ids.mask
+
+    @property
+    def gmask_id(self) -> int:
+        return self.special_ids.gmask
+
+    @property
+    def smask_id(self) -> int:
+        return self.special_ids.smask
+
+    @property
+    def sop_id(self) -> int:
+        return self.special_ids.sop
+
+    @property
+    def eop_id(self) -> int:
+        return self.special_ids.eop
+
+
+class Tokenizer(SpecialIdAccess):
     kind = "glm"
 
     def __init__(self, path: str | os.PathLike):
@@ -145,34 +177,6 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
-
-    @property
-    def pad_id(self) -> int:
-        return self.special_ids.pad
-
-    @property
-    def unk_id(self) -> int:
-        return self.special_ids.unk
-
-    @property
-    def mask_id(self) -> int:
-        return self.special_ids.mask
-
-    @property
-    def gmask_id(self) -> int:
-        return self.special_ids.gmask
-
-    @property
-    def smask_id(self) -> int:
-        return self.special_ids.smask
-
-    @property
-    def sop_id(self) -> int:
-        return self.special_ids.sop
-
-    @property
-    def eop_id(self) -> int:
-        return self.special_ids.eop
 
     @property
     def en_id(self) -> int:
