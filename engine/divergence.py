@@ -66,13 +66,12 @@ class DivergenceGuard:
                     "the run diverged (lower train.lr?); the skipped steps were not saved")
             return
         self.skipped_in_a_row = 0
-        if self.spike_factor > 0 and len(self.recent) >= self.MIN_HISTORY:
-            mean = sum(self.recent) / len(self.recent)
-            if loss > self.spike_factor * mean:
-                raise DivergenceError(
-                    f"loss {loss:.4f} at step {step} is over train.loss_spike_factor="
-                    f"{self.spike_factor:g} x its running mean {mean:.4f}: the run diverged; "
-                    "this state was not saved")
+        mean = self._spike_over(loss)
+        if mean is not None:
+            raise DivergenceError(
+                f"loss {loss:.4f} at step {step} is over train.loss_spike_factor="
+                f"{self.spike_factor:g} x its running mean {mean:.4f}: the run diverged; "
+                "this state was not saved")
         self.recent.append(loss)
 
     def check_state(self, step: int, loss: float):
@@ -81,13 +80,21 @@ class DivergenceGuard:
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"checkpoint at step {step} not saved: the weights give "
                                      f"loss {loss}; the run diverged (lower train.lr?)")
+        mean = self._spike_over(loss)
+        if mean is not None:
+            raise DivergenceError(
+                f"checkpoint at step {step} not saved: the weights give loss {loss:.4g}, "
+                f"over train.loss_spike_factor={self.spike_factor:g} x the running mean "
+                f"{mean:.4f}; the run diverged (lower train.lr?)")
+
+    def _spike_over(self, loss: float) -> float | None:
+        """The running mean `loss` exceeds by more than spike_factor, else None (also
+        while the check is off or the history is too short to judge)."""
         if self.spike_factor > 0 and len(self.recent) >= self.MIN_HISTORY:
             mean = sum(self.recent) / len(self.recent)
             if loss > self.spike_factor * mean:
-                raise DivergenceError(
-                    f"checkpoint at step {step} not saved: the weights give loss {loss:.4g}, "
-                    f"over train.loss_spike_factor={self.spike_factor:g} x the running mean "
-                    f"{mean:.4f}; the run diverged (lower train.lr?)")
+                return mean
+        return None
 
     def state_dict(self) -> dict:
         return {"recent": list(self.recent), "backoffs": self.backoffs}
