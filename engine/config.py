@@ -39,7 +39,7 @@ class TrainConfig:
     init_from: str = ""               # checkpoint dir whose model weights start this run
     threads: int = 0                  # torch intra-op threads; 0 leaves torch's default
     recompute: bool = False           # full activation recompute: layers keep only their
-    #                                   input, rerun forward in backward (engine/recompute.py)
+    #                                   input, rerun forward in backward (engine/train/recompute.py)
     keep_checkpoints: int = 2         # complete checkpoints kept in out_dir/checkpoints/
     max_skipped_steps: int = 5        # more inf/nan-gradient skips in a row stop the run
     loss_spike_factor: float = 10.0   # stop when loss > factor x its running mean; 0: off
@@ -71,7 +71,7 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r} must be auto, fp32, bf16 "
                              "or fp16")
         if self.profile_steps:
-            from engine.profiling import parse_steps
+            from engine.train.profiling import parse_steps
             parse_steps(self.profile_steps)   # raises naming train.profile_steps
 
 
@@ -99,7 +99,7 @@ class ParallelConfig:
     dp: int = 0                       # 0: whatever the world size leaves after tp * pp
     vpp: int = 1
     sequence_parallel: bool = False   # with tp > 1: norms / residual sharded along seq
-    schedule: str = "1f1b"            # engine.schedule_names.SCHEDULES
+    schedule: str = "1f1b"            # engine.pipeline.names.SCHEDULES
     zero_stage: int = 0
     timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then
     # auto (`--parallel auto`): engine.planner chooses tp, pp, dp, vpp, schedule, zero_stage,
@@ -118,7 +118,7 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.dp < 0:
             raise ValueError(f"parallel.dp={self.dp} must be >= 0 (0 = infer)")
-        from engine.schedule_names import SCHEDULES
+        from engine.pipeline.names import SCHEDULES
         if self.schedule not in SCHEDULES:
             raise ValueError(f"parallel.schedule={self.schedule!r} must be one of "
                              f"{', '.join(SCHEDULES)}")

@@ -36,7 +36,7 @@ def _comm_error(err: BaseException) -> bool:
     """A bare collective failure (a gloo / NCCL RuntimeError outside the wrapped waits)."""
     if "torch.distributed" not in sys.modules:
         return False
-    from engine.monitor import is_comm_error
+    from engine.parallel.monitor import is_comm_error
     return is_comm_error(err)
 
 
@@ -93,8 +93,8 @@ def one_line(err: BaseException) -> str:
 def _first_failure() -> str:
     """The job's first failure from the rendezvous store (engine/p2p.FailureBoard)."""
     try:
-        from engine.monitor import known_failure
-        from engine.p2p import FailureBoard
+        from engine.parallel.monitor import known_failure
+        from engine.pipeline.p2p import FailureBoard
         first = FailureBoard().report("") or known_failure()
     except Exception:  # noqa: BLE001 - best effort: the store may be gone
         return ""
@@ -118,13 +118,13 @@ def fail(err: BaseException):
 def run_main(main, argv: list[str] | None = None, graceful_stop: bool = False):
     """Run a runner's main(argv) behind the error boundary; exit with its return code.
     graceful_stop: training runners, where SIGTERM / SIGINT stop after the current step
-    and save (engine/stop.py)."""
+    and save (engine/train/stop.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
         os.environ["GLM_DEBUG"] = "1"
     if graceful_stop:   # for the whole process: a signal during the exit is the same
-        from engine.stop import GracefulStop
+        from engine.train.stop import GracefulStop
         GracefulStop().__enter__()
     try:
         if inspect.signature(main).parameters:

@@ -76,9 +76,9 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from engine.compress.export import load_glm
-    from engine.data.corpus import read_tsv
-    from engine.evaluate import prompt_ids, translation_format
+    from engine.recipe.compress.export import load_glm
+    from engine.recipe.data.corpus import read_tsv
+    from engine.recipe.evaluate import prompt_ids, translation_format
     from model.tokenizer import load_tokenizer
     from pathlib import Path
 

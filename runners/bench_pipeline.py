@@ -21,7 +21,7 @@ Prints, from rank 0:
     textbook (p-1)/(m+p-1);
   * stage 0's peak activation memory, 1F1B against GPipe: live bytes of tensors saved
     for backward (distinct storages, parameters excluded; saved-tensor hooks, see
-    engine.schedules.SavedActivationMeter) plus the stage outputs the schedule holds.
+    engine.pipeline.schedules.SavedActivationMeter) plus the stage outputs the schedule holds.
     Target: 1F1B <= (p/m) * GPipe + 10%.
 Variants run interleaved (A B C D, A B C D, ...) after one untimed warmup round, so
 drift on a shared machine hits them alike.
@@ -43,11 +43,11 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine.p2p import P2P  # noqa: E402
-from engine.parallel import ParallelDims, init_distributed  # noqa: E402
-from engine.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
+from engine.pipeline.p2p import P2P  # noqa: E402
+from engine.parallel.state import ParallelDims, init_distributed  # noqa: E402
+from engine.pipeline.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
                               forward_backward)
-from engine.timing import Clock  # noqa: E402
+from engine.train.timing import Clock  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
 from engine.errors import run_main  # noqa: E402
 

@@ -4,7 +4,7 @@ matmul peak rather than a datasheet number).
 
     python runners/bench_train.py --preset small --seq-len 128 --batch 16 --steps 5
     python runners/bench_train.py --device cuda --dtype bf16 --preset base
-Times are device-true (engine.timing: CUDA events on CUDA).
+Times are device-true (engine.train.timing: CUDA events on CUDA).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from engine.flops import train_flops_per_token  # noqa: E402
-from engine.timing import Clock, peak_flops, time_fn  # noqa: E402
+from engine.train.flops import train_flops_per_token  # noqa: E402
+from engine.train.timing import Clock, peak_flops, time_fn  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
 from engine.errors import run_main  # noqa: E402
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine import checkpoint as ckpt_lib  # noqa: E402
+from engine.train import checkpoint as ckpt_lib  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
 from model.convert import export_chatglm, load_chatglm  # noqa: E402

@@ -10,7 +10,7 @@ same Trainer as pretraining, on the pretraining data (both languages) by default
         --train.out_dir runs/student/scratch
 
 The config file has the run sections of runners/pretrain.py (train, data, parallel) plus
-"distill" (engine/compress/distill.py: DistillConfig); any --section.field VALUE
+"distill" (engine/recipe/compress/distill.py: DistillConfig); any --section.field VALUE
 overrides it. There is no "model" section: the student's shape is its checkpoint's.
 Loss terms (ce, kl, hidden) are logged per label token of the whole job next to the
 total, and written to metrics.jsonl. Any tp x pp x dp layout the engine supports runs
@@ -81,15 +81,15 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from engine import checkpoint as ckpt_lib
-    from engine.compress.distill import DistillConfig
-    from engine.compress.distill_run import distill_trainer, teacher_weights
+    from engine.train import checkpoint as ckpt_lib
+    from engine.recipe.compress.distill import DistillConfig
+    from engine.recipe.compress.distill_run import distill_trainer, teacher_weights
     from engine.config import build_run_config, load_file, parse_overrides
     from engine.config_check import check_fields
-    from engine.data.loaders import make_datasets
-    from engine.evaluate import dev_loss
-    from engine.divergence import DivergenceError
-    from engine.launch import open_out_dir, parallel_state, stopped_line
+    from engine.recipe.data.loaders import make_datasets
+    from engine.recipe.evaluate import dev_loss
+    from engine.train.divergence import DivergenceError
+    from engine.train.launch import open_out_dir, parallel_state, stopped_line
     from model import GLM, GLMConfig
 
     state = run_dir = None

@@ -46,12 +46,12 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from engine import checkpoint as ckpt_lib
-    from engine.data.corpus import read_tsv
-    from engine.data.datasets import TranslationDataset
-    from engine.evaluate import evaluate, markdown_table
+    from engine.train import checkpoint as ckpt_lib
+    from engine.recipe.data.corpus import read_tsv
+    from engine.recipe.data.datasets import TranslationDataset
+    from engine.recipe.evaluate import evaluate, markdown_table
     from model import GLM, GLMConfig
-    from engine.data.prompts import TranslationFormat
+    from engine.recipe.data.prompts import TranslationFormat
     from model.tokenizer import load_tokenizer
 
     if args.threads:
@@ -67,7 +67,7 @@ def main(argv=None):
         cfg = GLMConfig.from_dict(ckpt.meta["config"]["model"])
         model = GLM.build(cfg)
         ckpt_lib.load_model_weights(model, ckpt)
-        # native GLM layout, or an imported ChatGLM's causal chat prompt (engine/data/prompts)
+        # native GLM layout, or an imported ChatGLM's causal chat prompt (engine/recipe/data/prompts)
         fmt = TranslationFormat(tok, cfg)
         seq = 96 + max(0, fmt.overhead() - 4)   # the native layout's 96 tokens, same room
         dev = None

@@ -15,7 +15,7 @@ distillation of the student on D_d (Eq. 13).
 D_s / D_d default to the prepared translation pairs read English-input (en-zh) and
 Chinese-input (zh-en); --source-tsv / --target-tsv replace them with any TSV task files.
 The config holds the run sections of runners/pretrain.py plus "finetune"
-(engine/finetune.py: FinetuneConfig); --section.field VALUE overrides it. Writes
+(engine/recipe/finetune.py: FinetuneConfig); --section.field VALUE overrides it. Writes
 <out_dir>/checkpoint and <out_dir>/finetune.json (alpha, sampling p, losses, seconds).
 """
 from __future__ import annotations
@@ -57,12 +57,12 @@ def main(argv=None):
 
     import torch.distributed as dist
 
-    from engine import checkpoint as ckpt_lib
+    from engine.train import checkpoint as ckpt_lib
     from engine.config import build_run_config, load_file, parse_overrides, pop_section
     from engine.config_check import check_fields
-    from engine.finetune import FinetuneConfig, build_tasks, teacher_objective
-    from engine.divergence import DivergenceError
-    from engine.launch import model_parallel_group, open_out_dir, parallel_state, stopped_line
+    from engine.recipe.finetune import FinetuneConfig, build_tasks, teacher_objective
+    from engine.train.divergence import DivergenceError
+    from engine.train.launch import model_parallel_group, open_out_dir, parallel_state, stopped_line
     from model import GLMConfig
     from model.config import with_layout_of
 
@@ -98,7 +98,7 @@ def main(argv=None):
         record = {"stage": args.stage, "finetune": fcfg.to_dict(), "n_s": len(d_s),
                   "n_d": len(d_d)}
         if args.stage == "teacher":
-            from engine.trainer import Trainer
+            from engine.train.trainer import Trainer
             train, loss, alpha, p = teacher_objective(fcfg, d_s, d_d, tc.seed)
             record.update(alpha=alpha, p=p, w_source=loss.w_source, w_target=loss.w_target)
             log(f"teacher fine-tuning: strategy {fcfg.strategy} | n_s {len(d_s):,} n_d "
@@ -109,7 +109,7 @@ def main(argv=None):
                               mp_group=model_parallel_group(state),
                               extra_meta={"finetune": record}, extra_files=tokenizer)
         else:
-            from engine.compress.distill_run import distill_trainer
+            from engine.recipe.compress.distill_run import distill_trainer
             dcfg = fcfg.distill_config()
             record.update(lam=fcfg.lam, distill=dcfg.to_dict(), teacher=args.teacher,
                           student=args.student)

@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.prepare import PrepareConfig, prepare  # noqa: E402
+from engine.recipe.data.prepare import PrepareConfig, prepare  # noqa: E402
 from engine.errors import fail, run_main  # noqa: E402
 
 

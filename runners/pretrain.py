@@ -47,8 +47,8 @@ def main(argv=None):
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return
-    from engine.divergence import DivergenceError
-    from engine.launch import run_training
+    from engine.train.divergence import DivergenceError
+    from engine.train.launch import run_training
     try:
         run_training(cfg, resume=args.resume, force=args.force)
     except (ValueError, DivergenceError) as e:  # bad input, divergence: one line

@@ -9,7 +9,7 @@ default; --calib-task translation for a teacher fine-tuned on translation).
     python runners/prune.py ... --layers 4 --keep 0.5          # depth fixed, widths searched
 
 --keep is a fraction of the teacher's non-embedding parameters. Without --paper-rule the
-widths come from a greedy, loss-guided search (engine/compress/search.py), width only
+widths come from a greedy, loss-guided search (engine/recipe/compress/search.py), width only
 unless --search-axes includes "layers"; explicit sizes fix their axes. The student
 checkpoint loads like any other (runners/distill.py, runners/evaluate.py). Single
 process: the teacher loads by tensor name from a checkpoint of any parallel layout.
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     shape.add_argument("--search-batches", type=int, default=2,
                        help="calibration batches scoring each search candidate")
     shape.add_argument("--rotary", choices=["exact", "free"], default="exact",
-                       help="head-dim rule for rotary pairs (engine/compress/prune.py)")
+                       help="head-dim rule for rotary pairs (engine/recipe/compress/prune.py)")
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args(argv)
 
@@ -92,12 +92,12 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from engine.compress.export import load_glm, save_student
-    from engine.compress.importance import compute_importance
-    from engine.compress.prune import PruneTarget, prune_state_dict, select
-    from engine.compress.search import (calibration_loss, non_embedding_params, paper_target,
+    from engine.recipe.compress.export import load_glm, save_student
+    from engine.recipe.compress.importance import compute_importance
+    from engine.recipe.compress.prune import PruneTarget, prune_state_dict, select
+    from engine.recipe.compress.search import (calibration_loss, non_embedding_params, paper_target,
                                         search_target)
-    from engine.data.loaders import make_datasets
+    from engine.recipe.data.loaders import make_datasets
 
     if args.threads:
         torch.set_num_threads(args.threads)

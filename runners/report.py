@@ -48,10 +48,10 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from engine.reports.budget import ReportConfig
-    from engine.reports.recipe import Recipe
-    from engine.reports.stages import StageError
-    from engine.reports.write import write_reports
+    from engine.recipe.reports.budget import ReportConfig
+    from engine.recipe.reports.recipe import Recipe
+    from engine.recipe.reports.stages import StageError
+    from engine.recipe.reports.write import write_reports
 
     try:
         kw = dict(out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir,

@@ -87,10 +87,10 @@ def _group_of_first(n: int, world: int, timeout):
 
 
 def _sub_state(dims, rank: int, timeout):
-    """engine.parallel's ParallelState for a layout on ranks 0 .. dims.world_size - 1 of a
+    """engine.parallel.state's ParallelState for a layout on ranks 0 .. dims.world_size - 1 of a
     larger job (init_distributed wants the whole job), None on the other ranks and for
     a single process. Collective: every rank creates every group, in the same order."""
-    from engine.parallel import ParallelState, rank_groups, rank_to_coords
+    from engine.parallel.state import ParallelState, rank_groups, rank_to_coords
     if dims.world_size == 1:
         return None
     mine = {}
@@ -109,8 +109,8 @@ def _sub_state(dims, rank: int, timeout):
 
 
 def _model_parallel_group(dims, rank: int, timeout):
-    """engine.launch.model_parallel_group for a layout on the first ranks (collective)."""
-    from engine.parallel import rank_to_coords
+    """engine.train.launch.model_parallel_group for a layout on the first ranks (collective)."""
+    from engine.parallel.state import rank_to_coords
     if dims.tp * dims.pp == 1:
         return None
     mine = None
@@ -149,10 +149,10 @@ def validate_worker(rank: int, world: int, model: dict, layouts: list, seq_len: 
          barrier before each step; times max-reduced over the job; round 0 warms up.
     Returns this rank's memory per layout, and on rank 0 the times [round][layout] and
     the profiles [round][size]."""
-    from engine.parallel import ParallelDims
+    from engine.parallel.state import ParallelDims
     from engine.planner import calibrate
     from engine.planner.measure import schedule_meter_peak, trainer_memory, trainer_step
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
     timeout = timedelta(seconds=300)
     sizes = sorted({lay.tp * lay.pp * lay.dp for _, lay in layouts})
     groups = {n: _group_of_first(n, world, timeout) for n in sizes}

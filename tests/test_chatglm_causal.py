@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from chatglm_ref import ChatGLMReference, make_chatglm_dir, train_chatglm_sp
-from engine import checkpoint as ckpt_lib
+from engine.train import checkpoint as ckpt_lib
 from engine.config import build_run_config
-from engine.data.datasets import TranslationDataset
-from engine.data.prompts import TranslationFormat
-from engine.trainer import Trainer
+from engine.recipe.data.datasets import TranslationDataset
+from engine.recipe.data.prompts import TranslationFormat
+from engine.train.trainer import Trainer
 from model import GLMConfig
 from model.chatglm_tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer
 from model.convert import config_from_chatglm, load_chatglm, rope_scaling_from_code
@@ -265,8 +265,8 @@ def test_pruning_keeps_layout_and_rope(scaling):
     base), and is refused for position interpolation, which one rope_ratio cannot carry."""
     from test_prune import build, make_batch, prune_model, zero_qk_pair, zero_v_channel
 
-    from engine.compress.importance import magnitude_importance
-    from engine.compress.prune import PruneTarget, select
+    from engine.recipe.compress.importance import magnitude_importance
+    from engine.recipe.compress.prune import PruneTarget, select
     model = build(position_layout="causal1d", chat_format="chatglm3", rope_scaling=scaling,
                   rope_ratio=4.0)
     c = model.config

@@ -26,7 +26,7 @@ def test_print_config_prints_json_and_does_not_train(tmp_path):
 
 
 def test_score_has_no_detokenize_warning_and_same_bleu(caplog):
-    from engine.evaluate import score
+    from engine.recipe.evaluate import score
     refs = ["我喜欢狗."] * 120
     spaced = score(["我 喜欢 猫 ."] * 120, refs)
     with caplog.at_level("WARNING", logger="sacrebleu"):
@@ -37,7 +37,7 @@ def test_score_has_no_detokenize_warning_and_same_bleu(caplog):
 
 
 def test_chatglm_directory_is_recognised_and_the_converter_suggested(tmp_path):
-    from engine.checkpoint import Checkpoint, CheckpointError
+    from engine.train.checkpoint import Checkpoint, CheckpointError
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="ChatGLM-format") as e:
@@ -51,8 +51,8 @@ def test_chatglm_directory_is_recognised_and_the_converter_suggested(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_checkpoint_and_data_files_respect_the_umask(tmp_path, umask):
     import torch
-    from engine.checkpoint import save_checkpoint
-    from engine.data.io import write_json
+    from engine.train.checkpoint import save_checkpoint
+    from engine.recipe.data.io import write_json
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"x")
     os.chmod(tok, 0o600)                      # a source the user keeps private

@@ -66,10 +66,10 @@ def test_every_shipped_config_still_loads():
         own = {k: raw.pop(k) for k in ("distill", "finetune") if k in raw}
         build_run_config(raw)
         if "distill" in own:
-            from engine.compress.distill import DistillConfig
+            from engine.recipe.compress.distill import DistillConfig
             DistillConfig(**check_fields(DistillConfig, own["distill"], "distill"))
         if "finetune" in own:
-            from engine.finetune import FinetuneConfig
+            from engine.recipe.finetune import FinetuneConfig
             FinetuneConfig(**check_fields(FinetuneConfig, own["finetune"], "finetune"))
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import catalogs
-from engine.data.catalogs import Pair, clean_pair, extract_pairs, find_catalogs, parse_mo
-from engine.data.corpus import SplitConfig, load_corpus, read_tsv, split_pairs, write_tsv
-from engine.data.datasets import PretrainDataset, TranslationDataset, span_capacity
-from engine.data.documents import pretrain_documents
-from engine.data.prepare import PrepareConfig, prepare
-from engine.data.shards import Shard, shard_paths, write_shard
+from engine.recipe.data import catalogs
+from engine.recipe.data.catalogs import Pair, clean_pair, extract_pairs, find_catalogs, parse_mo
+from engine.recipe.data.corpus import SplitConfig, load_corpus, read_tsv, split_pairs, write_tsv
+from engine.recipe.data.datasets import PretrainDataset, TranslationDataset, span_capacity
+from engine.recipe.data.documents import pretrain_documents
+from engine.recipe.data.prepare import PrepareConfig, prepare
+from engine.recipe.data.shards import Shard, shard_paths, write_shard
 from model.masks import IGNORE
 from model.tokenizer import SpecialIds, Tokenizer
 

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from engine.compress.distill import DistillConfig, DistillLoss, distill_loss, make_projection
-from engine.compress.importance import random_importance
-from engine.compress.prune import PruneTarget, prune_model, select
+from engine.recipe.compress.distill import DistillConfig, DistillLoss, distill_loss, make_projection
+from engine.recipe.compress.importance import random_importance
+from engine.recipe.compress.prune import PruneTarget, prune_model, select
 from engine.config import build_run_config
-from engine.trainer import Trainer, count_tokens, lm_loss
+from engine.train.trainer import Trainer, count_tokens, lm_loss
 from test_prune import build, make_batch, zero_hidden
 from test_trainer_parity import MixedBatches, manual_steps
 
@@ -172,7 +172,7 @@ def test_teacher_never_changes_while_the_student_learns(tmp_path):
     stats = loss_fn.pop_stats()
     assert set(stats) == {"ce", "kl", "hidden"} and all(v >= 0 for v in stats.values())
     # the projection is saved beside the model as aux.proj.*
-    from engine import checkpoint as ckpt_lib
+    from engine.train import checkpoint as ckpt_lib
     names = ckpt_lib.Checkpoint(trainer.save()).names("model")
     assert "aux.proj.weight" in names and "embedding.weight" in names
 
@@ -181,7 +181,7 @@ def test_a_teacher_that_cannot_be_split_gets_a_clear_error(tmp_path):
     """Config-only checks, so every rank fails alike before any collective."""
     from types import SimpleNamespace
 
-    from engine.compress.distill_run import check_teacher, distill_trainer
+    from engine.recipe.compress.distill_run import check_teacher, distill_trainer
     from model import GLMConfig
 
     def state(tp=1, pp=1, vpp=1):
@@ -240,7 +240,7 @@ def _tp_loss(x, proj, tp=None):
 def _tp_loss_worker(rank, world):
     import torch.distributed as dist
 
-    from engine.compress.distill import TPShards
+    from engine.recipe.compress.distill import TPShards
     from engine.tensor_parallel.mappings import all_reduce_grad_hook
     out = {}
     for sp in (False, True):
@@ -283,7 +283,7 @@ def _kd_setup(tmp_dir, tp=1, pp=1, dp=1, sp=False, layout="same"):
     """Teacher: tiny (4 layers, hidden 64, seed 0); student: its pruned copy (2 layers,
     hidden 48, so the projection is trained). Both are checkpoints (the first caller
     writes them); the Trainer loads the student's stages by name (init_from)."""
-    from engine import checkpoint as ckpt_lib
+    from engine.train import checkpoint as ckpt_lib
     teacher = build()
     c = teacher.config
     sel = select(random_importance(c, seed=0), c,
@@ -318,7 +318,7 @@ def _kd_steps(tr, gather):
 def _teacher_unchanged(loss_fn, t_path) -> bool:
     """This rank's teacher parameters (gathered to full shape when TP-sharded) equal the
     checkpoint's, are frozen and in eval mode."""
-    from engine import checkpoint as ckpt_lib
+    from engine.train import checkpoint as ckpt_lib
     from engine.tensor_parallel import gather_full_tensors
     t = loss_fn.teacher
     if t is None:
@@ -339,8 +339,8 @@ def _teacher_unchanged(loss_fn, t_path) -> bool:
 
 
 def _kd_worker(rank, world, tmp_dir, layout):
-    from engine.compress.distill_run import distill_trainer
-    from engine.parallel import ParallelDims, init_distributed
+    from engine.recipe.compress.distill_run import distill_trainer
+    from engine.parallel.state import ParallelDims, init_distributed
     from engine.tensor_parallel import gather_full_tensors
     teacher, t_path, dcfg, run, kept = _kd_setup(tmp_dir, **layout)
     pc = run.parallel
@@ -364,7 +364,7 @@ def _kd_worker(rank, world, tmp_dir, layout):
 
 @pytest.fixture(scope="module")
 def kd_reference(tmp_path_factory):
-    from engine.compress.distill_run import distill_trainer
+    from engine.recipe.compress.distill_run import distill_trainer
     tmp = str(tmp_path_factory.mktemp("kd"))
     teacher, t_path, dcfg, run, kept = _kd_setup(tmp)
     tr, loss_fn = distill_trainer(run, dcfg, MixedBatches(), teacher=teacher, kept_hidden=kept,
@@ -432,7 +432,7 @@ def test_student_recompute_matches_single_process(kd_reference):
     the frozen teacher's, which runs without grad; the run is the same, exactly."""
     import dataclasses
 
-    from engine.compress.distill_run import distill_trainer
+    from engine.recipe.compress.distill_run import distill_trainer
     tmp, ref, ref_dev = kd_reference
     teacher, t_path, dcfg, run, kept = _kd_setup(tmp)
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, recompute=True))

@@ -1,8 +1,8 @@
-"""engine/evaluate.py: the teacher-forced losses behind the dev and held-out columns."""
+"""engine/recipe/evaluate.py: the teacher-forced losses behind the dev and held-out columns."""
 import torch
 
-from engine.data.datasets import TranslationDataset
-from engine.evaluate import full_loss
+from engine.recipe.data.datasets import TranslationDataset
+from engine.recipe.evaluate import full_loss
 from model import GLM, GLMConfig
 from model.masks import collate
 from model.tokenizer import SpecialIds

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from engine import checkpoint as ckpt_lib
-from engine import faults, run_dir
-from engine.data.shards import write_shard
-from engine.divergence import DivergenceError, DivergenceGuard, NonFiniteLossError
+from engine.train import checkpoint as ckpt_lib
+from engine.train import faults, run_dir
+from engine.recipe.data.shards import write_shard
+from engine.train.divergence import DivergenceError, DivergenceGuard, NonFiniteLossError
 from model.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,7 +282,7 @@ def test_nonfinite_loss_stops_the_trainer_without_saving(tmp_path):
     import torch
 
     from engine.config import build_run_config
-    from engine.trainer import Trainer, lm_loss
+    from engine.train.trainer import Trainer, lm_loss
     from test_trainer import RandomTokens
     cfg = build_run_config({"train": {"steps": 4, "micro_batch_size": 2, "seq_len": 16,
                                       "save_every": 1, "out_dir": str(tmp_path / "r")}})

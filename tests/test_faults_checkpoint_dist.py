@@ -9,12 +9,12 @@ from dist import run_workers
 
 
 def _worker(rank, world, out_dir):
-    from engine import checkpoint as ckpt_lib
+    from engine.train import checkpoint as ckpt_lib
     from engine.config import build_run_config
-    from engine.launch import model_parallel_group
-    from engine.parallel import ParallelDims, init_distributed
-    from engine.run_dir import open_run_dir
-    from engine.trainer import Trainer
+    from engine.train.launch import model_parallel_group
+    from engine.parallel.state import ParallelDims, init_distributed
+    from engine.train.run_dir import open_run_dir
+    from engine.train.trainer import Trainer
     from test_faults_checkpoint import snapshot
     from test_trainer import RandomTokens
 

@@ -36,7 +36,7 @@ def _env():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from engine.data.prepare import PrepareConfig, prepare
+    from engine.recipe.data.prepare import PrepareConfig, prepare
     root = tmp_path_factory.mktemp("faults")
     _synthetic_catalogs(root / "locale")
     prepare(PrepareConfig(out=str(root / "data"), vocab_size=350, test_catalogs=("wget",),

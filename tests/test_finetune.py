@@ -1,4 +1,4 @@
-"""Hybrid fine-tuning and continued distillation (engine/finetune.py): Eq. 11-13."""
+"""Hybrid fine-tuning and continued distillation (engine/recipe/finetune.py): Eq. 11-13."""
 import json
 import math
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import RunConfig, TrainConfig
-from engine.data.datasets import TranslationDataset
-from engine.finetune import (FinetuneConfig, HybridLoss, MixedDataset, hybrid_loss,
+from engine.recipe.data.datasets import TranslationDataset
+from engine.recipe.finetune import (FinetuneConfig, HybridLoss, MixedDataset, hybrid_loss,
                              mixing_alpha)
-from engine.p2p import Side
+from engine.pipeline.p2p import Side
 from model import GLM, GLMConfig
 from model.tokenizer import SpecialIds
 
@@ -171,7 +171,7 @@ def _eq13_reference(s_logits, t_logits, labels, lam, T):
 
 @pytest.mark.parametrize("lam, T", [(0.65, 1.0), (0.3, 2.0)])
 def test_eq13_loss_and_gradient_against_reference(lam, T):
-    from engine.compress.distill import distill_loss
+    from engine.recipe.compress.distill import distill_loss
     g = torch.Generator().manual_seed(0)
     b, s, V = 2, 5, 11
     s_logits = torch.randn(b, s, V, generator=g, dtype=torch.float64, requires_grad=True)
@@ -199,7 +199,7 @@ def test_eq13_loss_and_gradient_against_reference(lam, T):
 
 
 def test_teacher_frozen_during_student_distillation(tmp_path):
-    from engine.compress.distill_run import distill_trainer
+    from engine.recipe.compress.distill_run import distill_trainer
     teacher = GLM.build(GLMConfig.preset("tiny"), seed=1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     _, d_d = _tasks(seq_len=16)

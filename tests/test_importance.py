@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from engine.compress.importance import (activation_importance, compute_importance,
+from engine.recipe.compress.importance import (activation_importance, compute_importance,
                                         magnitude_importance, random_importance,
                                         taylor_importance)
-from engine.compress.structure import split_qkv
+from engine.recipe.compress.structure import split_qkv
 from model import GLM
 from test_prune import (build, make_batch, zero_group, zero_hidden, zero_layer,
                         zero_neuron, zero_qk_pair, zero_v_channel)
@@ -131,14 +131,14 @@ def test_bad_requests_are_refused():
 
 
 def test_layer_drop_importance_is_the_greedy_removal_order():
-    from engine.compress.importance import layer_drop_importance
+    from engine.recipe.compress.importance import layer_drop_importance
     model = build().eval()
     zero_layer(model, 1)            # an identity block: skipping it changes nothing
     ref = model(BATCHES[0]["input_ids"]).detach()
     scores = layer_drop_importance(model, BATCHES)
 
     def loss_without(layers):       # the plain reference: rebuild the model without them
-        from engine.compress.prune import full_selection, prune_model
+        from engine.recipe.compress.prune import full_selection, prune_model
         sel = full_selection(model.config)
         sel.layers = [i for i in range(4) if i not in layers]
         m = prune_model(model, sel)

@@ -4,9 +4,9 @@ import torch
 
 from dist import run_workers
 from engine.config import build_run_config
-from engine.launch import model_parallel_group
-from engine.parallel import ParallelDims, init_distributed
-from engine.trainer import Trainer
+from engine.train.launch import model_parallel_group
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.train.trainer import Trainer
 from test_trainer import RandomTokens
 
 STEPS = 6

@@ -1,4 +1,4 @@
-"""The heartbeat monitor (engine/monitor.py), on CPU without a process group: monitors of
+"""The heartbeat monitor (engine/parallel/monitor.py), on CPU without a process group: monitors of
 several "ranks" share one in-memory store, and a rank "dies" by its thread stopping
 without the clean-exit mark (what kill -9 or SIGSTOP leaves behind)."""
 import threading
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
-from engine.monitor import Monitor, neighbours, step_guard
-from engine.p2p import FailureBoard, PeerError, wait_all
+from engine.parallel.monitor import Monitor, neighbours, step_guard
+from engine.pipeline.p2p import FailureBoard, PeerError, wait_all
 
 
 def _name(r):
@@ -152,7 +152,7 @@ def test_a_failing_step_publishes_its_own_failure_first(monkeypatch):
     me, other = mons
     for m in mons:
         m.start()
-    monkeypatch.setattr("engine.p2p.FailureBoard.__init__",
+    monkeypatch.setattr("engine.pipeline.p2p.FailureBoard.__init__",
                         lambda self, store_=None: setattr(self, "store", store))
     try:
         with pytest.raises(ValueError):
@@ -168,7 +168,7 @@ def test_a_failing_step_publishes_its_own_failure_first(monkeypatch):
 
 
 def test_each_rank_watches_its_ring_neighbours_in_every_group():
-    from engine.parallel import ParallelDims, rank_groups
+    from engine.parallel.state import ParallelDims, rank_groups
     dims = ParallelDims(tp=2, pp=2, dp=4)
     groups = {d: rank_groups(dims, d) for d in ("tp", "dp", "pp")}
     watchers = {r: set() for r in range(dims.world_size)}

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from engine.parallel import (Coords, ParallelDims, coords_to_rank, pipeline_peers, rank_groups,
+from engine.parallel.state import (Coords, ParallelDims, coords_to_rank, pipeline_peers, rank_groups,
                              rank_to_coords, stage_layers)
 
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from dist import run_workers
-from engine.p2p import P2P
-from engine.parallel import ParallelDims, init_distributed
-from engine.schedules import build_stage, forward_backward
+from engine.pipeline.p2p import P2P
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.pipeline.schedules import build_stage, forward_backward
 from model import GLM, GLMConfig
 from test_pipeline_parity import count_tokens, microbatches
 

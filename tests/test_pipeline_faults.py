@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dist import run_workers, spawn_workers
-from engine.p2p import P2P, PeerError, Side
-from engine.parallel import ParallelDims, init_distributed
-from engine.schedules import build_stage, forward_backward, glm_forward_step
+from engine.pipeline.p2p import P2P, PeerError, Side
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.pipeline.schedules import build_stage, forward_backward, glm_forward_step
 from model import GLMConfig
 from test_pipeline_parity import count_tokens, microbatches
 

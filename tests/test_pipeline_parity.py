@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from dist import run_workers
-from engine.p2p import P2P
-from engine.parallel import ParallelDims, init_distributed
-from engine.schedules import (SavedActivationMeter, ScheduleStats, _backward_freed, _free_output,
+from engine.pipeline.p2p import P2P
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.pipeline.schedules import (SavedActivationMeter, ScheduleStats, _backward_freed, _free_output,
                               build_stage, forward_backward)
 from model import GLM, GLMConfig
 from model.masks import (IGNORE, GLMExample, causal_example, collate, corrupt_spans,

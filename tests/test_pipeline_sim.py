@@ -1,9 +1,9 @@
 """The simulator over the full grid, on the very programs the executor runs."""
 import pytest
 
-from engine.pipeline_sim import (Op, ScheduleError, expected_bubble, grid, simulate,
+from engine.pipeline.sim import (Op, ScheduleError, expected_bubble, grid, simulate,
                                  simulate_schedule)
-from engine.schedules import Msg, compute_order, stage_program
+from engine.pipeline.schedules import Msg, compute_order, stage_program
 
 
 def test_full_grid_no_deadlock_and_textbook_numbers():
@@ -143,7 +143,7 @@ def test_ranks_run_their_batches_in_posting_order():
 def test_draw_writes_a_png_of_the_time_line(tmp_path):
     import struct
 
-    from engine.draw import draw_png
+    from engine.pipeline.draw import draw_png
     r = simulate_schedule("zb-h1", 4, 8)
     out = tmp_path / "zb.png"
     draw_png(r, str(out), unit_px=10, row_px=20, gap_px=2)

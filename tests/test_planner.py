@@ -16,7 +16,7 @@ from engine.planner.devices import measure_collectives
 from engine.planner.measure import SavedTensorMeter, measure_layouts, synthetic_batches
 from engine.planner.memory import layer_activation_terms, layer_params
 from engine.planner.timing import stage_time
-from engine.recompute import recompute_layers
+from engine.train.recompute import recompute_layers
 from model import GLM, GLMConfig
 
 CHATGLM = GLMConfig.preset("chatglm3-6b")

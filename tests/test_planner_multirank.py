@@ -17,10 +17,10 @@ import torch
 
 from dist import run_workers
 from engine.config import RunConfig, build_run_config, parse_overrides
-from engine.launch import model_parallel_group, parallel_state, plan_parallel, resolve_parallel
+from engine.train.launch import model_parallel_group, parallel_state, plan_parallel, resolve_parallel
 from engine.planner import Layout, PlanRequest, best, device_profile, plan, predict_memory
 from engine.planner.measure import measure_trainer
-from engine.trainer import Trainer
+from engine.train.trainer import Trainer
 from model import GLMConfig
 from runners.validate_planner import (HEADER, LAYOUTS, format_row, ranking_pairs, spearman,
                                       summary, validate)

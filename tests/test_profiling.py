@@ -9,9 +9,9 @@ import pytest
 
 from dist import run_workers
 from engine.config import build_run_config
-from engine.parallel import ParallelDims, init_distributed
-from engine.profiling import parse_steps
-from engine.trainer import Trainer
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.train.profiling import parse_steps
+from engine.train.trainer import Trainer
 from test_trainer import RandomTokens
 
 
@@ -82,7 +82,7 @@ class _Padded:
 
 
 def test_step_tokens_count_real_tokens_not_padding(tmp_path):
-    from engine.trainer import real_tokens
+    from engine.train.trainer import real_tokens
     cfg = _cfg(str(tmp_path / "run"))
     cfg.train.profile_steps = ""
     data = _Padded()

@@ -8,16 +8,16 @@ import os
 import pytest
 import torch
 
-from engine import checkpoint as ckpt_lib
-from engine.compress.export import load_glm, save_student
-from engine.compress.importance import magnitude_importance, random_importance
-from engine.compress.prune import (PruneTarget, exact_rope_ratio, full_selection, prune_model,
+from engine.train import checkpoint as ckpt_lib
+from engine.recipe.compress.export import load_glm, save_student
+from engine.recipe.compress.importance import magnitude_importance, random_importance
+from engine.recipe.compress.prune import (PruneTarget, exact_rope_ratio, full_selection, prune_model,
                                    prune_state_dict, select)
-from engine.compress.search import (calibration_loss, non_embedding_params, paper_target,
+from engine.recipe.compress.search import (calibration_loss, non_embedding_params, paper_target,
                                     search_target)
-from engine.compress.structure import split_qkv
+from engine.recipe.compress.structure import split_qkv
 from engine.config import build_run_config
-from engine.trainer import Trainer
+from engine.train.trainer import Trainer
 from model import GLM, GLMConfig
 from model.masks import blank_infilling_example, collate
 

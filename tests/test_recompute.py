@@ -1,4 +1,4 @@
-"""train.recompute (engine/recompute.py): full activation recomputation through the whole
+"""train.recompute (engine/train/recompute.py): full activation recomputation through the whole
 trainer changes nothing but memory. With dropout on, recompute vs none from the same seed
 gives the same losses, gradient norms, gradients and updated weights: in one process
 (default generator, restored by torch.utils.checkpoint), and in two with tp2 + sequence
@@ -9,14 +9,14 @@ generator). The schedule's activation meter sees the saving."""
 import pytest
 import torch
 
-import engine.recompute
+import engine.train.recompute
 from dist import run_workers
 from engine.config import build_run_config, parse_overrides
-from engine.launch import model_parallel_group
-from engine.parallel import ParallelDims, init_distributed
+from engine.train.launch import model_parallel_group
+from engine.parallel.state import ParallelDims, init_distributed
 from engine.planner.measure import schedule_meter_peak
 from engine.tensor_parallel import gather_full_tensors
-from engine.trainer import Trainer
+from engine.train.trainer import Trainer
 from test_trainer_parity import SEQ, MixedBatches, manual_steps
 
 STEPS = 2
@@ -114,7 +114,7 @@ def _tracker_run(recompute: bool):
     """F0 F1 B0 B1 (1F1B's order on a first stage) of a tiny GLM whose dropout all draws
     from a TP tracker, as under sequence parallelism, in one process: (gradients, the
     tracker's final states)."""
-    from engine.recompute import recompute_layers
+    from engine.train.recompute import recompute_layers
     from engine.tensor_parallel import TP_RNG, RNGTracker
     from model import GLM
     cfg = _cfg(recompute).model
@@ -164,12 +164,12 @@ def _layout_runs(layout: dict, restore_check: bool) -> dict:
     out = {"none": run(False), "recompute": run(True)}
     if restore_check:
         # the replay continues the tracker's stream instead of repeating the forward's
-        snapshot = engine.recompute._snapshot
-        engine.recompute._snapshot = lambda tracker: None
+        snapshot = engine.train.recompute._snapshot
+        engine.train.recompute._snapshot = lambda tracker: None
         try:
             out["no-snapshot"] = run(True)
         finally:
-            engine.recompute._snapshot = snapshot
+            engine.train.recompute._snapshot = snapshot
     return out
 
 

@@ -89,7 +89,7 @@ def test_quick_report_writes_tables(quick_report):
 def test_markdown_without_matplotlib(quick_report, tmp_path, monkeypatch):
     """Whatever this environment has installed: with matplotlib unimportable the same
     results still give every table, and the markdown says the plots were skipped."""
-    from engine.reports.write import write_reports
+    from engine.recipe.reports.write import write_reports
     out = quick_report.out
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     real_import = builtins.__import__
@@ -110,8 +110,8 @@ def test_markdown_without_matplotlib(quick_report, tmp_path, monkeypatch):
 
 def test_pretrained_checkpoint_is_checked_before_training(quick_report, tmp_path):
     """A missing checkpoint or one of another shape is a one-line error up front."""
-    from engine.reports.budget import ReportConfig
-    from engine.reports.recipe import Recipe
+    from engine.recipe.reports.budget import ReportConfig
+    from engine.recipe.reports.recipe import Recipe
     lm, data = quick_report.lm, quick_report.data
     with pytest.raises(ValueError, match="--pretrained.*num_layers"):
         Recipe(ReportConfig(preset="small", pretrained=lm,

@@ -2,7 +2,7 @@
 and between the two a linear layer keeps only its input and output gradient."""
 import torch
 
-from engine.split_backward import store_for
+from engine.pipeline.split_backward import store_for
 from model import GLM, GLMConfig
 
 
@@ -57,7 +57,7 @@ def test_plain_backward_through_an_installed_chunk_still_fills_weight_grads():
 
 def test_split_backward_under_full_recompute():
     # the recomputed forward runs inside B, so its linear layers stash for W as well
-    from engine.recompute import recompute_layers
+    from engine.train.recompute import recompute_layers
     cfg = GLMConfig.preset("tiny")
     ids, labels = _batch()
     ref, model = GLM.build(cfg, seed=0), GLM.build(cfg, seed=0)

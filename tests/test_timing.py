@@ -1,4 +1,4 @@
-"""engine.timing: host clock with a sync at the marks on CPU, CUDA events on CUDA (mocked
+"""engine.train.timing: host clock with a sync at the marks on CPU, CUDA events on CUDA (mocked
 here: events are recorded at the marks and read, with one synchronize, only when the
 interval is asked for), and the peaks MFU is measured against."""
 import time
@@ -7,8 +7,8 @@ from unittest import mock
 import pytest
 import torch
 
-from engine import timing
-from engine.schedules import ScheduleStats
+from engine.train import timing
+from engine.pipeline.schedules import ScheduleStats
 
 
 def test_cpu_clock_measures_wall_time():

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from dist import run_workers
-from engine import checkpoint as ckpt_lib
+from engine.train import checkpoint as ckpt_lib
 from engine.config import build_run_config
-from engine.launch import model_parallel_group
-from engine.parallel import ParallelDims, init_distributed
+from engine.train.launch import model_parallel_group
+from engine.parallel.state import ParallelDims, init_distributed
 from engine.tensor_parallel import gather_full_tensors
-from engine.trainer import Trainer
+from engine.train.trainer import Trainer
 from test_trainer_parity import PARAM_ATOL, MixedBatches, _close
 
 STEPS, SAVE_AT, SEQ = 6, 3, 24

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from engine import checkpoint as ckpt_lib
+from engine.train import checkpoint as ckpt_lib
 from engine.config import build_run_config, parse_overrides
-from engine.trainer import Trainer, lr_at
+from engine.train.trainer import Trainer, lr_at
 from model.masks import causal_example, collate
 
 

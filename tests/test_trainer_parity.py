@@ -5,9 +5,9 @@ import torch
 
 from dist import run_workers
 from engine.config import build_run_config
-from engine.launch import model_parallel_group
-from engine.parallel import ParallelDims, init_distributed
-from engine.trainer import Trainer, lr_at
+from engine.train.launch import model_parallel_group
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.train.trainer import Trainer, lr_at
 from model.masks import causal_example, collate, corrupt_spans, gmask_example
 
 STEPS, SEQ = 3, 24

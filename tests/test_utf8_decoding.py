@@ -178,8 +178,8 @@ def test_no_byte_pieces_is_a_no_op():
 
 
 def test_evaluation_translates_without_replacement_characters(model, tok):
-    # what the demo and the paper report print: engine.evaluate builds the constraint
-    from engine.evaluate import translate
+    # what the demo and the paper report print: engine.recipe.evaluate builds the constraint
+    from engine.recipe.evaluate import translate
     handle = model.register_forward_hook(Bias(byte_ids(tok), tok.vocab_size))
     try:
         hyps, _, n = translate(model, tok, ["Success", "Permission denied"],

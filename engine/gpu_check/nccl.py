@@ -52,10 +52,10 @@ def nccl_worker(path: str):
     import torch.distributed as dist
     from engine.config import build_run_config
     from engine.optim import collectives
-    from engine.p2p import wait_all
-    from engine.parallel import ParallelDims, init_distributed
-    from engine.timing import synchronize
-    from engine.trainer import Trainer
+    from engine.pipeline.p2p import wait_all
+    from engine.parallel.state import ParallelDims, init_distributed
+    from engine.train.timing import synchronize
+    from engine.train.trainer import Trainer
     result = {}
     state = init_distributed(ParallelDims(), timeout=120, num_layers=2)
     try:

@@ -28,7 +28,7 @@ class Patterns:
 
 def _train(plan, device, kernels: str, out_dir: str, log) -> dict:
     from engine.config import build_run_config
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
     cfg = build_run_config({
         "model": {"preset": plan.train_preset, "kernels": kernels},
         "train": {"steps": plan.train_steps, "micro_batch_size": plan.train_batch,

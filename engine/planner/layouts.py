@@ -9,7 +9,7 @@ A layout is valid when (G = gpus per node, B = global batch in sequences)
                                     whole KV groups per rank, or (tp > groups) each rank
                                     holds one group replicated tp / groups times
     ffn % tp == 0, vocab % tp == 0  column-parallel FFN and vocab-parallel head/embedding
-    layers % (pp * vpp) == 0        equal virtual stages (engine.parallel.stage_layers)
+    layers % (pp * vpp) == 0        equal virtual stages (engine.parallel.state.stage_layers)
     B % (dp * mbs) == 0             m = B / (dp * mbs) microbatches per dp rank
     vpp > 1 => pp > 1 and m % pp == 0   (the interleaved schedule's requirement)
 

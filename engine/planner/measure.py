@@ -32,11 +32,11 @@ import torch
 
 from engine.planner.layouts import Layout, PlanRequest
 # the trainer's own recompute (train.recompute), so what is measured is what trains
-from engine.recompute import recompute_layers
+from engine.train.recompute import recompute_layers
 # the schedule's meter, used here through its hooks only, so it counts exactly the tensors
 # saved for backward (given to forward_backward it also charges the stage outputs a
 # pipeline holds until they are sent; tests/test_planner_multirank.py checks that gap)
-from engine.schedules import SavedActivationMeter as SavedTensorMeter
+from engine.pipeline.schedules import SavedActivationMeter as SavedTensorMeter
 from model.glm import GLM
 from model.masks import causal_example, collate
 
@@ -116,7 +116,7 @@ def measure_step(params, optimizer, step, timed_steps: int = 2) -> Measured:
 
 
 def trainer_step(trainer):
-    """(params, optimizer, step, optimizer_step) for measuring an engine.trainer.Trainer:
+    """(params, optimizer, step, optimizer_step) for measuring an engine.train.trainer.Trainer:
     `step()` runs forward and backward of this rank's microbatches of the trainer's
     current step through its schedule, `optimizer_step()` the DistributedOptimizer step at
     the configured lr. The step counter, data position and schedule do not move, so every
@@ -145,13 +145,13 @@ def trainer_memory(trainer) -> Measured:
 
 
 def schedule_meter_peak(trainer) -> int:
-    """Peak bytes of one step as engine.schedules.SavedActivationMeter counts them: the
+    """Peak bytes of one step as engine.pipeline.schedules.SavedActivationMeter counts them: the
     same saved tensors as SavedTensorMeter, plus each stage output while the schedule
     holds it (until it is sent and its .data freed). Equal to trainer_memory's
     activations without a pipeline; at most one microbatch's [s, b, h] output more with
     one. Collective like trainer_memory."""
-    from engine.schedules import SavedActivationMeter, forward_backward
-    from engine.trainer import count_tokens
+    from engine.pipeline.schedules import SavedActivationMeter, forward_backward
+    from engine.train.trainer import count_tokens
     params, opt, _, optimizer_step = trainer_step(trainer)
     mbs = trainer.microbatches(trainer.train_data, trainer.step)
     meter = SavedActivationMeter(params)

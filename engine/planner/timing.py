@@ -4,7 +4,7 @@ pipeline bubble, tensor / pipeline / data-parallel communication, optimizer.
 Per pipeline stage s and microbatch (T = b * s tokens, one tp rank):
 
     gemm      sum over the stage's matmuls of flops / gemm_rate(T, n): model FLOPs from
-              engine.flops.train_flops_per_token (6 per weight per token + attention),
+              engine.train.flops.train_flops_per_token (6 per weight per token + attention),
               split into layers and head, on this rank's shard; recompute runs the
               layers' forward again (+1/3); the fused SwiGLU-linear recomputes its
               [T, 2f] product in backward (+2 h 2f per token per layer)
@@ -65,7 +65,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.flops import train_flops_per_token
+from engine.train.flops import train_flops_per_token
 from engine.planner.devices import DeviceProfile
 from engine.planner.layouts import Layout, PlanRequest
 from engine.planner.memory import PRECISION_BYTES, layer_activation_terms, shard_of, stage_params

@@ -1,0 +1,1 @@
+"""Parallel state, process groups and rank liveness."""

@@ -1,0 +1,224 @@
+"""Parallel layout (tp, pp, dp, vpp): rank math as pure functions, process groups from torchrun.
+
+Rank order is Megatron's "tp-dp-pp": tensor-parallel rank varies fastest, then the
+data-parallel rank, then the pipeline stage,
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+
+so the ranks of one tensor-parallel group are adjacent (on one node, where the heaviest
+traffic is) and a pipeline group strides across the whole world. Everything above
+`init_distributed` is plain integer math and is tested without a process group.
+
+Interleaved pipelines (vpp > 1) give each stage vpp model chunks: the model is cut into
+pp * vpp virtual stages of equal depth and chunk c of stage s holds virtual stage
+c * pp + s, so activations loop around the ring of stages vpp times.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DIMS = ("tp", "dp", "pp")  # fastest-varying first
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int = 1     # model chunks per pipeline stage (interleaved 1F1B)
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp", "vpp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.vpp > 1 and self.pp == 1:
+            raise ValueError(f"vpp={self.vpp} needs pipeline parallelism (pp > 1); got pp=1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def virtual_stages(self) -> int:
+        return self.pp * self.vpp
+
+    def validate(self, world_size: int, num_layers: int | None = None) -> "ParallelDims":
+        """Check the layout against a world and a model before any work is done."""
+        if self.world_size != world_size:
+            raise ValueError(f"tp*pp*dp={self.world_size} does not equal world size {world_size}")
+        if num_layers is not None and num_layers % self.virtual_stages:
+            raise ValueError(f"num_layers={num_layers} is not divisible by pipeline stages "
+                             f"pp*vpp={self.virtual_stages}")
+        return self
+
+
+@dataclass(frozen=True)
+class Coords:
+    """Where one rank sits in the layout."""
+    tp: int
+    dp: int
+    pp: int
+
+
+def _sizes(dims: ParallelDims) -> dict[str, int]:
+    return {"tp": dims.tp, "dp": dims.dp, "pp": dims.pp}
+
+
+def rank_to_coords(rank: int, dims: ParallelDims) -> Coords:
+    if not 0 <= rank < dims.world_size:
+        raise ValueError(f"rank={rank} is outside world size {dims.world_size}")
+    tp_rank = rank % dims.tp
+    dp_rank = (rank // dims.tp) % dims.dp
+    pp_rank = rank // (dims.tp * dims.dp)
+    return Coords(tp=tp_rank, dp=dp_rank, pp=pp_rank)
+
+
+def coords_to_rank(coords: Coords, dims: ParallelDims) -> int:
+    for name, size in _sizes(dims).items():
+        if not 0 <= getattr(coords, name) < size:
+            raise ValueError(f"coords.{name}={getattr(coords, name)} is outside {name}={size}")
+    return coords.tp + dims.tp * (coords.dp + dims.dp * coords.pp)
+
+
+def rank_groups(dims: ParallelDims, dim: str) -> list[list[int]]:
+    """All groups of ranks that differ only in `dim` ("tp", "dp" or "pp"), each sorted by
+    that coordinate (so a pp group lists stage 0 first). Groups are listed in order of
+    their lowest rank; every rank is in exactly one group per dimension."""
+    if dim not in DIMS:
+        raise ValueError(f"dim={dim!r} must be one of {', '.join(DIMS)}")
+    sizes = _sizes(dims)
+    others = [d for d in DIMS if d != dim]
+    groups = []
+    for b in range(sizes[others[1]]):
+        for a in range(sizes[others[0]]):
+            base = {others[0]: a, others[1]: b}
+            groups.append([coords_to_rank(Coords(**base, **{dim: i}), dims)
+                           for i in range(sizes[dim])])
+    return sorted(groups, key=lambda g: g[0])
+
+
+def stage_layers(num_layers: int, pp: int, vpp: int, stage: int, chunk: int) -> tuple[int, int]:
+    """[start, end) of the layers that chunk `chunk` of pipeline stage `stage` holds.
+    Chunk c of stage s is virtual stage c * pp + s; virtual stages are equally deep."""
+    n_virtual = pp * vpp
+    if num_layers % n_virtual:
+        raise ValueError(f"num_layers={num_layers} is not divisible by pipeline stages "
+                         f"pp*vpp={n_virtual}")
+    if not 0 <= stage < pp:
+        raise ValueError(f"stage={stage} is outside pp={pp}")
+    if not 0 <= chunk < vpp:
+        raise ValueError(f"chunk={chunk} is outside vpp={vpp}")
+    per = num_layers // n_virtual
+    virtual = chunk * pp + stage
+    return virtual * per, (virtual + 1) * per
+
+
+def pipeline_peers(rank: int, dims: ParallelDims) -> tuple[int, int]:
+    """(prev, next) global ranks in this rank's pipeline ring: same tp and dp coordinates,
+    stage -1 / +1 modulo pp. The wrap-around is only used by interleaved schedules (the
+    last stage feeds chunk c + 1 of stage 0)."""
+    c = rank_to_coords(rank, dims)
+    prev = coords_to_rank(Coords(c.tp, c.dp, (c.pp - 1) % dims.pp), dims)
+    nxt = coords_to_rank(Coords(c.tp, c.dp, (c.pp + 1) % dims.pp), dims)
+    return prev, nxt
+
+
+# ---- process groups ------------------------------------------------------------------
+
+@dataclass
+class ParallelState:
+    """This rank's place in the layout and its groups; passed around explicitly."""
+    dims: ParallelDims
+    rank: int
+    coords: Coords
+    device: torch.device
+    backend: str
+    timeout: timedelta
+    tp_group: object
+    dp_group: object
+    pp_group: object
+    tp_ranks: list[int]
+    dp_ranks: list[int]
+    pp_ranks: list[int]   # global ranks of this pipeline, stage 0 first
+
+    @property
+    def stage(self) -> int:
+        return self.coords.pp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coords.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coords.pp == self.dims.pp - 1
+
+    @property
+    def prev_rank(self) -> int:
+        return self.pp_ranks[(self.coords.pp - 1) % self.dims.pp]
+
+    @property
+    def next_rank(self) -> int:
+        return self.pp_ranks[(self.coords.pp + 1) % self.dims.pp]
+
+
+def _device_and_backend() -> tuple[torch.device, str]:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)  # NCCL P2P hangs without a current device
+        return device, "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def _backstop(timeout: timedelta, backend: str) -> timedelta:
+    """The groups' own timeout. NCCL: our deadline is the heartbeat monitor's (engine/
+    monitor.py) and the watchdog is the backstop, so it also allows for the first step's
+    JIT compiles."""
+    if backend != "nccl":
+        return timeout
+    from engine.parallel.monitor import FIRST_STEP_ALLOWANCE_S
+    return timeout + timedelta(seconds=FIRST_STEP_ALLOWANCE_S)
+
+
+def init_distributed(dims: ParallelDims, timeout: timedelta | float = 120.0,
+                     num_layers: int | None = None) -> ParallelState:
+    """Join (or reuse) the default process group from the torchrun environment, check the
+    layout, and create every tp / dp / pp group.
+
+    new_group is collective over the whole world, so every rank creates every group, in the
+    same order (tp groups, then dp, then pp), and keeps the ones it belongs to. The layout
+    is validated before any group exists, so an impossible layout fails on every rank
+    without a collective that could hang."""
+    if not isinstance(timeout, timedelta):
+        timeout = timedelta(seconds=float(timeout))
+    device, backend = _device_and_backend()
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        dims.validate(world, num_layers)
+        backend = dist.get_backend()
+        if backend != "nccl":
+            device = torch.device("cpu")
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        dims.validate(world, num_layers)
+        dist.init_process_group(backend, timeout=_backstop(timeout, backend), device_id=device
+                                if device.type == "cuda" else None)
+        rank = dist.get_rank()
+    mine: dict[str, tuple[object, list[int]]] = {}
+    pg_timeout = _backstop(timeout, backend)
+    for dim in ("tp", "dp", "pp"):
+        for ranks in rank_groups(dims, dim):
+            group = dist.new_group(ranks, timeout=pg_timeout)
+            if rank in ranks:
+                mine[dim] = (group, ranks)
+    return ParallelState(dims=dims, rank=rank, coords=rank_to_coords(rank, dims), device=device,
+                         backend=backend, timeout=timeout,
+                         tp_group=mine["tp"][0], dp_group=mine["dp"][0], pp_group=mine["pp"][0],
+                         tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1])

@@ -1,0 +1,1 @@
+"""Pipeline parallelism: schedule programs, executor, P2P, simulator."""

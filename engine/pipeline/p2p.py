@@ -1,0 +1,407 @@
+"""Stage-to-stage traffic: hidden states [s, b, h] (+ their side tensors) forward,
+gradients backward, always as one `dist.batch_isend_irecv` batch per exchange.
+
+Why batches: in the 1F1B steady state stage s sends an activation to s + 1 and waits for
+a gradient from s + 1, while s + 1 sends that gradient and waits for the next activation.
+If either side posted a blocking send before its receive they would wait on each other;
+posting both halves as one batch and only then waiting (send_forward_recv_backward on s,
+send_backward_recv_forward on s + 1) lets both complete. gloo matches sends to receives
+per (pair, tag) and NCCL per pair in posting order, so every batch posts in one canonical
+order (activation traffic, then gradient traffic; sends before receives) and uses one tag
+per kind; with pp == 2 and interleaving, both directions run between the same two ranks.
+
+Shapes are fixed per step and agreed once (`begin_step`): one small all-reduce over the
+pipeline group carries stage 0's [s, b] and every stage's microbatch count, so a
+mismatch is an error on every rank at the same point instead of a hang.
+
+Failures: every wait has a deadline (the layout's timeout). A wait that fails (the peer
+died: connection closed; or hung: timed out) raises PeerError naming the peer's rank and
+stage. The first failure in the job is also written to the rendezvous store
+(`FailureBoard`), so ranks further away, which only see their neighbour go down, still
+name the rank where it started. On NCCL the process group's watchdog enforces the same
+timeout on the device side.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TAG_ACT, TAG_SIDE, TAG_GRAD = 1, 2, 3
+
+
+class PeerError(RuntimeError):
+    """Communication with another rank failed (it died, hung, or raised)."""
+
+
+# ---- what travels with the hidden states ----------------------------------------------
+
+@dataclass
+class Side:
+    """Per-microbatch integer tensors every stage needs to rebuild rotary angles and the
+    attention mask (no dense masks cross stages): position_ids, block_position_ids
+    [b, s] (GLM 2D positions) and prefix_lens [b] (prefix-LM / blank-infilling Part A)."""
+    position_ids: torch.Tensor
+    block_position_ids: torch.Tensor
+    prefix_lens: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch: dict, device) -> "Side":
+        b, s = batch["input_ids"].shape
+        pos = batch.get("position_ids")
+        blk = batch.get("block_position_ids")
+        pre = batch.get("prefix_lens")
+        pos = torch.arange(s).expand(b, s) if pos is None else pos
+        blk = torch.zeros(b, s, dtype=torch.long) if blk is None else blk
+        pre = torch.zeros(b, dtype=torch.long) if pre is None else pre
+        return cls(pos.to(device, torch.long), blk.to(device, torch.long),
+                   pre.to(device, torch.long))
+
+    def pack(self) -> torch.Tensor:
+        # one int64 message [2 * b * s + b] instead of three
+        return torch.cat([self.position_ids.reshape(-1), self.block_position_ids.reshape(-1),
+                          self.prefix_lens.reshape(-1)])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor, s: int, b: int) -> "Side":
+        n = b * s
+        return cls(flat[:n].view(b, s), flat[n:2 * n].view(b, s), flat[2 * n:])
+
+    @staticmethod
+    def numel(s: int, b: int) -> int:
+        return 2 * b * s + b
+
+
+# ---- failure reporting ----------------------------------------------------------------
+
+class FailureBoard:
+    """First failure of the job, in the rendezvous store (first writer wins). Best
+    effort: if the store itself is gone (its host died) messages just lack the origin."""
+    KEY = "engine/first_failure"
+
+    def __init__(self, store=None):
+        if store is None and dist.is_initialized():
+            try:
+                store = dist.distributed_c10d._get_default_store()
+            except Exception:  # noqa: BLE001 - no store: no board
+                store = None
+        self.store = store
+
+    def report(self, message: str) -> str | None:
+        """Record `message` unless a failure is already recorded; return the first one."""
+        if self.store is None:
+            return None
+        try:
+            return self.store.compare_set(self.KEY, "", message).decode()
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:limit]
+
+
+def _where(state, rank: int) -> str:
+    if state is None or rank not in state.pp_ranks:
+        return f"rank {rank}"
+    return f"rank {rank} (stage {state.pp_ranks.index(rank)})"
+
+
+def wait_all(works, state, what: str, peers, board: FailureBoard | None = None,
+             timeout: timedelta | None = None, started: float | None = None):
+    """Wait for every work by one shared deadline; translate a failure into PeerError.
+    peers[i] names who work i talks to: a rank, or the ranks of a collective."""
+    timeout = timeout or (state.timeout if state is not None else timedelta(seconds=120))
+    started = time.monotonic() if started is None else started
+    deadline = started + timeout.total_seconds()
+    # NCCL: wait() orders the current stream after the transfer without blocking the
+    # host; a timed wait would block it. The heartbeat monitor's thread times the work
+    # instead (engine/parallel/monitor.py), the process-group watchdog is the backstop.
+    host_wait = state is None or state.backend != "nccl"
+    monitor = getattr(state, "monitor", None)
+    if monitor is not None:
+        status, monitor.status = monitor.status, f"waiting: {what}"
+    for i, work in enumerate(works):
+        try:
+            if host_wait:
+                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            else:
+                work.wait()
+                if monitor is not None:
+                    monitor.watch(work, what, peers[i], timeout.total_seconds())
+        except Exception as err:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
+            raise peer_error(state, what, peers[i], err, board, time.monotonic() - started,
+                             timeout) from err
+    if monitor is not None:
+        monitor.status = status
+
+
+def peer_error(state, what: str, peer, err: BaseException, board: FailureBoard | None,
+               elapsed: float = 0.0, timeout: timedelta | None = None) -> PeerError:
+    me = _where(state, state.rank) if state is not None else "this rank"
+    them = _where(state, peer) if isinstance(peer, int) else f"ranks {peer}"
+    text = str(err)
+    if "imed out" in text or "timeout" in text.lower():
+        why = f"no answer within {timeout.total_seconds() if timeout else elapsed:g}s"
+    elif "closed" in text or "reset" in text.lower() or "broken pipe" in text.lower():
+        why = "connection closed: the peer process exited or crashed"
+    else:
+        why = _first_line(err)
+    monitor = getattr(state, "monitor", None)
+    if monitor is not None and not isinstance(peer, int):
+        # a collective names only its group: the heartbeats name the member that failed
+        culprit = monitor.identify(list(peer))
+        if culprit is not None:
+            them, why = _where(state, culprit[0]), f"{why} ({culprit[1]})"
+    first = None
+    if board is not None:
+        first = board.report(f"{them} stopped responding ({why}); seen by {me} during {what}")
+    msg = f"{me}: {what} with {them} failed after {elapsed:.1f}s: {why}"
+    if first:
+        msg += f". First failure in the job: {first}"
+    return PeerError(msg)
+
+
+# ---- the point-to-point object --------------------------------------------------------
+
+class P2P:
+    """Activations to the next stage, gradients to the previous one, for one pipeline.
+
+    hidden_size / dtype describe the hidden states [s, b, h] that cross stage boundaries;
+    s and b are agreed per step by `begin_step`. wire_dtype (default: dtype) is what they
+    travel in: under autocast the compute dtype, half the bytes of fp32; sends are cast
+    to it and what arrives is cast back to dtype, so stages compute as without it. With
+    sequence parallelism each tensor-parallel rank holds [s / tp, b, h] of the residual
+    stream: pass seq_shards=tp (the side tensors still cover the whole sequence)."""
+
+    def __init__(self, state, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 timeout: timedelta | float | None = None, board: FailureBoard | None = None,
+                 seq_shards: int = 1, wire_dtype: torch.dtype | None = None):
+        self.state = state
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.wire_dtype = wire_dtype or dtype
+        self.seq_shards = seq_shards
+        if timeout is not None and not isinstance(timeout, timedelta):
+            timeout = timedelta(seconds=float(timeout))
+        self.timeout = timeout or state.timeout
+        self.board = board if board is not None else FailureBoard()
+        self.group = state.pp_group
+        self.prev, self.next = state.prev_rank, state.next_rank
+        self.device = state.device
+        self.shape: tuple[int, int] | None = None   # (s, b) agreed by begin_step
+        self._key = None            # this stage's (m, [b, s]) when they were agreed
+        self._on_change = False     # every stage sees its shapes: re-agree on change only
+        self.handshakes = 0         # how many times the shapes were agreed
+
+    # -- the shape handshake ------------------------------------------------------------
+    def begin_step(self, microbatches: list[dict] | None, m: int):
+        """Agree on [s, b] (from stage 0, the only stage that must read input_ids) and
+        check every stage runs the same number of microbatches. One all-reduce (MAX) of
+        [m, -m, s, -s, b, -b, bad, -sees] over the pipeline group: a collective every
+        stage calls at the same point, so it cannot deadlock, and every stage sees the
+        same verdict.
+
+        It runs on the first step and then only when this stage's (m, [b, s]) changes:
+        every stage must then be able to see the shapes (its microbatches carry
+        input_ids), which the first handshake checks (`sees`); if one cannot, every
+        stage keeps the per-step handshake, so they always call it together."""
+        key = self._local_key(microbatches, m)
+        if self.shape is not None and self._on_change and key == self._key:
+            return self.shape
+        s = b = bad = 0
+        sees = int(key[1] is not None)
+        if key[1] is not None:
+            if key[1] == "mixed":
+                bad = 1
+            else:
+                b, s = key[1]
+        t = torch.tensor([m, -m, s, -s if sees else -(2 ** 62), b, -b if sees else -(2 ** 62),
+                          bad, -sees], dtype=torch.long, device=self.device)
+        self.handshakes += 1
+        started = time.monotonic()
+        try:
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        except Exception as err:  # noqa: BLE001
+            raise peer_error(self.state, "the step handshake", self.state.pp_ranks, err,
+                             self.board, 0.0, self.timeout) from err
+        wait_all([work], self.state, "the step handshake", [self.state.pp_ranks], self.board,
+                 self.timeout, started)
+        m_max, m_min, s, s_min, b, b_min, bad, all_see = (int(x) for x in t.tolist())
+        m_min, s_min, b_min, all_see = -m_min, -s_min, -b_min, -all_see == 1
+        self.shape, self._key = None, None
+        if bad:
+            raise ValueError(f"stage 0 (rank {self.state.pp_ranks[0]}): microbatches of one "
+                             "step must share one [b, s] shape")
+        if m_max != m_min:
+            raise ValueError(f"microbatch count differs across pipeline stages: between "
+                             f"{m_min} and {m_max}")
+        if all_see and (s, b) != (s_min, b_min):
+            raise ValueError(f"microbatch shapes differ across pipeline stages: [b, s] from "
+                             f"[{b_min}, {s_min}] to [{b}, {s}]")
+        if s % self.seq_shards:
+            raise ValueError(f"sequence length {s} is not divisible by seq_shards="
+                             f"{self.seq_shards} (sequence parallelism)")
+        self.shape, self._key, self._on_change = (s, b), key, all_see
+        return self.shape
+
+    @staticmethod
+    def _local_key(microbatches, m: int):
+        """(m, (b, s) | "mixed" | None): what this stage can see of the step's shapes."""
+        if not microbatches or any(mb.get("input_ids") is None for mb in microbatches):
+            return (m, None)
+        shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
+        return (m, shapes.pop() if len(shapes) == 1 else "mixed")
+
+    # -- the one primitive ---------------------------------------------------------------
+    def post(self, send_next=None, send_prev=None, recv_prev: bool = False,
+             recv_next: bool = False) -> "Posted":
+        """Post every requested transfer as one batch and return at once (Posted); the
+        caller waits on a receive just before it reads it and on the sends before their
+        buffers are reused (here: at the end of the step, `Posted.wait_sends`).
+
+        send_next  (hidden [s, b, h], Side) to the next stage
+        send_prev  gradient [s, b, h] to the previous stage
+        recv_prev  receive (hidden, Side) from the previous stage
+        recv_next  receive a gradient from the next stage"""
+        if self.shape is None:
+            raise RuntimeError("P2P.exchange before begin_step: shapes are not agreed yet")
+        s, b = self.shape
+        full = (s // self.seq_shards, b, self.hidden_size)   # this rank's [s, b, h]
+        ops, peers, what, kinds = [], [], [], []
+
+        def add(fn, tensor, peer, tag, kind, label=None):
+            ops.append(dist.P2POp(fn, tensor, peer, self.group, tag))
+            peers.append(peer)
+            kinds.append(kind)
+            if label:
+                what.append(label)
+
+        # canonical order: activation traffic, then gradient traffic; sends first
+        sent = []
+        if send_next is not None:
+            hidden, side = send_next
+            self._check(hidden, full, "activation to send")
+            # sent in the wire dtype (autocast's under autocast), kept until the send is done
+            sent += [hidden.to(self.wire_dtype).contiguous(), side.pack()]
+            add(dist.isend, sent[-2], self.next, TAG_ACT, "send", "send activations")
+            add(dist.isend, sent[-1], self.next, TAG_SIDE, "send")
+        act = side_buf = grad = None
+        if recv_prev:
+            act = torch.empty(full, dtype=self.wire_dtype, device=self.device)
+            side_buf = torch.empty(Side.numel(s, b), dtype=torch.long, device=self.device)
+            add(dist.irecv, act, self.prev, TAG_ACT, "act", "receive activations")
+            add(dist.irecv, side_buf, self.prev, TAG_SIDE, "act")
+        if send_prev is not None:
+            self._check(send_prev, full, "gradient to send")
+            sent.append(send_prev.to(self.wire_dtype).contiguous())
+            add(dist.isend, sent[-1], self.prev, TAG_GRAD, "send", "send gradients")
+        if recv_next:
+            grad = torch.empty(full, dtype=self.wire_dtype, device=self.device)
+            add(dist.irecv, grad, self.next, TAG_GRAD, "grad", "receive gradients")
+        label = " + ".join(what)   # e.g. "send activations + receive gradients"
+        works = []
+        if ops:
+            try:
+                works = dist.batch_isend_irecv(ops)
+            except Exception as err:  # noqa: BLE001 - a peer already gone fails at post time
+                raise peer_error(self.state, label,
+                                 peers[0] if len(set(peers)) == 1 else peers, err, self.board,
+                                 0.0, self.timeout) from err
+        if len(works) == len(ops):
+            entries = list(zip(works, peers, kinds))
+        else:
+            # NCCL coalesces a batch into one work: every part of it waits on all of them
+            group_peer = peers[0] if len(set(peers)) == 1 else self.state.pp_ranks
+            entries = [(w, group_peer, kind) for kind in dict.fromkeys(kinds) for w in works]
+        return Posted(self, label, entries, act, side_buf, grad, sent, (s, b))
+
+    def exchange(self, send_next=None, send_prev=None, recv_prev: bool = False,
+                 recv_next: bool = False):
+        """Post every requested transfer as one batch, then wait for all of them.
+        Returns ((hidden, Side) | None, grad | None)."""
+        posted = self.post(send_next, send_prev, recv_prev, recv_next)
+        received = posted.activation() if recv_prev else None
+        grad = posted.gradient() if recv_next else None
+        posted.wait_sends()
+        return received, grad
+
+    def _check(self, t: torch.Tensor, full, name: str):
+        if tuple(t.shape) != full or t.dtype != self.dtype:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} {t.dtype}; this step agreed "
+                             f"on {full} {self.dtype}")
+
+    # -- Megatron's named operations, all one batch each ---------------------------------
+    def send_forward(self, hidden, side):
+        self.exchange(send_next=(hidden, side))
+
+    def recv_forward(self):
+        return self.exchange(recv_prev=True)[0]
+
+    def send_backward(self, grad):
+        self.exchange(send_prev=grad)
+
+    def recv_backward(self):
+        return self.exchange(recv_next=True)[1]
+
+    def send_forward_recv_backward(self, hidden, side):
+        return self.exchange(send_next=(hidden, side), recv_next=True)[1]
+
+    def send_backward_recv_forward(self, grad):
+        return self.exchange(send_prev=grad, recv_prev=True)[0]
+
+    def send_forward_recv_forward(self, hidden, side):
+        return self.exchange(send_next=(hidden, side), recv_prev=True)[0]
+
+    def send_backward_recv_backward(self, grad):
+        return self.exchange(send_prev=grad, recv_next=True)[1]
+
+    # -- failures --------------------------------------------------------------------------
+    def report_failure(self, err: BaseException):
+        """Called when this rank's step fails: record it as the job's first failure unless
+        it is only the echo of another rank's (a PeerError already reported that)."""
+        if isinstance(err, PeerError):
+            return
+        me = _where(self.state, self.state.rank)
+        self.board.report(f"{me} raised {type(err).__name__}: {_first_line(err)}")
+
+
+class Posted:
+    """One posted batch. Each receive is waited on separately (gloo completes works one
+    by one; on NCCL a wait orders the stream after the batch), with the layout's timeout
+    counted from the wait, so a receive posted early is not charged for the compute in
+    between."""
+
+    def __init__(self, comm: P2P, label: str, works, act, side_buf, grad, sent, shape):
+        self.comm, self.label, self.works = comm, label, works
+        self._act, self._side, self._grad, self._sent, self._shape = act, side_buf, grad, \
+            sent, shape
+
+    def _wait(self, kinds):
+        picked = [(w, peer) for w, peer, kind in self.works if kind in kinds]
+        if picked:
+            wait_all([w for w, _ in picked], self.comm.state, self.label,
+                     [peer for _, peer in picked], self.comm.board, self.comm.timeout)
+        self.works = [x for x in self.works if x[2] not in kinds]
+
+    def activation(self):
+        """(hidden, Side) from the previous stage, once it has arrived."""
+        self._wait(("act",))
+        s, b = self._shape
+        # back from the wire dtype: stages compute in the parameters' dtype
+        return self._act.to(self.comm.dtype), Side.unpack(self._side, s, b)
+
+    def gradient(self):
+        self._wait(("grad",))
+        return self._grad.to(self.comm.dtype)
+
+    def sends_done(self) -> bool:
+        return all(w.is_completed() for w, _, kind in self.works if kind == "send")
+
+    def wait_sends(self):
+        self._wait(("send",))
+        self._sent = []

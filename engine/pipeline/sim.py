@@ -1,0 +1,321 @@
+"""Pure-Python pipeline simulator: runs the programs engine.pipeline.schedules executes, without
+processes, and checks them.
+
+For every stage it takes `stage_program(...)` (the exact op list the executor runs) and
+plays all stages together with the blocking semantics of batched P2P:
+
+  * an exchange (X) posts its messages as one batch and does not block; the stage blocks
+    only in the op that reads a received tensor, until the batch carrying it completed,
+    and at the end of the step until all its sends completed;
+  * each rank's batches complete in posting order (one ordered communication stream per
+    rank, as NCCL runs grouped P2P: a batch starts matching only once the rank's earlier
+    batches are done), a batch completes when every message in it is matched;
+  * messages between two ranks match first-in first-out per (sender, receiver) pair,
+    regardless of kind (NCCL's rule, stricter than gloo's per-tag matching), and a send
+    completes only when its receive is posted (rendezvous: no buffering assumed, which
+    is the worst case for deadlock);
+  * a matched pair must agree on what it carries (activation or gradient, microbatch,
+    virtual stage), so a mis-ordered program is an error, not silent corruption.
+
+It reports a deadlock (with what each blocked stage waits for), every microbatch's
+forward preceding its backward and every activation being consumed, the time line with
+unit cost per forward and `t_b` per backward (split evenly across a stage's chunks;
+communication free; in the split schedules B costs t_b - t_w and W t_w), the bubble
+fraction (idle / total stage time) and the peak number
+of (microbatch, chunk) activations each stage holds for backward.
+
+    python -m engine.pipeline.sim              # the full grid, one line per schedule
+    python -m engine.pipeline.sim 1f1b 4 8     # one case, with per-stage details
+    python -m engine.pipeline.sim --draw zb-h1 -p 4 -m 8 [--vpp V] [-o FILE.png]
+                                               # the time line as a PNG (engine.pipeline.draw)
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+from engine.pipeline.names import SCHEDULES
+from engine.pipeline.schedules import Op, check_schedule, stage_program
+
+
+class ScheduleError(RuntimeError):
+    """A program that would deadlock, mismatch messages, or misuse activations."""
+
+
+@dataclass
+class SimResult:
+    schedule: str
+    p: int
+    m: int
+    v: int
+    makespan: float
+    busy: list[float]           # compute time per stage
+    peak_in_flight: list[int]   # per stage, (microbatch, chunk) activations held
+    ops: list[int]              # program length per stage
+    timeline: list = None       # per stage: (kind, mb, chunk, start, end) of each compute op
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of all stage-time spent idle: 1 - sum(busy) / (p * makespan)."""
+        return 1.0 - sum(self.busy) / (self.p * self.makespan) if self.makespan else 0.0
+
+
+def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
+    """Textbook bubble fractions (idle / total), forward:backward cost ratio free; for
+    ZB-H1 with t_F = t_B = t_W (the simulator's default t_b = 2 split in halves) and
+    m >= p: (p-1) / (3m + p-1), about (p-1) / 3m (Qi et al. 2024)."""
+    if schedule == "none" or p == 1:
+        return 0.0
+    if schedule == "zb-h1":
+        return (p - 1) / (3 * m + p - 1)
+    if schedule == "interleaved":
+        return (p - 1) / (v * m + p - 1)
+    return (p - 1) / (m + p - 1)
+
+
+def _identity(stage: int, msg, p: int):
+    """What a message carries, the same on both ends: (kind, microbatch, producer
+    virtual stage) for activations, (kind, microbatch, consumer virtual stage) for
+    gradients (virtual stage of chunk c on stage s is c * p + s)."""
+    vstage = msg.chunk * p + stage
+    if msg.what == "act":
+        return ("act", msg.mb, vstage if msg.op == "send" else vstage - 1)
+    return ("grad", msg.mb, vstage - 1 if msg.op == "send" else vstage)
+
+
+def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
+             t_b: float = 2.0, schedule: str = "?", m: int = 0,
+             t_w: float | None = None) -> SimResult:
+    """Play every stage's program; raise ScheduleError on any violation. A backward
+    costs t_b; in a program with W ops, B costs t_b - t_w and W t_w (default t_b / 2)."""
+    n = len(programs)
+    if n != p:
+        raise ValueError(f"got {n} programs for p={p}")
+    split = any(op.kind == "W" for prog in programs for op in prog)
+    t_w = (t_b / 2 if t_w is None else t_w) if split else 0.0
+    cost = {"F": t_f / v, "B": (t_b - t_w) / v, "W": t_w / v}
+    pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
+    # every posted batch, per stage in posting order: its messages as (chan, kind, idx),
+    # the time it was posted, and the time it completed (None while pending)
+    batches: list[list[dict]] = [[] for _ in range(p)]
+    queues: dict = defaultdict(lambda: {"send": [], "recv": []})  # chan -> [(id, s, k)]
+    alive: list[set] = [set() for _ in range(p)]   # (mb, chunk) forwarded, not released
+    backwarded: list[set] = [set() for _ in range(p)]
+    recv_in: list[dict] = [{} for _ in range(p)]   # what a posted receive carries -> batch
+    done_f: list[set] = [set() for _ in range(p)]
+    peak = [0] * p
+    has_backward = [any(op.kind == "B" for op in prog) for prog in programs]
+    timeline: list[list] = [[] for _ in range(p)]
+
+    def peer_stage(s, msg):
+        return (s + 1) % p if msg.peer == "next" else (s - 1) % p
+
+    def active_since(s, k):
+        """When batch k of stage s starts matching: posted, and every earlier batch of
+        the stage complete (one ordered stream per rank, NCCL's rule); None if not yet."""
+        if k > 0 and batches[s][k - 1]["done"] is None:
+            return None
+        return max(batches[s][k]["posted"], batches[s][k - 1]["done"] if k else 0.0)
+
+    def settle() -> bool:
+        """Complete every batch whose messages all have an active counterpart."""
+        changed = False
+        again = True
+        while again:
+            again = False
+            for s in range(p):
+                for k, batch in enumerate(batches[s]):
+                    if batch["done"] is not None:
+                        continue
+                    start = active_since(s, k)
+                    if start is None:
+                        break
+                    finish = start
+                    for chan, kind, idx in batch["msgs"]:
+                        other = queues[chan]["recv" if kind == "send" else "send"]
+                        if len(other) <= idx:
+                            break
+                        _, o_stage, o_k = other[idx]
+                        o_start = active_since(o_stage, o_k)
+                        if o_start is None:
+                            break
+                        finish = max(finish, o_start)
+                    else:
+                        for chan, kind, idx in batch["msgs"]:
+                            mine = queues[chan][kind][idx][0]
+                            theirs = queues[chan]["recv" if kind == "send" else "send"][idx][0]
+                            if mine != theirs:
+                                raise ScheduleError(
+                                    f"message order mismatch on stages {chan[0]}->{chan[1]}, "
+                                    f"message #{idx}: stage {s} {kind}s {mine}, the peer has "
+                                    f"{theirs}")
+                        batch["done"] = finish
+                        changed = again = True
+                    if batch["done"] is None:
+                        break
+        return changed
+
+    def wait_for(s, tag) -> bool:
+        """Block stage s until the batch carrying receive `tag` completed."""
+        k = recv_in[s].get(tag)
+        if k is None:
+            raise ScheduleError(f"stage {s}: needs {tag} but never posted its receive")
+        done = batches[s][k]["done"]
+        if done is None:
+            return False
+        clock[s] = max(clock[s], done)
+        del recv_in[s][tag]
+        return True
+
+    def step(s) -> bool:
+        """Advance stage s as far as it can go; True if it moved."""
+        moved = False
+        prog = programs[s]
+        while pc[s] < len(prog):
+            op = prog[pc[s]]
+            key = (op.mb, op.chunk)
+            first = s == 0 and op.chunk == 0
+            last = s == p - 1 and op.chunk == v - 1
+            if op.kind == "F":
+                if not first and not wait_for(s, ("act",) + key):
+                    return moved
+                timeline[s].append(("F", op.mb, op.chunk, clock[s], clock[s] + cost["F"]))
+                clock[s] += cost["F"]
+                busy[s] += cost["F"]
+                done_f[s].add(key)
+                if has_backward[s]:
+                    alive[s].add(key)
+                    peak[s] = max(peak[s], len(alive[s]))
+            elif op.kind == "B":
+                if key not in alive[s] or key in backwarded[s]:
+                    raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} without its forward")
+                if not last and not wait_for(s, ("grad",) + key):
+                    return moved
+                timeline[s].append(("B", op.mb, op.chunk, clock[s], clock[s] + cost["B"]))
+                clock[s] += cost["B"]
+                busy[s] += cost["B"]
+                if split:
+                    backwarded[s].add(key)
+                else:
+                    alive[s].discard(key)
+            elif op.kind == "W":
+                if key not in backwarded[s]:
+                    raise ScheduleError(f"stage {s}: W{op.mb}.{op.chunk} before its B")
+                backwarded[s].discard(key)
+                alive[s].discard(key)
+                timeline[s].append(("W", op.mb, op.chunk, clock[s], clock[s] + cost["W"]))
+                clock[s] += cost["W"]
+                busy[s] += cost["W"]
+            else:   # post the batch; nobody waits here
+                k = len(batches[s])
+                batch = {"msgs": [], "posted": clock[s], "done": None}
+                for msg in op.msgs:
+                    other = peer_stage(s, msg)
+                    chan = (s, other) if msg.op == "send" else (other, s)
+                    q = queues[chan][msg.op]
+                    q.append((_identity(s, msg, p), s, k))
+                    batch["msgs"].append((chan, msg.op, len(q) - 1))
+                    mkey = (msg.mb, msg.chunk)
+                    if msg.op == "send" and msg.what == "act" and mkey not in done_f[s]:
+                        raise ScheduleError(f"stage {s}: sends activation {msg.mb}.{msg.chunk} "
+                                            "before computing it")
+                    if msg.op == "send" and msg.what == "grad" and split and \
+                            mkey not in backwarded[s]:
+                        raise ScheduleError(f"stage {s}: sends gradient {msg.mb}.{msg.chunk} "
+                                            "before its B")
+                    if msg.op == "recv":
+                        recv_in[s][(msg.what, msg.mb, msg.chunk)] = k
+                batches[s].append(batch)
+            pc[s] += 1
+            moved = True
+        return moved
+
+    while True:
+        moved = any([step(s) for s in range(p)])
+        settled = settle()
+        if all(pc[s] == len(programs[s]) for s in range(p)) and \
+                all(b["done"] is not None for bs in batches for b in bs):
+            break
+        if not moved and not settled:
+            waits = {s: str(programs[s][pc[s]]) if pc[s] < len(programs[s]) else
+                     "the end of the step (its sends)" for s in range(p)
+                     if pc[s] < len(programs[s]) or any(b["done"] is None for b in batches[s])}
+            raise ScheduleError(f"deadlock ({schedule}, p={p}, m={m}, vpp={v}): blocked "
+                                f"stages wait in {waits}")
+    for s in range(p):
+        # the step ends when this stage's last send has gone
+        clock[s] = max([clock[s]] + [b["done"] for b in batches[s]])
+        if alive[s] or recv_in[s]:
+            raise ScheduleError(f"stage {s} ends with activations never backwarded "
+                                f"{sorted(alive[s])} or unused messages {sorted(recv_in[s])}")
+    return SimResult(schedule, p, m, v, max(clock), busy, peak, [len(x) for x in programs],
+                     timeline)
+
+
+def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.0,
+                      t_b: float = 2.0, forward_only: bool = False) -> SimResult:
+    """Generate every stage's program with engine.pipeline.schedules and simulate them together."""
+    programs = [stage_program(schedule, p, s, m, v, forward_only) for s in range(p)]
+    return simulate(programs, p, v, t_f, t_b, schedule, m)
+
+
+def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):
+    """Every valid (schedule, p, m, vpp) of the test grid, forward-only included."""
+    for schedule in SCHEDULES:
+        for p in range(1, p_max + 1):
+            for v in range(1, v_max + 1):
+                for m in range(1, m_max + 1):
+                    for forward_only in (False, True):
+                        try:
+                            check_schedule(schedule, p, m, v, forward_only)
+                        except ValueError:
+                            continue
+                        yield schedule, p, m, v, forward_only
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--draw":
+        import argparse
+
+        from engine.pipeline.draw import draw_png
+        ap = argparse.ArgumentParser(prog="python -m engine.pipeline.sim --draw")
+        ap.add_argument("schedule")
+        ap.add_argument("-p", type=int, required=True)
+        ap.add_argument("-m", type=int, required=True)
+        ap.add_argument("--vpp", type=int, default=1)
+        ap.add_argument("-o", "--out", default="")
+        a = ap.parse_args(argv[1:])
+        r = simulate_schedule(a.schedule, a.p, a.m, a.vpp)
+        out = a.out or f"{a.schedule}_p{a.p}_m{a.m}.png"
+        draw_png(r, out)
+        print(f"wrote {out}: {a.schedule} p={a.p} m={a.m} vpp={a.vpp}, makespan "
+              f"{r.makespan:g}, bubble {r.bubble:.3f} (rows = ranks; blue F, green B, "
+              "orange W, white idle)")
+        return 0
+    if argv:
+        schedule, p, m = argv[0], int(argv[1]), int(argv[2])
+        v = int(argv[3]) if len(argv) > 3 else 1
+        r = simulate_schedule(schedule, p, m, v)
+        print(f"{schedule} p={p} m={m} vpp={v}: makespan {r.makespan:g}, bubble "
+              f"{r.bubble:.4f} (textbook {expected_bubble(schedule, p, m, v):.4f})")
+        for s in range(p):
+            print(f"  stage {s}: {r.ops[s]} ops, peak in flight {r.peak_in_flight[s]}")
+            print("   ", " ".join(map(str, stage_program(schedule, p, s, m, v))))
+        return 0
+    counts: dict = defaultdict(int)
+    worst: dict = defaultdict(float)
+    for schedule, p, m, v, fo in grid():
+        r = simulate_schedule(schedule, p, m, v, forward_only=fo)
+        name = schedule + (" (forward-only)" if fo else "")
+        counts[name] += 1
+        if not fo and (schedule != "zb-h1" or m >= p):   # ZB-H1's formula needs m >= p
+            worst[name] = max(worst[name], abs(r.bubble - expected_bubble(schedule, p, m, v)))
+    for name, n in counts.items():
+        extra = f", max |bubble - textbook| {worst[name]:.2e}" if name in worst else ""
+        print(f"{name:28s} {n:5d} cases, no deadlock, orders match{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""The LightChatGLM recipe: data, compression, fine-tuning, evaluation, reports."""

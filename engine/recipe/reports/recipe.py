@@ -1,0 +1,222 @@
+"""The runs behind the report, in order, at the sizes of a ReportConfig:
+
+  base            one model trained on both directions 50/50 (the "ChatGLM" every variant
+                  starts from; Algorithm 3 line 1's initialised teacher), from the
+                  pretrained LM checkpoint `rc.pretrained` (from scratch without one)
+  ft_<strategy>   teacher hybrid fine-tuning from base (Eq. 11-12): source | target | mixed
+  ft_<s>_pp       the same under a 2-stage 1F1B pipeline (torchrun, gloo)
+  pruned_<...>    structured pruning (activation importance; random for Figure 4)
+  st_<...>        continued distillation of the pruned student on D_d (Eq. 13)
+  + quality of every checkpoint, and the Figure 3 schedule timing.
+
+Training time of a row = the sum of its stages' step times (finetune.json
+"step_seconds": optimizer steps only, no start-up or evaluation)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from engine.recipe.reports import quality, schedule_timing
+from engine.recipe.reports.budget import ReportConfig
+from engine.recipe.reports.stages import dev_curve, read_json, run_stage
+
+
+def _subset(src: str, dst: str, n: int, seed: int) -> int:
+    """A seeded random subset of n lines of a TSV (the head of the file is format strings
+    from one catalogue, not a fair sample)."""
+    with open(src, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    idx = np.sort(np.random.default_rng(seed).permutation(len(lines))[:n])
+    with open(dst, "w", encoding="utf-8") as f:
+        f.writelines(lines[i] for i in idx)
+    return len(idx)
+
+
+class Recipe:
+    """resume: reuse the stages a previous run of the same ReportConfig finished in
+    work_dir (checkpoint + finetune.json, or a pruned checkpoint), so a report that
+    failed late costs only what is left; evaluation and Figure 3 always run again."""
+
+    def __init__(self, rc: ReportConfig, log=print, resume: bool = False):
+        self.rc, self.log, self.resume = rc, log, resume
+        self.work = rc.work_dir
+        os.makedirs(self.work, exist_ok=True)
+        self.train_tsv = os.path.join(self.work, "train_subset.tsv")
+        self.test_tsv = os.path.join(self.work, "test_subset.tsv")
+        self.results: dict = {"config": rc.to_dict(), "runs": {}, "quality": {}}
+
+    # ---- stage helpers ---------------------------------------------------------------
+    def _common(self, steps: int, out: str, pp: int) -> list[str]:
+        rc = self.rc
+        threads = 1 if pp > 1 else rc.threads
+        return ["--data.dir", rc.data_dir, "--data.task", "translation",
+                "--train.steps", str(steps), "--train.seq_len", str(rc.seq_len),
+                "--train.micro_batch_size", str(rc.micro_batch_size),
+                "--train.num_microbatches", str(rc.num_microbatches),
+                "--train.warmup_steps", str(max(1, steps // 10)),
+                "--train.eval_every", str(rc.eval_every),
+                "--train.eval_batches", str(rc.eval_batches),
+                "--train.log_every", str(max(1, steps // 4)), "--train.seed", str(rc.seed),
+                "--train.threads", str(threads), "--train.out_dir", out,
+                "--parallel.pp", str(pp), "--finetune.lam", str(rc.lam),
+                # a stage not reused is redone from its start, over a crashed attempt
+                "--force",
+                "--source-tsv", self.train_tsv, "--target-tsv", self.train_tsv]
+
+    def _timed(self, name: str, fn):
+        t0 = time.perf_counter()
+        fn()
+        self.log(f"  {name}: {time.perf_counter() - t0:.1f} s")
+
+    def _reuse(self, name: str, done: str) -> bool:
+        if self.resume and os.path.isfile(done):
+            self.log(f"  {name}: reused from {os.path.dirname(done)}")
+            self.results.setdefault("reused", []).append(name)
+            return True
+        return False
+
+    def _check_resume(self):
+        """A work dir remembers the settings that made it; --resume refuses others (the
+        reused stages would not be what the tables say they are)."""
+        path = os.path.join(self.work, "report_config.json")
+        mine = {k: v for k, v in self.rc.to_dict().items() if k != "out_dir"}
+        if self.resume and os.path.isfile(path):
+            old = read_json(path)
+            diff = sorted(k for k in set(mine) | set(old) if mine.get(k) != old.get(k))
+            if diff:
+                raise ValueError(f"--resume: {self.work} was made with other settings "
+                                 f"({', '.join(diff)}); use a new --work-dir")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(mine, f, indent=1)
+
+    def teacher(self, name: str, strategy: str, steps: int, init: str = "", pp: int = 1,
+                alpha: float | None = None):
+        out = os.path.join(self.work, name)
+        argv = ["teacher", *self._common(steps, out, pp), "--model.preset", self.rc.preset,
+                "--model.padded_vocab_size", str(self.rc.vocab),
+                "--finetune.strategy", strategy,
+                "--finetune.alpha", str(self.rc.alpha if alpha is None else alpha)]
+        if init:
+            argv += ["--train.init_from", init]
+        if not self._reuse(name, os.path.join(out, "finetune.json")):
+            self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
+        self._record(name, out)
+        return os.path.join(out, "checkpoint")
+
+    def prune(self, name: str, teacher: str, keep: float, method: str = "activation"):
+        out = os.path.join(self.work, name)
+        rc = self.rc
+        argv = ["--teacher", teacher, "--data-dir", rc.data_dir, "--out", out,
+                "--method", method, "--keep", str(keep), "--paper-rule",
+                "--calib-batches", str(rc.calib_batches), "--batch-size", "8",
+                "--seq-len", str(rc.seq_len), "--seed", str(rc.seed),
+                "--threads", str(rc.threads)]
+        if not self._reuse(name, os.path.join(out, "meta.json")):
+            self._timed(name, lambda: run_stage("prune", argv, out + ".log"))
+        return out
+
+    def student(self, name: str, teacher: str, pruned: str, pp: int = 1):
+        out = os.path.join(self.work, name)
+        argv = ["student", *self._common(self.rc.distill_steps, out, pp),
+                "--teacher", teacher, "--student", pruned]
+        if not self._reuse(name, os.path.join(out, "finetune.json")):
+            self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
+        self._record(name, out)
+        return os.path.join(out, "checkpoint")
+
+    def _record(self, name: str, out: str):
+        rec = read_json(os.path.join(out, "finetune.json"))
+        rec["dev_curve"] = dev_curve(out)
+        self.results["runs"][name] = rec
+
+    def evaluate(self, name: str, checkpoint: str):
+        rc = self.rc
+        t0 = time.perf_counter()
+        q = quality.measure(checkpoint, self.test_tsv,
+                            os.path.join(rc.data_dir, "tokenizer", "tokenizer.model"),
+                            rc.test_sentences, rc.max_new_tokens, rc.latency_samples)
+        from engine.recipe.compress.export import load_glm
+        from engine.recipe.compress.search import non_embedding_params
+        model, _ = load_glm(checkpoint)
+        q["non_embedding_params"] = non_embedding_params(model.config)
+        self.results["quality"][name] = q
+        self.log(f"  eval {name}: BLEU {q['bleu']:.2f} chrF {q['chrf']:.2f} "
+                 f"({time.perf_counter() - t0:.1f} s)")
+
+    def _pretrained(self) -> str:
+        """The pretrained LM the base starts from, checked against the report's preset
+        before anything trains (a shape mismatch would otherwise fail minutes in)."""
+        rc = self.rc
+        if not rc.pretrained:
+            return ""
+        from engine.train.checkpoint import Checkpoint, CheckpointError
+        from model import GLMConfig
+        try:
+            meta = Checkpoint(rc.pretrained).meta
+        except CheckpointError as e:
+            raise ValueError(f"--pretrained: {e}") from None
+        have = GLMConfig.from_dict(meta["config"]["model"]).to_dict()
+        want = GLMConfig.preset(rc.preset, padded_vocab_size=rc.vocab).to_dict()
+        diff = [f"{k} {have.get(k)} != {v}" for k, v in want.items()
+                if k != "kernels" and have.get(k) != v]
+        if diff:
+            raise ValueError(f"--pretrained {rc.pretrained} is not preset {rc.preset} with "
+                             f"vocab {rc.vocab}: {', '.join(diff)}")
+        return rc.pretrained
+
+    # ---- the whole recipe ------------------------------------------------------------
+    def run(self) -> dict:
+        rc = self.rc
+        t_start = time.perf_counter()
+        from model import GLMConfig
+        # settings that would fail late fail here, before anything trains
+        schedule_timing.interleave_vpp(GLMConfig.preset(rc.preset).num_layers)
+        pretrained = self._pretrained()
+        self._check_resume()
+        n = _subset(os.path.join(rc.data_dir, "pairs", "train.tsv"), self.train_tsv,
+                    rc.train_pairs, rc.seed)
+        _subset(os.path.join(rc.data_dir, "pairs", "test.tsv"), self.test_tsv,
+                rc.test_sentences, rc.seed)
+        self.log(f"report: {n} training pairs per task, preset {rc.preset}, base from "
+                 f"{pretrained or 'scratch'}")
+        base = self.teacher("base", "mixed", rc.base_steps, init=pretrained,
+                            alpha=0.5)
+        teachers = {}
+        for strategy in ("source", "target", "mixed"):            # Figure 5
+            teachers[strategy] = self.teacher(f"ft_{strategy}", strategy, rc.finetune_steps,
+                                              init=base)
+        for strategy in ("source", "mixed"):                       # Table 5: + pipeline
+            teachers[f"{strategy}_pp"] = self.teacher(f"ft_{strategy}_pp", strategy,
+                                                      rc.finetune_steps, init=base, pp=2)
+        k = rc.ablation_keep
+        students = {}
+        for key in ("source", "mixed", "source_pp", "mixed_pp"):     # Table 5: + compression
+            pruned = self.prune(f"pruned_{key}_{k}", teachers[key], k)
+            students[key] = self.student(f"st_{key}_{k}", teachers[key], pruned,
+                                         pp=2 if key.endswith("_pp") else 1)
+        for level in rc.keep_levels:                               # Table 4
+            if level == k:
+                continue
+            pruned = self.prune(f"pruned_mixed_{level}", teachers["mixed"], level)
+            students[f"mixed_{level}"] = self.student(f"st_mixed_{level}", teachers["mixed"],
+                                                      pruned)
+        pruned = self.prune(f"pruned_random_{k}", teachers["mixed"], k, method="random")
+        self.student(f"st_random_{k}", teachers["mixed"], pruned)  # Figure 4
+        for key, ckpt in teachers.items():
+            self.evaluate(f"ft_{key}", ckpt)
+        self.evaluate("base", base)
+        for key, ckpt in students.items():
+            name = f"st_{key}" if key.startswith("mixed_0") else f"st_{key}_{k}"
+            self.evaluate(name, ckpt)
+        self.log("Figure 3: schedule timing on gloo")
+        t0 = time.perf_counter()
+        self.results["figure3"] = schedule_timing.measure(
+            GLMConfig.preset(rc.preset, padded_vocab_size=rc.vocab), rc.fig3_batches,
+            rc.fig3_micro_batch, rc.fig3_seq_len, rc.fig3_reps, epoch_samples=n,
+            threads=rc.threads)
+        self.log(f"  figure 3: {time.perf_counter() - t0:.1f} s")
+        self.results["wall_seconds"] = time.perf_counter() - t_start
+        return self.results

@@ -1,0 +1,230 @@
+"""Glue between a RunConfig and the Trainer: the process groups (under torchrun), the
+out_dir (lock, resume or refuse: engine/train/run_dir.py), data, tokenizer check, final save."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from engine.train import checkpoint as ckpt_lib
+from engine.train.checkpoint import TOKENIZER_FILE
+from engine.config import RunConfig
+from engine.recipe.data.loaders import make_datasets
+from engine.train.trainer import Trainer
+from model.config import with_layout_of
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parallel_state(cfg: RunConfig):
+    """None for a plain single process; otherwise join the torchrun job and build the
+    groups. The layout is checked before any collective, so an impossible one fails on
+    every rank with the same one-line error instead of a hang."""
+    from engine.parallel.state import ParallelDims, init_distributed
+    pc, world = cfg.parallel, world_size()
+    tp_pp = pc.tp * pc.pp
+    if pc.dp == 0:
+        if world % tp_pp:
+            raise ValueError(f"world size {world} is not divisible by tp*pp={tp_pp}")
+        dp = world // tp_pp
+    else:
+        dp = pc.dp
+    dims = ParallelDims(tp=pc.tp, pp=pc.pp, dp=dp, vpp=pc.vpp)
+    dims.validate(world, cfg.model.num_layers)
+    if pc.tp > 1:
+        heads, groups = cfg.model.num_attention_heads, cfg.model.multi_query_group_num
+        if heads % pc.tp or (pc.tp <= groups and groups % pc.tp) or (
+                pc.tp > groups and pc.tp % groups):
+            raise ValueError(f"parallel.tp={pc.tp} does not divide the model's "
+                             f"{heads} heads / {groups} KV groups evenly")
+        if cfg.model.ffn_hidden_size % pc.tp or cfg.model.padded_vocab_size % pc.tp:
+            raise ValueError(f"parallel.tp={pc.tp} must divide ffn_hidden_size="
+                             f"{cfg.model.ffn_hidden_size} and padded_vocab_size="
+                             f"{cfg.model.padded_vocab_size}")
+    if world == 1:
+        return None
+    from engine.parallel.monitor import start_monitor
+    state = init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
+    start_monitor(state)   # heartbeats: a dead or hung rank is named (engine/parallel/monitor.py)
+    return state
+
+
+# ---- --parallel auto --------------------------------------------------------------------
+
+def _given_dp(cfg: RunConfig, world: int) -> int:
+    pc = cfg.parallel
+    if pc.dp:
+        return pc.dp
+    if world % (pc.tp * pc.pp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp={pc.tp * pc.pp}")
+    return world // (pc.tp * pc.pp)
+
+
+def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None = None):
+    """The planner's layout for this run, as a new RunConfig: (config, candidates best
+    first, chosen candidate). Pure: no process group, the device profile is given.
+
+    Global batch = micro_batch_size * num_microbatches * dp of `cfg` (sequences), kept.
+    Layouts with and without activation recompute are considered (the choice sets
+    train.recompute), only recompute ones when the config asks for it (train.recompute
+    true is kept, false leaves the choice to the planner); sequence parallelism needs
+    seq_len divisible by tp (else that tp runs without it)."""
+    from engine.planner import PlanRequest, best, plan
+    from engine.planner.search import Candidate
+    tc, pc = cfg.train, cfg.parallel
+    local_world = local_world or world
+    global_batch = tc.micro_batch_size * tc.num_microbatches * _given_dp(cfg, world)
+    memory_gb = pc.memory_gb or profile.memory_bytes / 1e9
+    if not profile.async_launch:
+        memory_gb /= local_world       # CPU ranks of one host share its memory
+    precision = profile.precision if tc.precision == "auto" else (
+        "fp32" if tc.precision == "fp32" else "bf16")   # fp16 keeps bf16's byte counts
+    kernels = {"torch": "torch", "triton": "fused"}.get(cfg.model.kernels, profile.kernels)
+    common = dict(config=cfg.model, world_size=world, device_memory_gb=memory_gb,
+                  seq_len=tc.seq_len, global_batch=global_batch,
+                  gpus_per_node=min(world, local_world), precision=precision,
+                  kernels=kernels, recompute=(True,) if tc.recompute else (False, True))
+    cands = [c for c in plan(PlanRequest(**common, sequence_parallel=True), profile)
+             if c.layout.tp == 1 or tc.seq_len % c.layout.tp == 0]
+    cands += [c for c in plan(PlanRequest(**common, sequence_parallel=False), profile)
+              if c.layout.tp > 1 and tc.seq_len % c.layout.tp]
+    cands.sort(key=Candidate.sort_key)
+    chosen = best(cands)
+    lay = chosen.layout
+    parallel = dataclasses.replace(pc, tp=lay.tp, pp=lay.pp, dp=lay.dp, vpp=lay.vpp,
+                                   schedule=lay.schedule if lay.pp > 1 else pc.schedule,
+                                   zero_stage=lay.zero_stage,
+                                   sequence_parallel=lay.sequence_parallel, auto=False)
+    train = dataclasses.replace(tc, micro_batch_size=lay.micro_batch_size,
+                                num_microbatches=lay.num_microbatches,
+                                recompute=lay.recompute)
+    return dataclasses.replace(cfg, parallel=parallel, train=train), cands, chosen
+
+
+def _join_world(timeout_s: float):
+    """The default process group from the torchrun environment (init_distributed reuses
+    it), so every rank can calibrate together and agree on one plan."""
+    if dist.is_initialized():
+        return
+    device = None
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device is not None else "gloo",
+                            timeout=timedelta(seconds=timeout_s), device_id=device)
+
+
+def resolve_parallel(cfg: RunConfig, log=print) -> RunConfig:
+    """`--parallel auto`: fill the layout fields from the planner before anything is
+    built; any other config comes back unchanged. Under torchrun every rank joins the
+    default group and calibrates (collectives are measured too), rank 0 plans, and its
+    choice is broadcast, so all ranks build the same layout even where measurements
+    differ between them. Rank 0 logs the choice and the head of the candidate table."""
+    if not cfg.parallel.auto:
+        return cfg
+    from engine.planner import calibrate, device_profile, format_table
+    world = world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world > 1:
+        _join_world(cfg.parallel.timeout_s)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = cfg.parallel.device
+    profile = calibrate(repeats=3) if name == "measure" else (
+        calibrate(torch.device("cpu"), repeats=3) if name == "cpu" else device_profile(name))
+    box = [None]
+    if rank == 0:
+        try:
+            box[0] = plan_parallel(cfg, world, profile, local_world)
+        except ValueError as e:
+            box[0] = e
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], ValueError):     # every rank fails with rank 0's one-line error
+        raise ValueError(f"--parallel auto: {box[0]}")
+    resolved, cands, chosen = box[0]
+    if rank == 0:
+        m, t, lay = chosen.memory.peak, chosen.time, chosen.layout
+        log(f"parallel auto: {world} rank(s), {profile.name}, seq {cfg.train.seq_len}, global "
+            f"batch {lay.dp * lay.micro_batch_size * lay.num_microbatches}: chose "
+            f"{lay.short()} (schedule {lay.schedule}; predicted {m.total / 1e9:.2f} GB per "
+            f"device, {t.total:.3f} s per step)")
+        log("\n".join(format_table(cands, top=5).splitlines()[:7]))
+    return resolved
+
+
+def model_parallel_group(state):
+    """Ranks holding the pieces of one model replica (same dp coordinate): the group the
+    optimizer sums squared gradient norms over. new_group is collective: all ranks create
+    all groups in the same order."""
+    from engine.parallel.state import rank_to_coords
+    if state is None or state.dims.tp * state.dims.pp == 1:
+        return None
+    world = state.dims.world_size
+    mine = None
+    for d in range(state.dims.dp):
+        ranks = [r for r in range(world) if rank_to_coords(r, state.dims).dp == d]
+        group = dist.new_group(ranks, timeout=state.timeout)
+        if state.coords.dp == d:
+            mine = group
+    return mine
+
+
+def stopped_line(trainer, path: str) -> str:
+    return (f"stopped by {trainer.stopped_by} after step {trainer.step}/"
+            f"{trainer.cfg.train.steps}: saved {path} (continue with --resume)")
+
+
+def open_out_dir(cfg: RunConfig, state, resume: bool, force: bool, log=print):
+    """The run's out_dir, locked, with the checkpoint to resume from (engine/train/run_dir.py)."""
+    from engine.train.run_dir import open_run_dir
+    return open_run_dir(cfg.train.out_dir, resume=resume, force=force,
+                        keep=cfg.train.keep_checkpoints, state=state, log=log,
+                        command=" ".join(sys.argv))
+
+
+def run_training(cfg: RunConfig, resume: bool = False, log=print,
+                 force: bool = False) -> Trainer:
+    """force: start over in an out_dir that holds checkpoints (they are set aside)."""
+    cfg = resolve_parallel(cfg, log)
+    tc = cfg.train
+    if tc.init_from:
+        # an imported ChatGLM keeps its causal 1D layout and rope (model/config.py)
+        cfg.model = with_layout_of(cfg.model, ckpt_lib.Checkpoint(tc.init_from)
+                                   .meta.get("config", {}).get("model", {}))
+    state = parallel_state(cfg)
+    run_dir = None
+    try:
+        run_dir = open_out_dir(cfg, state, resume, force, log)
+        tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
+                                        cfg.model.padded_vocab_size, cfg.data.objective,
+                                        model_config=cfg.model)
+        # the tokenizer travels inside every checkpoint so evaluation needs nothing else
+        trainer = Trainer(cfg, train, dev, state=state, tokenizer_sha256=tok.sha256, log=log,
+                          mp_group=model_parallel_group(state),
+                          extra_files={TOKENIZER_FILE: str(tok.path)})
+        if run_dir.resume_path:
+            trainer.resume(run_dir.resume_path)
+            trainer.log(f"resumed from {run_dir.resume_path} at step {trainer.step}")
+        n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
+        layout = (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
+                  f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state else
+                  "single process") + (" | activation recompute" if tc.recompute else "")
+        trainer.log(f"model: {n_params:,} parameters on rank 0 | {layout} | task "
+                    f"{cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
+                    f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")
+        trainer.fit()
+        path = trainer.save()
+        trainer.log(stopped_line(trainer, path) if trainer.stopped_by else f"saved {path}")
+        return trainer
+    finally:
+        if run_dir is not None:
+            run_dir.close()
+        if state is not None and dist.is_initialized():
+            dist.destroy_process_group()
