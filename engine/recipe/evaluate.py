@@ -53,20 +53,25 @@ def translation_format(model, tok) -> TranslationFormat:
 
 
 def translate(model, tok, sources: list[str], *, batch_size=32, max_new_tokens=64,
-              max_source=96, mode="greedy", num_beams=4) -> tuple[list[str], float, int]:
-    """Returns (hypotheses, seconds, generated token count)."""
+              max_source=96, mode="greedy", num_beams=4, progress=None,
+              **sampling) -> tuple[list[str], float, int]:
+    """Returns (hypotheses, seconds, generated token count). sampling: generate()'s
+    temperature / top_k / top_p / seed / length_penalty; progress: an engine.progress.
+    Progress, advanced by each batch's sentences."""
     hyps, seconds, n_tokens = [], 0.0, 0
     fmt = translation_format(model, tok)
+    utf8 = Utf8Constraint.for_tokenizer(tok)
     for i in range(0, len(sources), batch_size):
         prompts = [prompt_ids(tok, s, max_source, fmt) for s in sources[i:i + batch_size]]
         t0 = time.perf_counter()
         out = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=fmt.stop_ids,
                        pad_id=tok.pad_id, sop_id=tok.sop_id, mode=mode, num_beams=num_beams,
-                       vocab_size=tok.vocab_size,
-                       utf8=Utf8Constraint.for_tokenizer(tok))
+                       vocab_size=tok.vocab_size, utf8=utf8, **sampling)
         seconds += time.perf_counter() - t0
         n_tokens += sum(len(o) for o in out)
         hyps += [tok.decode(o).strip() for o in out]
+        if progress is not None:
+            progress.update(len(prompts))
     return hyps, seconds, n_tokens
 
 
