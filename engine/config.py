@@ -45,6 +45,8 @@ class TrainConfig:
     loss_spike_factor: float = 10.0   # stop when loss > factor x its running mean; 0: off
     profile_steps: str = ""           # "A:B": torch.profiler trace + pipeline timeline of
     #                                   steps A..B (1-based) into out_dir/profile
+    tensorboard: bool = False         # also write metrics.jsonl's scalars as TensorBoard
+    #                                   events to out_dir/tensorboard (optional package)
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "num_microbatches", "seq_len", "log_every",
@@ -65,6 +67,8 @@ class TrainConfig:
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need "
                              "0 <= min_lr <= lr and lr > 0")
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(f"train.tensorboard={self.tensorboard!r} must be true or false")
         if not isinstance(self.recompute, bool):   # "--train.recompute no" must not be truthy
             raise ValueError(f"train.recompute={self.recompute!r} must be true or false")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

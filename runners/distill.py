@@ -139,10 +139,10 @@ def main(argv=None):
             trainer.resume(run_dir.resume_path)
             trainer.log(f"resumed from {run_dir.resume_path} at step {trainer.step}")
         t_tokens = train_tokens(t_ckpt.meta) if t_ckpt is not None else None
-        n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
+        from engine.train.metrics import params_line
         trainer.log(
-            f"student: {n_params:,} trained parameters on rank 0"
-            + (f" | teacher: {t_params:,}" if t_params is not None else "")
+            "student: " + params_line(cfg.model, trainer.named_trained_parameters(), state)
+            + (f" | teacher: {t_params:,} (whole model)" if t_params is not None else "")
             + f" | task {cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
             f"{tc.micro_batch_size} x {tc.seq_len} = {tokens:,} tokens"
             + (f" ({tokens / t_tokens:.1%} of the teacher checkpoint's own run, {t_tokens:,})"

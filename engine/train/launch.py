@@ -212,11 +212,12 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print,
         if run_dir.resume_path:
             trainer.resume(run_dir.resume_path)
             trainer.log(f"resumed from {run_dir.resume_path} at step {trainer.step}")
-        n_params = sum(p.numel() for _, p in trainer.named_trained_parameters())
+        from engine.train.metrics import params_line
+        params = params_line(cfg.model, trainer.named_trained_parameters(), state)
         layout = (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
                   f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state else
                   "single process") + (" | activation recompute" if tc.recompute else "")
-        trainer.log(f"model: {n_params:,} parameters on rank 0 | {layout} | task "
+        trainer.log(f"model: {params} | {layout} | task "
                     f"{cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
                     f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")
         trainer.fit()

@@ -17,7 +17,6 @@ position is just the step count, so `--resume` continues bitwise on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -31,13 +30,14 @@ from engine.train import checkpoint as ckpt_lib
 from engine.config import RunConfig
 from engine.train.divergence import DivergenceError, DivergenceGuard
 from engine.train.flops import train_flops_per_token
+from engine.train.metrics import TrainMetrics
 from engine.parallel.monitor import step_guard
 from engine.optim import DistributedOptimizer, OptimConfig
 from engine.train.run_dir import CheckpointStore
 from engine.train.profiling import StepProfiler
 from engine.pipeline.schedules import build_stage, forward_backward, glm_forward_step
 from engine.train.stop import active as active_stop
-from engine.train.timing import Clock, peak_flops
+from engine.train.timing import Clock
 from model.config import layout_mismatch
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
@@ -197,11 +197,13 @@ class Trainer:
             model_parallel_group=mp_group, tp_rank=self.tp_rank)
         self.step = 0
         self.flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
-        self._peak: float | None = None     # measured / looked up at the first log line
         self._real_tokens = 0
         if self.rank == 0:
             os.makedirs(tc.out_dir, exist_ok=True)
-        self.metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+        self.metrics = TrainMetrics(cfg, rank=self.rank, log=self.log, device=self.device,
+                                    devices=self.dp * self.tp * self.pp,
+                                    flops_per_token=self.flops_per_token)
+        self.metrics_path = self.metrics.path
         self.guard = DivergenceGuard(tc.max_skipped_steps, tc.loss_spike_factor)
         self.store = CheckpointStore(tc.out_dir, tc.keep_checkpoints, log=self.log)
         self._saved_step: int | None = None    # the step of the last managed save
@@ -273,11 +275,7 @@ class Trainer:
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation of the whole job against its devices' matmul peak (the
         planner's profile on known GPUs; on CPU this process's measured matmul rate)."""
-        if self._peak is None:
-            self._peak = peak_flops(self.device)[0] or 0.0
-        devices = self.dp * self.tp * self.pp
-        return tokens_per_s * self.flops_per_token / (self._peak * devices) \
-            if self._peak else None
+        return self.metrics.mfu(tokens_per_s)
 
     @torch.no_grad()
     def evaluate(self, data=None, batches: int | None = None) -> float:
@@ -292,11 +290,6 @@ class Trainer:
         for c in self.chunks:
             c.train()
         return loss
-
-    def _write_metrics(self, record: dict):
-        if self.rank == 0:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
 
     # ---- checkpoints -----------------------------------------------------------------
     def _barrier(self):
@@ -388,6 +381,7 @@ class Trainer:
                            "zero_stage": self.cfg.parallel.zero_stage},
                 "optimizer": {k: v for k, v in full.items() if k != "params"},
                 "divergence": self.guard.state_dict(),
+                "metrics": self.metrics.state_dict(),
                 **self.extra_meta,
             }
             try:
@@ -458,6 +452,7 @@ class Trainer:
         self.step = int(ckpt.meta["step"])
         ckpt_lib.set_rng_state(ckpt.meta["rng"])
         self.guard.load_state_dict(ckpt.meta.get("divergence") or {})
+        self.metrics.load_state_dict(ckpt.meta.get("metrics") or {})
         if os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.store.root):
             self._saved_step = self.step      # resuming in place: that step is saved
             self.store.pinned = os.path.join(self.store.root, os.path.basename(path))
@@ -480,7 +475,7 @@ class Trainer:
         tc = self.cfg.train
         history = []
         last = min(tc.steps, stop_at) if stop_at is not None else tc.steps
-        window_tokens, window_time = 0, 0.0
+        self.metrics.start(self.step)
         stop = active_stop()   # SIGTERM / SIGINT: stop after a step (engine/train/stop.py)
         self.stopped_by = None
         profiler = StepProfiler.from_config(tc.profile_steps, tc.out_dir, self.state,
@@ -489,33 +484,17 @@ class Trainer:
             with profiler.step(self.step + 1) as stats:
                 st = self.train_step(stats)
             history.append(st)
-            window_tokens += st.tokens
-            window_time += st.seconds
             self.guard.observe(st.step, st.loss, st.skipped, st.backoff)
-            record = {"step": st.step, "loss": st.loss, "lr": st.lr, "grad_norm": st.grad_norm,
-                      "tokens": st.tokens, "seconds": st.seconds}
+            record = self.metrics.observe(st)   # engine/train/metrics.py: line and sinks
             if st.step % tc.log_every == 0 or st.step == last:
-                tps = window_tokens / max(window_time, 1e-9)
-                record["tokens_per_s"] = tps
-                record["flops_per_s"] = tps * self.flops_per_token
-                mfu = self.mfu(tps) if self.rank == 0 else None
-                if mfu is not None:
-                    record["mfu"] = mfu
                 terms = self.log_terms() if self.log_terms is not None else {}
-                record.update(terms)
-                self.log(f"step {st.step:5d}/{tc.steps} | loss {st.loss:.4f} | lr {st.lr:.2e}"
-                         f" | gnorm {st.grad_norm:.3f} | {tps:,.0f} tok/s"
-                         f" | {tps * self.flops_per_token / 1e9:.2f} GFLOP/s"
-                         + (f" | MFU {mfu:.1%}" if mfu is not None else "")
-                         + "".join(f" | {k} {v:.4f}" for k, v in terms.items())
-                         + (self._skip_note(st) if st.skipped else ""))
-                window_tokens, window_time = 0, 0.0
+                self.metrics.log_step(st, record, terms,
+                                      self._skip_note(st) if st.skipped else "")
             if self.dev_data is not None and tc.eval_every and (
                     st.step % tc.eval_every == 0 or st.step == tc.steps):
                 record["dev_loss"] = self.evaluate()
-                self.log(f"step {st.step:5d} | dev loss {record['dev_loss']:.4f} | "
-                         f"ppl {math.exp(min(record['dev_loss'], 50)):.1f}")
-            self._write_metrics(record)
+                self.metrics.log_dev(st.step, record["dev_loss"])
+            self.metrics.write(record)
             if tc.save_every and st.step % tc.save_every == 0:
                 if self.guard.in_streak:       # the weights may be garbage: keep the last
                     self.log(f"step {st.step:5d} | not saving: {self.guard.skipped_in_a_row}"
@@ -526,6 +505,7 @@ class Trainer:
                 self.stopped_by = stop.stopped_by
                 break
         profiler.close()   # a run that ends inside the profiled steps still writes them
+        self.metrics.close()
         return history
 
     def _skip_note(self, st: StepStats) -> str:
