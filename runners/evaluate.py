@@ -31,6 +31,8 @@ def parse_args(argv=None):
                     help="tokenizer.model (default: the one saved with the checkpoint)")
     io.add_argument("--out", default=None, help="folder for eval.json / eval.md")
     io.add_argument("--name", default="model", help="row name in the markdown table")
+    io.add_argument("--save-hyps", default=None, metavar="FILE",
+                    help="write every hypothesis: english<TAB>reference<TAB>hypothesis")
     dec = p.add_argument_group("decoding")
     dec.add_argument("--mode", choices=["greedy", "beam"], default="greedy")
     dec.add_argument("--num-beams", type=int, default=4)
@@ -49,7 +51,7 @@ def main(argv=None):
     from engine.train import checkpoint as ckpt_lib
     from engine.recipe.data.corpus import read_tsv
     from engine.recipe.data.datasets import TranslationDataset
-    from engine.recipe.evaluate import evaluate, markdown_table
+    from engine.recipe.evaluate import evaluate, markdown_table, save_hypotheses
     from model import GLM, GLMConfig
     from engine.recipe.data.prompts import TranslationFormat
     from model.tokenizer import load_tokenizer
@@ -83,7 +85,7 @@ def main(argv=None):
     result = evaluate(model, tok, pairs, dev=dev, heldout=heldout, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, mode=args.mode,
                       num_beams=args.num_beams, latency_samples=args.latency_samples,
-                      checkpoint_dir=args.checkpoint)
+                      checkpoint_dir=args.checkpoint, progress=True)
     table = markdown_table({args.name: result})
     print(table)
     for ex in result.examples[:5]:
@@ -96,6 +98,9 @@ def main(argv=None):
         with open(os.path.join(args.out, "eval.md"), "w", encoding="utf-8") as f:
             f.write(table + "\n")
         print(f"wrote {args.out}/eval.json and eval.md")
+    if args.save_hyps:
+        save_hypotheses(args.save_hyps, pairs, result.hypotheses)
+        print(f"wrote {len(result.hypotheses):,} hypotheses to {args.save_hyps}")
 
 
 if __name__ == "__main__":

@@ -6,35 +6,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from engine.progress import Progress, format_duration
 from engine.recipe.translate import Translator, read_sentences
-from engine.train.checkpoint import save_checkpoint
-from model import GLM, GLMConfig
 from model.generate import GenerationConfig
-from model.tokenizer import Tokenizer
+from tiny_translation import SENTENCES, make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = (["The file could not be opened.", "Permission denied", "Save changes?",
-         "No such file or directory", "invalid option", "Cannot allocate memory",
-         "无法打开文件。", "权限被拒绝", "保存更改吗？", "没有那个文件或目录", "无效的选项"] * 20)
-SENTENCES = ["Permission denied", "The file could not be opened.", "Save changes?",
-             "invalid option -- 'x'", "No such file or directory: a very long path name here"]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("translate")
-    tok = Tokenizer.train(TEXT, root / "tok", vocab_size=360)
-    cfg = GLMConfig.preset("tiny", padded_vocab_size=384, init_std=0.3)
-    model = GLM.build(cfg, seed=3)
-    path = str(root / "ckpt")
-    save_checkpoint(path, {n: p.detach() for n, p in model.named_parameters()}, {},
-                    {"config": {"model": cfg.to_dict()}, "step": 7,
-                     "tokenizer_sha256": tok.sha256},
-                    extra_files={"tokenizer.model": str(tok.path)})
-    return path
+    return make_checkpoint(tmp_path_factory.mktemp("translate"))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +122,6 @@ def test_runner_arguments_stdin_and_a_bad_checkpoint(ckpt, tr, tmp_path):
 
 
 def test_a_chatglm_directory_translates_directly(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from chatglm_ref import make_chatglm_dir, train_chatglm_sp
     sp = train_chatglm_sp(str(tmp_path / "sp"))
     src = make_chatglm_dir(str(tmp_path / "published"), "base", 1.0, tokenizer=sp)

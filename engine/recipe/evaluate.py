@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from sacrebleu.metrics import BLEU, CHRF
@@ -34,9 +35,13 @@ class EvalResult:
     latency_ms_per_token: float  # the same runs' time / generated tokens (length-free)
     decode_tokens_per_s: float  # batched decoding throughput
     examples: list
+    # every hypothesis in input order: --save-hyps writes them; eval.json keeps examples
+    hypotheses: list = field(default_factory=list, repr=False)
 
     def to_dict(self):
-        return asdict(self)
+        d = asdict(self)
+        d.pop("hypotheses")
+        return d
 
 
 def prompt_ids(tok, english: str, max_source: int, fmt=None) -> list[int]:
@@ -142,17 +147,35 @@ def dir_size_mb(path: str, sub: str = "model") -> float:
 
 def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, heldout=None,
              batch_size=32, max_new_tokens=64, mode="greedy", num_beams=4,
-             latency_samples=16, checkpoint_dir=None, n_examples=8) -> EvalResult:
+             latency_samples=16, checkpoint_dir=None, n_examples=8,
+             progress: bool = False) -> EvalResult:
+    """progress: a line on stderr at most every 10 s while decoding, and one per phase."""
+    from engine.progress import Progress, format_duration
     model.eval()
     sources = [p[0] for p in pairs]
     refs = [p[1] for p in pairs]
+    bar = Progress(len(sources), "evaluate: translate", "sentences") if progress else None
     hyps, seconds, n_tokens = translate(model, tok, sources, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, mode=mode,
-                                        num_beams=num_beams)
+                                        num_beams=num_beams, progress=bar)
+    if bar is not None:
+        bar.done()
     s = score(hyps, refs)
-    dl = full_loss(model, dev, batch_size) if dev is not None else None
-    hl = full_loss(model, heldout, batch_size) if heldout is not None else None
-    ms_sent, ms_token = measure_latency(model, tok, sources[:latency_samples], max_new_tokens)
+
+    def phase(what, fn):
+        t0 = time.monotonic()
+        out = fn()
+        if progress:
+            print(f"evaluate: {what} | {format_duration(time.monotonic() - t0)}",
+                  file=sys.stderr, flush=True)
+        return out
+    dl = phase(f"dev loss over {len(dev):,} examples", lambda: full_loss(
+        model, dev, batch_size)) if dev is not None else None
+    hl = phase(f"held-out loss over {len(heldout):,} pairs", lambda: full_loss(
+        model, heldout, batch_size)) if heldout is not None else None
+    ms_sent, ms_token = phase(
+        f"latency over {min(latency_samples, len(sources))} sentences, one at a time",
+        lambda: measure_latency(model, tok, sources[:latency_samples], max_new_tokens))
     return EvalResult(
         n_sentences=len(pairs), bleu=s["bleu"], chrf=s["chrf"], exact_match=s["exact_match"],
         dev_loss=dl, dev_ppl=math.exp(min(dl, 50)) if dl is not None else None,
@@ -162,7 +185,18 @@ def evaluate(model, tok, pairs: list[tuple[str, str]], *, dev=None, heldout=None
         latency_ms=ms_sent, latency_ms_per_token=ms_token,
         decode_tokens_per_s=n_tokens / max(seconds, 1e-9),
         examples=[{"en": a, "ref": r, "hyp": h}
-                  for a, r, h in list(zip(sources, refs, hyps))[:n_examples]])
+                  for a, r, h in list(zip(sources, refs, hyps))[:n_examples]],
+        hypotheses=hyps)
+
+
+def save_hypotheses(path: str, pairs: list[tuple[str, str]], hyps: list[str]):
+    """english<TAB>reference<TAB>hypothesis, one line per evaluated pair, in input order."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    clean = lambda t: " ".join(t.split())  # noqa: E731 - a tab or newline would split a row
+    with open(path, "w", encoding="utf-8") as f:
+        for (en, ref), hyp in zip(pairs, hyps):
+            f.write(f"{clean(en)}\t{clean(ref)}\t{clean(hyp)}\n")
 
 
 def markdown_table(rows: dict[str, EvalResult]) -> str:
