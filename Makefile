@@ -5,6 +5,10 @@ DATA    := data
 RUNS    := runs/demo
 PRETRAINED := $(RUNS)/pretrain/checkpoint/meta.json
 THREADS ?= 2
+# stage banners with the time each took (runners/stage.py); demo has 7 stages, paper 4
+T0      := $(shell date +%s)
+STAGE    = $(PY) runners/stage.py
+N       := $(if $(filter paper,$(MAKECMDGOALS)),4,7)
 
 .PHONY: setup test demo data paper clean gpu-check
 
@@ -22,42 +26,53 @@ test: setup
 	$(PY) -m pytest -q tests
 
 data: setup
-	$(PY) runners/prepare_data.py --out $(DATA)
+	$(STAGE) 1/$(N) "prepare data: extract EN/ZH pairs, tokenizer, shards" -- \
+	    $(PY) runners/prepare_data.py --out $(DATA)
 
 # the pretrained LM (shared by demo and paper; kept until make clean): a 2-stage 1F1B
 # pipeline, one process per core. meta.json is written last, so a killed run is redone.
 $(PRETRAINED): | data
-	OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 runners/pretrain.py \
+	$(STAGE) 2/$(N) "pretrain the LM (2-stage 1F1B pipeline, 2 processes)" -- \
+	    env OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 runners/pretrain.py \
 	    --config configs/demo_pretrain.json --parallel.pp 2 \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/pretrain --train.threads 1
 
 demo: data $(PRETRAINED)
-	$(PY) runners/pretrain.py --config configs/demo_translate.json --force \
+	$(STAGE) 3/7 "fine-tune the teacher on translation" -- \
+	    $(PY) runners/pretrain.py --config configs/demo_translate.json --force \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
 	    --train.init_from $(RUNS)/pretrain/checkpoint
-	$(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint --name teacher \
+	$(STAGE) 4/7 "evaluate the teacher (BLEU, chrF, losses, speed)" -- \
+	    $(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint --name teacher \
 	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval
 	# compression: prune the teacher to 50% of its non-embedding weights, then distil.
 	# Width and depth (4 of 6 layers, hidden 256 -> 192): depth alone (3 layers) decodes
 	# faster but leaves importance only the choice of layers (README, "Compression")
-	$(PY) runners/prune.py --teacher $(RUNS)/translate/checkpoint --data-dir $(DATA) \
+	$(STAGE) 5/7 "prune the teacher into the student" -- \
+	    $(PY) runners/prune.py --teacher $(RUNS)/translate/checkpoint --data-dir $(DATA) \
 	    --out $(RUNS)/student/pruned --method activation --layer-metric loss \
 	    --calib-task translation --seq-len 48 --layers 4 --hidden 192 --threads $(THREADS)
-	$(PY) runners/distill.py --teacher $(RUNS)/translate/checkpoint --force \
+	$(STAGE) 6/7 "distil the teacher into the student" -- \
+	    $(PY) runners/distill.py --teacher $(RUNS)/translate/checkpoint --force \
 	    --student $(RUNS)/student/pruned --config configs/demo_distill.json \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/student/kd --train.threads $(THREADS)
-	$(PY) runners/evaluate.py --checkpoint $(RUNS)/student/kd/checkpoint --name student \
+	$(STAGE) 7/7 "evaluate the student" -- \
+	    $(PY) runners/evaluate.py --checkpoint $(RUNS)/student/kd/checkpoint --name student \
 	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval_student
 	@echo; echo "teacher vs student (held-out catalogues: wget, tar, sed, grep)"
 	@cat $(RUNS)/eval/eval.md; tail -n 1 $(RUNS)/eval_student/eval.md
+	@$(STAGE) --since $(T0) "make demo"
 
 # the paper's tables and figures (reports/*.md, *.png) regenerated at small scale
 # (the fine-tuning, compression and distillation runs start from make demo's pretrained LM)
 # --resume: a re-run continues a failed or interrupted one (make clean starts over)
 paper: data $(PRETRAINED)
-	.venv/bin/pip install -q -e ".[report]" || echo "matplotlib unavailable: tables only"
-	$(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS) \
+	$(STAGE) 3/4 "install the plotting extra" -- sh -c '.venv/bin/pip install -q -e ".[report]" \
+	    || echo "matplotlib unavailable: tables only"'
+	$(STAGE) 4/4 "the paper's tables and figures (fine-tune, compress, distil runs)" -- \
+	    $(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS) \
 	    --pretrained $(RUNS)/pretrain/checkpoint --resume
+	@$(STAGE) --since $(T0) "make paper"
 
 # one CUDA GPU, the machine's own python3 (nothing installed): kernels vs references,
 # kernel timings, base-preset training triton vs torch, the NCCL path; <= 8 minutes
