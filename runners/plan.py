@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.planner import PlanRequest, best, device_profile, format_table, plan  # noqa: E402
+from engine.planner.explain import LEGEND, launch_flags  # noqa: E402
 from engine.errors import fail, run_main  # noqa: E402
 
 GB = 1e9
@@ -105,6 +106,7 @@ def main(argv=None):
           f"global batch {req.global_batch}, {req.precision} / {req.kernels} kernels: "
           f"{len(cands)} valid layouts, {n_fit} fit", file=out)
     print(format_table(cands, top=args.top or None), file=out)
+    print("\n" + LEGEND, file=out)
     try:
         chosen = best(cands)
     except ValueError as e:
@@ -115,6 +117,10 @@ def main(argv=None):
           f"elementwise {t.elementwise:.3f} + overhead {t.overhead:.3f} + tp {t.tp:.3f} + "
           f"p2p {t.p2p:.3f} + bubble {t.bubble:.3f} + dp {t.dp:.3f} + optimizer "
           f"{t.optimizer:.3f}; {t.tokens_per_s:,.0f} tokens/s)", file=out)
+    nodes = -(-args.gpus // args.gpus_per_node)
+    print(f"\nto train with it{f' (the same line on each of the {nodes} nodes)' if nodes > 1 else ''}:\n"
+          + launch_flags(chosen.layout, req.seq_len, req.model_name or None,
+                         gpus_per_node=args.gpus_per_node), file=out)
     if args.json:
         print(json.dumps(chosen.layout.as_dict()))
     if args.validate:

@@ -89,3 +89,40 @@ def test_plan_json_prints_json_only():
     layout = json.loads(r.stdout)                    # the whole of stdout is one JSON object
     assert layout["tp"] * layout["pp"] * layout["dp"] == 8
     assert "chosen:" in r.stderr and "valid layouts" in r.stderr
+
+
+def test_plan_explains_its_columns_and_prints_flags_that_build_the_layout():
+    import re
+    import shlex
+    from engine.config import build_run_config, parse_overrides
+    r = _run(["runners/plan.py", "--model", "chatglm3-6b", "--gpus", "16", "--gpu-mem", "40",
+              "--seq-len", "2048", "--global-batch", "64", "--top", "40", "--json"])
+    assert r.returncode == 0, r.stderr
+    chosen = json.loads(r.stdout)
+    report = r.stderr
+    # every token the layout column uses is in the legend
+    layouts = re.findall(r"^ *\d+[ *](tp\d.*?)\s{2,}", report, re.M)
+    tokens = {re.sub(r"\d+(x\d+)?$", "", t) for lay in layouts for t in lay.split()}
+    assert {"tp", "pp", "dp", "mbs"} <= tokens
+    legend = report[report.index("\nlayout: "):]
+    for t in tokens:
+        assert re.search(rf"\b{t}(N|M|\b)", legend), t
+    for col in ("fits:", "mem GB:", "step s:", "bubble:", "tok/s:"):
+        assert col in legend
+    # the paste-ready command reproduces the chosen layout through the config parser
+    cmd = report[report.index("torchrun --nnodes"):].replace("\\\n", " ")
+    args = shlex.split(cmd.splitlines()[0])
+    # 16 GPUs, 8 per node (plan.py's default): two nodes of 8 processes
+    assert args[args.index("--nnodes") + 1] == "2"
+    assert args[args.index("--nproc_per_node") + 1] == "8"
+    over = parse_overrides(args[args.index("--config") + 2:])
+    cfg = build_run_config({}, over)
+    p, t = cfg.parallel, cfg.train
+    assert (p.tp, p.pp, p.dp, p.vpp, p.zero_stage, p.sequence_parallel) == (
+        chosen["tp"], chosen["pp"], chosen["dp"], chosen["vpp"], chosen["zero_stage"],
+        chosen["sequence_parallel"])
+    assert (t.micro_batch_size, t.num_microbatches, t.recompute, t.seq_len) == (
+        chosen["micro_batch_size"], chosen["num_microbatches"], chosen["recompute"], 2048)
+    if chosen["pp"] > 1:
+        assert p.schedule == chosen["schedule"]
+    assert cfg.model.num_layers == 28       # --model.preset chatglm3-6b
