@@ -15,6 +15,8 @@ setup(
         "triton": ["triton"],
         # plots for runners/report.py (make paper); the tables need nothing extra
         "report": ["matplotlib"],
+        # --train.tensorboard: metrics.jsonl's scalars as TensorBoard event files
+        "tensorboard": ["tensorboard"],
         # more zh_CN gettext catalogues to extract training pairs from
         "data": ["jupyterlab-language-pack-zh-cn", "sphinx", "django"],
     },
