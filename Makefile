@@ -44,7 +44,8 @@ demo: data $(PRETRAINED)
 	    --train.init_from $(RUNS)/pretrain/checkpoint
 	$(STAGE) 4/7 "evaluate the teacher (BLEU, chrF, losses, speed)" -- \
 	    $(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint --name teacher \
-	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval
+	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval \
+	    --save-hyps $(RUNS)/eval/hyps.tsv
 	# compression: prune the teacher to 50% of its non-embedding weights, then distil.
 	# Width and depth (4 of 6 layers, hidden 256 -> 192): depth alone (3 layers) decodes
 	# faster but leaves importance only the choice of layers (README, "Compression")
@@ -58,7 +59,8 @@ demo: data $(PRETRAINED)
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/student/kd --train.threads $(THREADS)
 	$(STAGE) 7/7 "evaluate the student" -- \
 	    $(PY) runners/evaluate.py --checkpoint $(RUNS)/student/kd/checkpoint --name student \
-	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval_student
+	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval_student \
+	    --save-hyps $(RUNS)/eval_student/hyps.tsv
 	@echo; echo "teacher vs student (held-out catalogues: wget, tar, sed, grep)"
 	@cat $(RUNS)/eval/eval.md; tail -n 1 $(RUNS)/eval_student/eval.md
 	@$(STAGE) --since $(T0) "make demo"

@@ -82,6 +82,9 @@ def main(argv=None):
                                      tok, seq, seed=0, shuffle=False, fmt=fmt)
     except ValueError as e:
         fail(e)
+    print(f"evaluate: {len(pairs):,} pairs from {args.input} on {args.checkpoint} "
+          f"(step {ckpt.meta['step']}, {model.num_params():,} parameters)", file=sys.stderr,
+          flush=True)
     result = evaluate(model, tok, pairs, dev=dev, heldout=heldout, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, mode=args.mode,
                       num_beams=args.num_beams, latency_samples=args.latency_samples,
