@@ -118,9 +118,10 @@ def main(argv=None):
           f"p2p {t.p2p:.3f} + bubble {t.bubble:.3f} + dp {t.dp:.3f} + optimizer "
           f"{t.optimizer:.3f}; {t.tokens_per_s:,.0f} tokens/s)", file=out)
     nodes = -(-args.gpus // args.gpus_per_node)
-    print(f"\nto train with it{f' (the same line on each of the {nodes} nodes)' if nodes > 1 else ''}:\n"
-          + launch_flags(chosen.layout, req.seq_len, req.model_name or None,
-                         gpus_per_node=args.gpus_per_node), file=out)
+    where = f" (the same line on each of the {nodes} nodes)" if nodes > 1 else ""
+    flags = launch_flags(chosen.layout, req.seq_len, req.model_name or None,
+                         gpus_per_node=args.gpus_per_node)
+    print(f"\nto train with it{where}:\n{flags}", file=out)
     if args.json:
         print(json.dumps(chosen.layout.as_dict()))
     if args.validate:

@@ -84,7 +84,8 @@ def test_tensorboard_events_hold_the_metrics_scalars(tmp_path):
     loss = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert loss == [(r["step"], pytest.approx(r["loss"])) for r in records]
     dev = [(e.step, e.value) for e in acc.Scalars("dev_loss")]
-    assert dev == [(r["step"], pytest.approx(r["dev_loss"])) for r in records if "dev_loss" in r]
+    assert dev == [(r["step"], pytest.approx(r["dev_loss"]))
+                   for r in records if "dev_loss" in r]
 
 
 def test_params_line_names_whole_model_and_this_rank():

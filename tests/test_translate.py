@@ -92,7 +92,8 @@ def test_progress_line_has_elapsed_and_eta():
     assert buf.getvalue().strip() == "translate: 1/4 sentences | 30s | ETA 1m30s"
     p.update(3)
     p.done()
-    assert buf.getvalue().splitlines()[-1] == "translate: 4/4 sentences | 1m00s | 0.1 sentences/s"
+    last = buf.getvalue().splitlines()[-1]
+    assert last == "translate: 4/4 sentences | 1m00s | 0.1 sentences/s"
     assert format_duration(7325) == "2h02m" and format_duration(None) == "?"
 
 
