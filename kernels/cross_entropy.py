@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.chunked_linear import chunked_linear_backward
 from kernels.ops import check_labels, interpreting
 
 
@@ -108,26 +109,18 @@ def ce_forward(hidden, weight, labels, ignore_index: int, chunk: int):
 
 def ce_backward(grad, hidden, weight, labels, lse, ignore_index: int, chunk: int,
                 need_dh: bool, need_dw: bool):
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     grad = grad.float().contiguous()
-    dh = torch.empty_like(hidden) if need_dh else None
-    dw = None
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        hc = hidden[c0:c1]
-        dlogits = _logits(hc, weight)  # recomputed, then overwritten with its gradient
+
+    def dlogits_of(c0, c1):
+        dlogits = _logits(hidden[c0:c1], weight)  # recomputed, then overwritten in place
         br, bv, warps = _blocks(c1 - c0, vocab)
         _ce_bwd[(triton.cdiv(c1 - c0, br),)](
             dlogits, labels[c0:c1], lse[c0:c1], grad[c0:c1], c1 - c0, vocab,
             dlogits.stride(0), ignore_index, BLOCK_R=br, BLOCK_V=bv, num_warps=warps)
-        if need_dh:
-            torch.mm(dlogits, weight, out=dh[c0:c1])
-        if need_dw:
-            # cuBLAS accumulates each chunk in fp32; the running sum rounds once per chunk
-            dw = dlogits.t() @ hc if dw is None else dw.addmm_(dlogits.t(), hc)
-    if need_dw and dw is None:  # no tokens
-        dw = torch.zeros_like(weight)
-    return dh, dw
+        return dlogits
+
+    return chunked_linear_backward(hidden, weight, chunk, dlogits_of, need_dh, need_dw)
 
 
 # --------------------------------------------------------------------------- autograd

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.chunked_linear import chunked_linear_backward
 from kernels.ops import dot_precision, gpu_target, interpreting, upcast_dot
 
 
@@ -197,22 +198,12 @@ def default_chunk_rows(m: int, h: int, two_f: int) -> int:
 
 
 def swiglu_linear_backward(x2, weight, dy2, need_dx: bool, need_dw: bool, chunk_rows: int):
-    m = x2.shape[0]
-    dx = torch.empty(x2.shape, device=x2.device, dtype=x2.dtype) if need_dx else None
-    dw = None
-    for c0 in range(0, m, chunk_rows):
-        c1 = min(m, c0 + chunk_rows)
-        xc = x2[c0:c1]
+    def dgate_up_of(c0, c1):
         dgu = torch.empty((c1 - c0, weight.shape[0]), device=x2.device, dtype=x2.dtype)
-        _launch_matmul(xc, weight, dgu, dy2[c0:c1], backward=True)
-        if need_dx:
-            torch.mm(dgu, weight, out=dx[c0:c1])
-        if need_dw:
-            # cuBLAS accumulates each chunk in fp32; the running sum rounds once per chunk
-            dw = dgu.t() @ xc if dw is None else dw.addmm_(dgu.t(), xc)
-    if need_dw and dw is None:  # no tokens
-        dw = torch.zeros_like(weight)
-    return dx, dw
+        _launch_matmul(x2[c0:c1], weight, dgu, dy2[c0:c1], backward=True)
+        return dgu
+
+    return chunked_linear_backward(x2, weight, chunk_rows, dgate_up_of, need_dx, need_dw)
 
 
 # --------------------------------------------------------------------------- autograd

@@ -39,10 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from engine.parallel.spawn import run_workers  # noqa: E402
 from engine.pipeline.p2p import P2P  # noqa: E402
 from engine.parallel.state import ParallelDims, init_distributed  # noqa: E402
 from engine.pipeline.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
@@ -334,15 +334,8 @@ def report(args, cfg, times, single, losses, fracs, mem, names):
 
 # ---- processes ------------------------------------------------------------------------
 
-def _spawned(rank, args, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.pp), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.pp, timeout=timedelta(seconds=args.timeout))
-    try:
-        bench(args)
-    finally:
-        dist.destroy_process_group()
+def _spawned(rank, world, args):
+    bench(args)
 
 
 def main(argv=None):
@@ -354,11 +347,8 @@ def main(argv=None):
         finally:
             dist.destroy_process_group()
         return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(args, port), nprocs=args.pp, join=True)
+    # torch's default thread count per worker, as under torchrun
+    run_workers(_spawned, args.pp, args, timeout=None, pg_timeout=args.timeout, threads=None)
 
 
 if __name__ == "__main__":

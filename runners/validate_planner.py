@@ -21,9 +21,7 @@ on a shared machine hit every layout and its calibration alike.
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from engine.parallel.spawn import run_workers  # noqa: E402
 from engine.planner import Layout, PlanRequest, predict_memory, predict_time  # noqa: E402
 from model import GLMConfig  # noqa: E402
 from model.masks import causal_example, collate  # noqa: E402
@@ -341,38 +340,10 @@ def summary(rows: list[Row], margin: float = 0.25) -> str:
     return "\n".join(lines)
 
 
-# ---- a spawner for the command line (tests use tests/dist.py) --------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned(rank, world, port, fn, args, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=300))
-    try:
-        result = fn(rank, world, *args)
-        buf = io.BytesIO()
-        torch.save(result, buf)
-        with open(os.path.join(out_dir, f"rank{rank}.pt"), "wb") as f:
-            f.write(buf.getvalue())
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(fn, world: int, *args) -> list:
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_spawned, args=(world, _free_port(), fn, args, out_dir),
-                           nprocs=world, join=True, start_method="spawn")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-                for r in range(world)]
+    """The per-rank results of fn on `world` gloo processes (no job deadline: a layout
+    may be slow; every collective still times out after 300 s)."""
+    return run_workers(fn, world, *args, timeout=None, pg_timeout=300)
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ from kernels import ops
 from kernels import reference as ref
 from kernels import swiglu as tri_sw
 from model import GLM, GLMConfig
+from tolerance import closeness
 
 MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "linear", "mv", "dot"}
 # which arguments of each Triton kernel feed its tl.dot calls
@@ -66,10 +67,7 @@ def triton_dots(monkeypatch):
     return seen
 
 
-def close(actual, expected, dtype):
-    err = (actual.float() - expected.float()).abs().max().item()
-    bound = TOL[dtype] * max(1.0, expected.float().abs().max().item())
-    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
+close = closeness(TOL)
 
 
 # ------------------------------------------------------------------------ the cases

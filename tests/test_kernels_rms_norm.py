@@ -5,17 +5,13 @@ import torch
 from kernels import ops
 from kernels import reference as ref
 from kernels import rms_norm as tri
+from tolerance import closeness
 
 # fp16 outputs are rounded once by the reference and once by the kernel: a few ulps apart
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
 
 
-def close(actual, expected, dtype):
-    """max |a - e| <= tol * max(1, max |e|): a relative bound that tolerates tiny values."""
-    err = (actual.float() - expected.float()).abs().max().item()
-    bound = TOL[dtype] * max(1.0, expected.float().abs().max().item())
-    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
-    return err
+close = closeness(TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

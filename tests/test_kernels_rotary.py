@@ -5,16 +5,13 @@ import torch
 from kernels import ops
 from kernels import reference as ref
 from kernels import rotary as tri
+from tolerance import closeness
 
 # both compute in fp32 from the same inputs and round once: near-exact in either dtype
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3}
 
 
-def close(actual, expected, dtype):
-    err = (actual.float() - expected.float()).abs().max().item()
-    bound = TOL[dtype] * max(1.0, expected.float().abs().max().item())
-    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
-    return err
+close = closeness(TOL)
 
 
 def model_angles(s, b, d, blocks=True):

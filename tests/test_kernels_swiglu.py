@@ -5,16 +5,13 @@ import torch
 from kernels import ops
 from kernels import reference as ref
 from kernels import swiglu as tri
+from tolerance import closeness
 
 # the fused matmul keeps gate/up in fp32 where the reference rounds them to fp16 first
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
 
 
-def close(actual, expected, dtype):
-    err = (actual.float() - expected.float()).abs().max().item()
-    bound = TOL[dtype] * max(1.0, expected.float().abs().max().item())
-    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
-    return err
+close = closeness(TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -3,8 +3,8 @@ import itertools
 
 import pytest
 
-from engine.parallel.state import (Coords, ParallelDims, coords_to_rank, pipeline_peers, rank_groups,
-                             rank_to_coords, stage_layers)
+from engine.parallel.state import (Coords, ParallelDims, ParallelState, coords_to_rank,
+                                   rank_groups, rank_to_coords, stage_layers)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -61,6 +61,16 @@ def test_coords_roundtrip_and_groups_partition(tp, pp, dp):
             assert [getattr(c, dim) for c in coords] == list(range(sizes[dim]))
             for other in {"tp", "dp", "pp"} - {dim}:
                 assert len({getattr(c, other) for c in coords}) == 1
+
+
+def pipeline_peers(rank: int, dims: ParallelDims) -> tuple[int, int]:
+    """ParallelState's (prev_rank, next_rank) for `rank`, with its pp ranks from rank_groups
+    (no process group: the groups are not needed for the rank math)."""
+    pp_ranks = next(g for g in rank_groups(dims, "pp") if rank in g)
+    state = ParallelState(dims=dims, rank=rank, coords=rank_to_coords(rank, dims), device=None,
+                          backend="gloo", timeout=None, tp_group=None, dp_group=None,
+                          pp_group=None, tp_ranks=[], dp_ranks=[], pp_ranks=pp_ranks)
+    return state.prev_rank, state.next_rank
 
 
 def test_groups_match_megatron_example():

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from dist import run_workers
-from engine.tensor_parallel import (gather_full_state_dict, gather_full_tensors, local_sq_norm,
-                                    parallelize, shard_state_dict)
+from engine.tensor_parallel import (gather_full_state_dict, gather_full_tensors, parallelize,
+                                    shard_state_dict)
 from model import GLM, GLMConfig
 from model.generate import generate
 from model.masks import IGNORE, GLMExample, causal_example, collate, corrupt_spans
@@ -43,12 +43,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def config(**overrides) -> GLMConfig:
@@ -121,6 +116,24 @@ def reference(name: str):
     model.eval()
     gen = generate(model, PROMPTS, max_new_tokens=5, eos_id=EOP, pad_id=PAD, sop_id=SOP)
     return out, gen
+
+
+def local_sq_norm(named_tensors, tp_rank: int) -> torch.Tensor:
+    """Sum of squares of the elements this rank counts in a TP-global norm by the
+    parameters' marks: replicated (`tp_replicated`) only on tp rank 0, shared KV rows
+    (`tp_duplicate_range`) only on their first sharer. `named_tensors` are (param, tensor)
+    pairs, e.g. (p, p.grad). Summed over the TP group it must equal the full model's."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p, t in named_tensors:
+        if getattr(p, "tp_replicated", False) and tp_rank != 0:
+            continue
+        flat = t.detach().reshape(-1).double()
+        sq = flat.pow(2).sum()
+        dup = getattr(p, "tp_duplicate_range", None)
+        if dup is not None:
+            sq = sq - flat[dup[0]:dup[1]].pow(2).sum()
+        total += sq.cpu()
+    return total
 
 
 # ---- workers --------------------------------------------------------------------------

@@ -119,16 +119,6 @@ def stage_layers(num_layers: int, pp: int, vpp: int, stage: int, chunk: int) -> 
     return virtual * per, (virtual + 1) * per
 
 
-def pipeline_peers(rank: int, dims: ParallelDims) -> tuple[int, int]:
-    """(prev, next) global ranks in this rank's pipeline ring: same tp and dp coordinates,
-    stage -1 / +1 modulo pp. The wrap-around is only used by interleaved schedules (the
-    last stage feeds chunk c + 1 of stage 0)."""
-    c = rank_to_coords(rank, dims)
-    prev = coords_to_rank(Coords(c.tp, c.dp, (c.pp - 1) % dims.pp), dims)
-    nxt = coords_to_rank(Coords(c.tp, c.dp, (c.pp + 1) % dims.pp), dims)
-    return prev, nxt
-
-
 # ---- process groups ------------------------------------------------------------------
 
 @dataclass

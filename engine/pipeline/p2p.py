@@ -269,7 +269,7 @@ class P2P:
         recv_prev  receive (hidden, Side) from the previous stage
         recv_next  receive a gradient from the next stage"""
         if self.shape is None:
-            raise RuntimeError("P2P.exchange before begin_step: shapes are not agreed yet")
+            raise RuntimeError("P2P.post before begin_step: shapes are not agreed yet")
         s, b = self.shape
         full = (s // self.seq_shards, b, self.hidden_size)   # this rank's [s, b, h]
         ops, peers, what, kinds = [], [], [], []
@@ -320,45 +320,10 @@ class P2P:
             entries = [(w, group_peer, kind) for kind in dict.fromkeys(kinds) for w in works]
         return Posted(self, label, entries, act, side_buf, grad, sent, (s, b))
 
-    def exchange(self, send_next=None, send_prev=None, recv_prev: bool = False,
-                 recv_next: bool = False):
-        """Post every requested transfer as one batch, then wait for all of them.
-        Returns ((hidden, Side) | None, grad | None)."""
-        posted = self.post(send_next, send_prev, recv_prev, recv_next)
-        received = posted.activation() if recv_prev else None
-        grad = posted.gradient() if recv_next else None
-        posted.wait_sends()
-        return received, grad
-
     def _check(self, t: torch.Tensor, full, name: str):
         if tuple(t.shape) != full or t.dtype != self.dtype:
             raise ValueError(f"{name} has shape {tuple(t.shape)} {t.dtype}; this step agreed "
                              f"on {full} {self.dtype}")
-
-    # -- Megatron's named operations, all one batch each ---------------------------------
-    def send_forward(self, hidden, side):
-        self.exchange(send_next=(hidden, side))
-
-    def recv_forward(self):
-        return self.exchange(recv_prev=True)[0]
-
-    def send_backward(self, grad):
-        self.exchange(send_prev=grad)
-
-    def recv_backward(self):
-        return self.exchange(recv_next=True)[1]
-
-    def send_forward_recv_backward(self, hidden, side):
-        return self.exchange(send_next=(hidden, side), recv_next=True)[1]
-
-    def send_backward_recv_forward(self, grad):
-        return self.exchange(send_prev=grad, recv_prev=True)[0]
-
-    def send_forward_recv_forward(self, hidden, side):
-        return self.exchange(send_next=(hidden, side), recv_prev=True)[0]
-
-    def send_backward_recv_backward(self, grad):
-        return self.exchange(send_prev=grad, recv_next=True)[1]
 
     # -- failures --------------------------------------------------------------------------
     def report_failure(self, err: BaseException):

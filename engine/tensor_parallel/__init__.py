@@ -15,15 +15,15 @@ from engine.tensor_parallel.mappings import (all_gather_sequence, copy_to_region
                                              reduce_from_region, reduce_scatter_sequence,
                                              scatter_last_dim, scatter_to_sequence)
 from engine.tensor_parallel.parallelize import (ShardPlan, gather_full_state_dict,
-                                                gather_full_tensors, local_sq_norm,
-                                                parallelize, shard_state_dict)
+                                                gather_full_tensors, parallelize,
+                                                shard_state_dict)
 from engine.tensor_parallel.random import RNGTracker, TP_RNG, seed_tensor_parallel, tp_rng_seed
 
 __all__ = [
     "ColumnParallelLinear", "RNGTracker", "RowParallelLinear", "ShardPlan", "TP_RNG",
     "VocabParallelEmbedding", "VocabParallelHead", "all_gather_sequence", "copy_to_region",
     "copy_to_replicas", "gather_full_state_dict", "gather_full_tensors", "gather_last_dim",
-    "local_sq_norm", "parallelize", "reduce_from_region", "reduce_scatter_sequence",
-    "scatter_last_dim", "scatter_to_sequence", "seed_tensor_parallel", "shard_state_dict",
+    "parallelize", "reduce_from_region", "reduce_scatter_sequence", "scatter_last_dim",
+    "scatter_to_sequence", "seed_tensor_parallel", "shard_state_dict",
     "tp_rng_seed", "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
 ]
