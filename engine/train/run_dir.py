@@ -396,14 +396,16 @@ def open_run_dir(out_dir: str, *, resume: bool = False, force: bool = False, kee
     over); every rank gets the same answer or raises the same error, so a refusal is one
     line on every rank rather than a hang."""
     import torch.distributed as dist
-    rank = state.rank if state is not None else 0
+    from engine.parallel.state import or_single
+    state = or_single(state, "cpu")
+    rank = state.rank
     box: list = [None]
     if rank == 0:
         try:
             box[0] = _decide(out_dir, resume, force, keep, log, command)
         except Exception as e:             # re-raised on every rank below
             box[0] = e
-    if state is not None:
+    if state.distributed:
         sent = [None]
         if rank == 0:
             sent = [box[0] if isinstance(box[0], Exception) else box[0].resume_path]
