@@ -9,7 +9,9 @@ The schedule names live in engine/pipeline/names.py beside the split-backward li
 """
 from __future__ import annotations
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # train.precision
+PARAM_PRECISIONS = ("fp32", "bf16", "fp16")        # what parameters are stored in
+PLANNER_PRECISIONS = ("bf16", "fp32")              # what the planner counts bytes in
 
 
 def tp_problem(config, tp: int) -> str | None:
@@ -46,7 +48,7 @@ def check_precision(precision: str):
 def param_precision(precision: str) -> str:
     """The parameters' (and gradients') dtype name: "bf16" / "fp16" store them in that
     dtype with fp32 master weights in the optimizer; "auto" and "fp32" keep fp32."""
-    return precision if precision in ("bf16", "fp16") else "fp32"
+    return precision if precision in PARAM_PRECISIONS else "fp32"
 
 
 def autocasts_bf16(precision: str, device_type: str) -> bool:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.parallel.rules import tp_problem as shard_problem
+from engine.parallel.rules import PLANNER_PRECISIONS, tp_problem as shard_problem
 from model.config import GLMConfig
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = PLANNER_PRECISIONS
 KERNELS = ("fused", "torch")
 
 
