@@ -71,9 +71,8 @@ class TrainConfig:
             raise ValueError(f"train.tensorboard={self.tensorboard!r} must be true or false")
         if not isinstance(self.recompute, bool):   # "--train.recompute no" must not be truthy
             raise ValueError(f"train.recompute={self.recompute!r} must be true or false")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision={self.precision!r} must be auto, fp32, bf16 "
-                             "or fp16")
+        from engine.parallel.rules import check_precision
+        check_precision(self.precision)
         if self.profile_steps:
             from engine.train.profiling import parse_steps
             parse_steps(self.profile_steps)   # raises naming train.profile_steps

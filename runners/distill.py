@@ -125,11 +125,11 @@ def main(argv=None):
         kept = None if args.from_scratch else (
             (s_ckpt.meta.get("pruning") or {}).get("selection", {}).get("hidden"))
         tokens = tc.steps * tc.num_microbatches * tc.micro_batch_size * tc.seq_len * (
-            state.dims.dp if state else 1)
+            state.dims.dp)
         extra = {"distill": {**dcfg.to_dict(), "from_scratch": args.from_scratch,
                              "teacher": os.path.abspath(args.teacher) if args.teacher else None,
                              "student": os.path.abspath(args.student), "tokens": tokens}}
-        rank0 = state is None or state.rank == 0
+        rank0 = state.rank == 0
         trainer, loss_fn = distill_trainer(
             cfg, dcfg, train, dev, teacher=t_ckpt if dcfg.needs_teacher else None,
             kept_hidden=kept, state=state, tokenizer_sha256=tok.sha256, extra_meta=extra,
@@ -166,7 +166,7 @@ def main(argv=None):
     finally:
         if run_dir is not None:
             run_dir.close()
-        if state is not None and dist.is_initialized():
+        if dist.is_initialized():   # joined by parallel_state (a torchrun job)
             dist.destroy_process_group()
 
 

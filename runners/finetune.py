@@ -85,11 +85,11 @@ def main(argv=None):
         tc = cfg.train
         state = parallel_state(cfg)
         run_dir = open_out_dir(cfg, state, args.resume, args.force)
-        rank0 = state is None or state.rank == 0
+        rank0 = state.rank == 0
         log = (lambda m: print(m, flush=True)) if rank0 else (lambda *a, **k: None)
         log("layout: " + (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
                           f"vpp={state.dims.vpp} schedule={cfg.parallel.schedule}"
-                          if state else "single process"))
+                          if state.distributed else "single process"))
         tok, d_s, d_d, dev_s, dev_d = build_tasks(cfg.data.dir, fcfg, tc.seq_len, tc.seed,
                                                   cfg.model.padded_vocab_size,
                                                   args.source_tsv, args.target_tsv,
@@ -143,7 +143,7 @@ def main(argv=None):
     finally:
         if run_dir is not None:
             run_dir.close()
-        if state is not None and dist.is_initialized():
+        if dist.is_initialized():   # joined by parallel_state (a torchrun job)
             dist.destroy_process_group()
 
 

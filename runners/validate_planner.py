@@ -79,46 +79,30 @@ class SyntheticTokens:
         return collate([causal_example(r.tolist()) for r in rows], self.seq_len, pad_id=0)
 
 
-def _group_of_first(n: int, world: int, timeout):
-    """A group of ranks 0 .. n-1 (the default group when n == world). Collective: every
-    rank of the job calls it."""
-    return None if n == world else dist.new_group(list(range(n)), timeout=timeout)
+def _group_of_first(n: int, world: int, rank: int, timeout):
+    """A group of ranks 0 .. n-1 (the default group when n == world; None on the other
+    ranks). Collective: every rank of the job calls it."""
+    from engine.parallel.state import new_groups
+    return None if n == world else new_groups([list(range(n))], rank, timeout)[0]
 
 
 def _sub_state(dims, rank: int, timeout):
     """engine.parallel.state's ParallelState for a layout on ranks 0 .. dims.world_size - 1 of a
-    larger job (init_distributed wants the whole job), None on the other ranks and for
-    a single process. Collective: every rank creates every group, in the same order."""
-    from engine.parallel.state import ParallelState, rank_groups, rank_to_coords
+    larger job (init_distributed wants the whole job), None on the other ranks; the
+    single-process state for a layout of one rank. Collective: every rank creates every
+    group, in the same order."""
+    from engine.parallel.state import ParallelState, build_state
     if dims.world_size == 1:
-        return None
-    mine = {}
-    for dim in ("tp", "dp", "pp"):
-        for ranks in rank_groups(dims, dim):
-            group = dist.new_group(ranks, timeout=timeout)
-            if rank in ranks:
-                mine[dim] = (group, ranks)
-    if rank >= dims.world_size:
-        return None
-    return ParallelState(dims=dims, rank=rank, coords=rank_to_coords(rank, dims),
-                         device=torch.device("cpu"), backend="gloo", timeout=timeout,
-                         tp_group=mine["tp"][0], dp_group=mine["dp"][0],
-                         pp_group=mine["pp"][0], tp_ranks=mine["tp"][1],
-                         dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1])
+        return ParallelState.single()
+    return build_state(dims, rank, torch.device("cpu"), "gloo", timeout)
 
 
 def _model_parallel_group(dims, rank: int, timeout):
-    """engine.train.launch.model_parallel_group for a layout on the first ranks (collective)."""
-    from engine.parallel.state import rank_to_coords
+    """engine.parallel.state.model_parallel_group for a layout on the first ranks (collective)."""
+    from engine.parallel.state import model_parallel_ranks, new_groups
     if dims.tp * dims.pp == 1:
         return None
-    mine = None
-    for d in range(dims.dp):
-        ranks = [r for r in range(dims.world_size) if rank_to_coords(r, dims).dp == d]
-        group = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            mine = group
-    return mine
+    return new_groups(model_parallel_ranks(dims), rank, timeout)[0]
 
 
 def _run_config(model: dict, lay: Layout, seq_len: int):
@@ -154,7 +138,7 @@ def validate_worker(rank: int, world: int, model: dict, layouts: list, seq_len: 
     from engine.train.trainer import Trainer
     timeout = timedelta(seconds=300)
     sizes = sorted({lay.tp * lay.pp * lay.dp for _, lay in layouts})
-    groups = {n: _group_of_first(n, world, timeout) for n in sizes}
+    groups = {n: _group_of_first(n, world, rank, timeout) for n in sizes}
     steps, memory = {}, {}
     for name, lay in layouts:
         dims = ParallelDims(tp=lay.tp, pp=lay.pp, dp=lay.dp)

@@ -5,7 +5,7 @@ import torch
 from dist import run_workers
 from engine.config import build_run_config
 from engine.train.launch import model_parallel_group
-from engine.parallel.state import ParallelDims, init_distributed
+from engine.parallel.state import ParallelDims, ParallelState, init_distributed
 from engine.train.trainer import Trainer
 from test_trainer import RandomTokens
 
@@ -23,7 +23,7 @@ def _cfg(out_dir, m, pp=1, zero=0, schedule="1f1b"):
 
 
 def _trainer(cfg, dims=None):
-    state = init_distributed(dims, timeout=60, num_layers=4) if dims else None
+    state = init_distributed(dims, timeout=60, num_layers=4) if dims else ParallelState.single()
     return Trainer(cfg, RandomTokens(16), state=state, log=lambda *a: None,
                    mp_group=model_parallel_group(state))
 

@@ -34,7 +34,7 @@ def _die(mon):
 def _state(mon, backend="gloo"):
     return SimpleNamespace(rank=mon.rank, pp_ranks=list(range(mon.world)), backend=backend,
                            timeout=timedelta(seconds=mon.deadline), monitor=mon,
-                           dims=SimpleNamespace(world_size=mon.world))
+                           dims=SimpleNamespace(world_size=mon.world), distributed=True)
 
 
 def test_peer_that_stops_beating_is_named():

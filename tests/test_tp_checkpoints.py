@@ -16,7 +16,7 @@ from dist import run_workers
 from engine.train import checkpoint as ckpt_lib
 from engine.config import build_run_config
 from engine.train.launch import model_parallel_group
-from engine.parallel.state import ParallelDims, init_distributed
+from engine.parallel.state import ParallelDims, ParallelState, init_distributed
 from engine.tensor_parallel import gather_full_tensors
 from engine.train.trainer import Trainer
 from test_trainer_parity import PARAM_ATOL, MixedBatches, _close
@@ -38,7 +38,7 @@ def _cfg(out_dir, tp=1, pp=1, init_from=""):
 
 def _trainer(cfg):
     pc = cfg.parallel
-    state = None
+    state = ParallelState.single()
     if pc.tp * pc.pp > 1:
         state = init_distributed(ParallelDims(tp=pc.tp, pp=pc.pp), timeout=60,
                                  num_layers=cfg.model.num_layers)

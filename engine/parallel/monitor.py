@@ -363,7 +363,7 @@ def step_guard(state, step: int, what: str | None = None):
     error (from a collective outside wait_all: the optimizer's dp reductions, barriers)
     into PeerError naming the culprit, and publishes this rank's own failure first."""
     from engine.pipeline.p2p import FailureBoard, PeerError, peer_error
-    mon = getattr(state, "monitor", None) if state is not None else None
+    mon = getattr(state, "monitor", None)
     if mon is not None:
         mon.status = f"busy in step {step}"
     started = time.monotonic()
@@ -372,7 +372,7 @@ def step_guard(state, step: int, what: str | None = None):
     except PeerError:
         raise
     except Exception as err:
-        if state is None:
+        if not state.distributed:
             raise
         if is_comm_error(err):
             ranks = list(range(state.dims.world_size))   # the group is unknown here

@@ -121,9 +121,32 @@ def stage_layers(num_layers: int, pp: int, vpp: int, stage: int, chunk: int) -> 
 
 # ---- process groups ------------------------------------------------------------------
 
+def model_parallel_ranks(dims: ParallelDims) -> list[list[int]]:
+    """The ranks holding the pieces of each model replica (same dp coordinate, any tp and
+    pp), replica 0 first: the groups the optimizer sums squared gradient norms over."""
+    return [[r for r in range(dims.world_size) if rank_to_coords(r, dims).dp == d]
+            for d in range(dims.dp)]
+
+
+def new_groups(rank_lists: list[list[int]], rank: int,
+               timeout: timedelta) -> tuple[object, list[int] | None]:
+    """Create one process group per list and return (group, ranks) of the one holding
+    `rank` ((None, None) if none does). Every process group of the engine is made here:
+    new_group is collective over the whole world, so every rank must call this with the
+    same lists in the same order."""
+    mine: tuple[object, list[int] | None] = (None, None)
+    for ranks in rank_lists:
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = (group, ranks)
+    return mine
+
+
 @dataclass
 class ParallelState:
-    """This rank's place in the layout and its groups; passed around explicitly."""
+    """This rank's place in the layout and its groups; passed around explicitly.
+    ParallelState.single() is one process: tp = pp = dp = 1, no process group, and the
+    collectives below do nothing, so code reads state.dims / state.coords either way."""
     dims: ParallelDims
     rank: int
     coords: Coords
@@ -136,6 +159,18 @@ class ParallelState:
     tp_ranks: list[int]
     dp_ranks: list[int]
     pp_ranks: list[int]   # global ranks of this pipeline, stage 0 first
+    # False only for single(): a world of one joined by init_distributed is still True
+    distributed: bool = True
+
+    @classmethod
+    def single(cls, device=None) -> "ParallelState":
+        """One process, no process group. device: the default device (CUDA when there
+        is one, else the CPU) unless given."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(dims=ParallelDims(), rank=0, coords=Coords(0, 0, 0), device=device,
+                   backend="none", timeout=timedelta(seconds=120), tp_group=None,
+                   dp_group=None, pp_group=None, tp_ranks=[0], dp_ranks=[0], pp_ranks=[0],
+                   distributed=False)
 
     @property
     def stage(self) -> int:
@@ -157,6 +192,38 @@ class ParallelState:
     def next_rank(self) -> int:
         return self.pp_ranks[(self.coords.pp + 1) % self.dims.pp]
 
+    @property
+    def multi_rank(self) -> bool:
+        """More than one process in the job (so collectives over it do something)."""
+        return self.distributed and dist.is_initialized() and dist.get_world_size() > 1
+
+    # ---- whole-job collectives (no-ops for the single process) ------------------------
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.dims.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank src's obj on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def or_single(state: ParallelState | None, device=None) -> ParallelState:
+    """The one place where "no state" means the single process: for entry points that
+    callers (and tests) may call without a state."""
+    return state if state is not None else ParallelState.single(device)
+
 
 def _device_and_backend() -> tuple[torch.device, str]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -175,6 +242,23 @@ def _backstop(timeout: timedelta, backend: str) -> timedelta:
         return timeout
     from engine.parallel.monitor import FIRST_STEP_ALLOWANCE_S
     return timeout + timedelta(seconds=FIRST_STEP_ALLOWANCE_S)
+
+
+def build_state(dims: ParallelDims, rank: int, device: torch.device, backend: str,
+                timeout: timedelta, group_timeout: timedelta | None = None
+                ) -> ParallelState | None:
+    """Create every tp / dp / pp group of `dims` (in that order; collective over the
+    whole world) and return this rank's state, None for a rank outside the layout (a
+    layout on the first ranks of a larger job)."""
+    group_timeout = group_timeout or timeout
+    mine = {dim: new_groups(rank_groups(dims, dim), rank, group_timeout)
+            for dim in ("tp", "dp", "pp")}
+    if rank >= dims.world_size:
+        return None
+    return ParallelState(dims=dims, rank=rank, coords=rank_to_coords(rank, dims), device=device,
+                         backend=backend, timeout=timeout,
+                         tp_group=mine["tp"][0], dp_group=mine["dp"][0], pp_group=mine["pp"][0],
+                         tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1])
 
 
 def init_distributed(dims: ParallelDims, timeout: timedelta | float = 120.0,
@@ -201,14 +285,12 @@ def init_distributed(dims: ParallelDims, timeout: timedelta | float = 120.0,
         dist.init_process_group(backend, timeout=_backstop(timeout, backend), device_id=device
                                 if device.type == "cuda" else None)
         rank = dist.get_rank()
-    mine: dict[str, tuple[object, list[int]]] = {}
-    pg_timeout = _backstop(timeout, backend)
-    for dim in ("tp", "dp", "pp"):
-        for ranks in rank_groups(dims, dim):
-            group = dist.new_group(ranks, timeout=pg_timeout)
-            if rank in ranks:
-                mine[dim] = (group, ranks)
-    return ParallelState(dims=dims, rank=rank, coords=rank_to_coords(rank, dims), device=device,
-                         backend=backend, timeout=timeout,
-                         tp_group=mine["tp"][0], dp_group=mine["dp"][0], pp_group=mine["pp"][0],
-                         tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1])
+    return build_state(dims, rank, device, backend, timeout, _backstop(timeout, backend))
+
+
+def model_parallel_group(state: ParallelState):
+    """This rank's model-parallel group (model_parallel_ranks), None when one rank holds
+    the whole model. Collective: every rank calls it at the same point."""
+    if state.dims.tp * state.dims.pp == 1:
+        return None
+    return new_groups(model_parallel_ranks(state.dims), state.rank, state.timeout)[0]

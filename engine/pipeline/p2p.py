@@ -106,7 +106,7 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
 
 
 def _where(state, rank: int) -> str:
-    if state is None or rank not in state.pp_ranks:
+    if not state.distributed or rank not in state.pp_ranks:
         return f"rank {rank}"
     return f"rank {rank} (stage {state.pp_ranks.index(rank)})"
 
@@ -115,13 +115,13 @@ def wait_all(works, state, what: str, peers, board: FailureBoard | None = None,
              timeout: timedelta | None = None, started: float | None = None):
     """Wait for every work by one shared deadline; translate a failure into PeerError.
     peers[i] names who work i talks to: a rank, or the ranks of a collective."""
-    timeout = timeout or (state.timeout if state is not None else timedelta(seconds=120))
+    timeout = timeout or state.timeout
     started = time.monotonic() if started is None else started
     deadline = started + timeout.total_seconds()
     # NCCL: wait() orders the current stream after the transfer without blocking the
     # host; a timed wait would block it. The heartbeat monitor's thread times the work
     # instead (engine/parallel/monitor.py), the process-group watchdog is the backstop.
-    host_wait = state is None or state.backend != "nccl"
+    host_wait = state.backend != "nccl"
     monitor = getattr(state, "monitor", None)
     if monitor is not None:
         status, monitor.status = monitor.status, f"waiting: {what}"
@@ -142,7 +142,7 @@ def wait_all(works, state, what: str, peers, board: FailureBoard | None = None,
 
 def peer_error(state, what: str, peer, err: BaseException, board: FailureBoard | None,
                elapsed: float = 0.0, timeout: timedelta | None = None) -> PeerError:
-    me = _where(state, state.rank) if state is not None else "this rank"
+    me = _where(state, state.rank) if state.distributed else "this rank"
     them = _where(state, peer) if isinstance(peer, int) else f"ranks {peer}"
     text = str(err)
     if "imed out" in text or "timeout" in text.lower():

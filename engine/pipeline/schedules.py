@@ -20,7 +20,7 @@ Entry point (engine/train/trainer.py calls it once per optimizer step):
     num_tokens    labels != -100 over the whole global batch (all dp ranks, all
                   microbatches), computed by the caller
     comm          engine.pipeline.p2p.P2P, or None when pp == 1
-    state         engine.parallel.state.ParallelState, or None for a plain single process
+    state         engine.parallel.state.ParallelState (None: ParallelState.single())
     forward_only  no backward (evaluation, teacher inference); `outputs` then receives the
                   last stage's per-microbatch outputs (token losses [b, s] or logits)
     no_sync       () -> context manager (DDP-style); every backward but the last one of each
@@ -67,6 +67,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from engine.pipeline.p2p import Side, wait_all
+from engine.parallel.state import or_single
 from engine.pipeline.names import SCHEDULES, SPLIT_BACKWARD
 from engine.train.timing import Clock
 
@@ -634,8 +635,6 @@ class _StageRun:
 def _reduce_loss(total: torch.Tensor, state, comm) -> float:
     """Step loss from the last stage to every rank: a SUM over the pipeline group (only
     the last stage holds a non-zero value), then a SUM over data parallel."""
-    if state is None:
-        return float(total.item())
     board = getattr(comm, "board", None)
     for size, group, ranks, name in ((state.dims.pp, state.pp_group, state.pp_ranks,
                                       "pipeline"),
@@ -665,10 +664,10 @@ def forward_backward(schedule: str, chunks: list, microbatches: list[dict], num_
     measurements. outputs: a list that, on the last stage, receives each microbatch's
     output in order (forward-only evaluation and teacher inference). scale_loss: loss ->
     scaled loss, applied before the last stage's backward (fp16 dynamic loss scaling)."""
-    p = state.dims.pp if state is not None else 1
-    s = state.coords.pp if state is not None else 0
+    state = or_single(state, next(chunks[0].parameters()).device)
+    p, s = state.dims.pp, state.coords.pp
     v, m = len(chunks), len(microbatches)
-    if state is not None and v != state.dims.vpp:
+    if state.distributed and v != state.dims.vpp:
         raise ValueError(f"got {v} model chunks but the layout has vpp={state.dims.vpp}")
     if forward_only and schedule == "none" and p > 1:
         schedule = "1f1b"  # the forward-only order does not depend on the schedule
@@ -678,7 +677,7 @@ def forward_backward(schedule: str, chunks: list, microbatches: list[dict], num_
                          "the global batch)")
     if p > 1 and comm is None:
         raise ValueError(f"pp={p} needs a P2P object (engine.pipeline.p2p.P2P) as comm")
-    device = state.device if state is not None else next(chunks[0].parameters()).device
+    device = state.device
     run = _StageRun(chunks, microbatches, max(num_tokens, 1), comm, p, s, forward_only,
                     no_sync, forward_step, autocast, stats, meter, outputs, device,
                     split=schedule in SPLIT_BACKWARD)

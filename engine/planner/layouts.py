@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.parallel.rules import PLANNER_PRECISIONS, tp_problem as shard_problem
 from model.config import GLMConfig
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = PLANNER_PRECISIONS
 KERNELS = ("fused", "torch")
 
 
@@ -130,19 +131,9 @@ def _divisors(n: int) -> list[int]:
 
 def tp_problem(cfg: GLMConfig, tp: int, gpus_per_node: int) -> str | None:
     """Why `tp` cannot shard this model (None when it can)."""
-    g = cfg.multi_query_group_num
     if tp > gpus_per_node:
         return f"tp={tp} > gpus_per_node={gpus_per_node}"
-    if cfg.num_attention_heads % tp:
-        return f"num_attention_heads={cfg.num_attention_heads} is not divisible by tp={tp}"
-    if g % tp and tp % g:
-        return (f"tp={tp} and multi_query_group_num={g}: neither divides the other, so KV "
-                "groups cannot be split or replicated evenly")
-    if cfg.ffn_hidden_size % tp:
-        return f"ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by tp={tp}"
-    if cfg.padded_vocab_size % tp:
-        return f"padded_vocab_size={cfg.padded_vocab_size} is not divisible by tp={tp}"
-    return None
+    return shard_problem(cfg, tp)
 
 
 def enumerate_layouts(req: PlanRequest) -> list[Layout]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engine.parallel.rules import tp_problem
 from engine.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                            VocabParallelEmbedding, VocabParallelHead)
 from engine.tensor_parallel.mappings import all_reduce_grad_hook
@@ -58,17 +59,9 @@ class ShardPlan:
         c, tp = self.config, self.tp
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tp={tp!r} must be a positive integer")
-        nh, ng = c.num_attention_heads, c.multi_query_group_num
-        if nh % tp:
-            raise ValueError(f"num_attention_heads={nh} is not divisible by tp={tp}")
-        if ng % tp and tp % ng:
-            raise ValueError(f"multi_query_group_num={ng} and tp={tp}: one must divide the "
-                             "other (each rank holds whole KV groups, or one shared group)")
-        if c.ffn_hidden_size % tp:
-            raise ValueError(f"ffn_hidden_size={c.ffn_hidden_size} is not divisible by tp={tp}")
-        if c.padded_vocab_size % tp:
-            raise ValueError(f"padded_vocab_size={c.padded_vocab_size} is not divisible by "
-                             f"tp={tp}")
+        problem = tp_problem(c, tp)
+        if problem:
+            raise ValueError(problem)
 
     # ---- per-rank pieces ----------------------------------------------------------------
     @property

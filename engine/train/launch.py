@@ -13,6 +13,7 @@ import torch.distributed as dist
 from engine.train import checkpoint as ckpt_lib
 from engine.train.checkpoint import TOKENIZER_FILE
 from engine.config import RunConfig
+from engine.parallel.state import model_parallel_group
 from engine.recipe.data.loaders import make_datasets
 from engine.train.trainer import Trainer
 from model.config import with_layout_of
@@ -23,32 +24,20 @@ def world_size() -> int:
 
 
 def parallel_state(cfg: RunConfig):
-    """None for a plain single process; otherwise join the torchrun job and build the
-    groups. The layout is checked before any collective, so an impossible one fails on
-    every rank with the same one-line error instead of a hang."""
-    from engine.parallel.state import ParallelDims, init_distributed
+    """ParallelState.single() for a plain single process; otherwise join the torchrun job
+    and build the groups. The layout is checked before any collective, so an impossible
+    one fails on every rank with the same one-line error instead of a hang."""
+    from engine.parallel.rules import infer_dp, tp_problem
+    from engine.parallel.state import ParallelDims, ParallelState, init_distributed
     pc, world = cfg.parallel, world_size()
-    tp_pp = pc.tp * pc.pp
-    if pc.dp == 0:
-        if world % tp_pp:
-            raise ValueError(f"world size {world} is not divisible by tp*pp={tp_pp}")
-        dp = world // tp_pp
-    else:
-        dp = pc.dp
-    dims = ParallelDims(tp=pc.tp, pp=pc.pp, dp=dp, vpp=pc.vpp)
+    dims = ParallelDims(tp=pc.tp, pp=pc.pp, dp=infer_dp(pc.tp, pc.pp, pc.dp, world),
+                        vpp=pc.vpp)
     dims.validate(world, cfg.model.num_layers)
-    if pc.tp > 1:
-        heads, groups = cfg.model.num_attention_heads, cfg.model.multi_query_group_num
-        if heads % pc.tp or (pc.tp <= groups and groups % pc.tp) or (
-                pc.tp > groups and pc.tp % groups):
-            raise ValueError(f"parallel.tp={pc.tp} does not divide the model's "
-                             f"{heads} heads / {groups} KV groups evenly")
-        if cfg.model.ffn_hidden_size % pc.tp or cfg.model.padded_vocab_size % pc.tp:
-            raise ValueError(f"parallel.tp={pc.tp} must divide ffn_hidden_size="
-                             f"{cfg.model.ffn_hidden_size} and padded_vocab_size="
-                             f"{cfg.model.padded_vocab_size}")
+    problem = tp_problem(cfg.model, pc.tp)
+    if problem:
+        raise ValueError(f"parallel.tp={pc.tp}: {problem}")
     if world == 1:
-        return None
+        return ParallelState.single()
     from engine.parallel.monitor import start_monitor
     state = init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
     start_monitor(state)   # heartbeats: a dead or hung rank is named (engine/parallel/monitor.py)
@@ -56,15 +45,6 @@ def parallel_state(cfg: RunConfig):
 
 
 # ---- --parallel auto --------------------------------------------------------------------
-
-def _given_dp(cfg: RunConfig, world: int) -> int:
-    pc = cfg.parallel
-    if pc.dp:
-        return pc.dp
-    if world % (pc.tp * pc.pp):
-        raise ValueError(f"world size {world} is not divisible by tp*pp={pc.tp * pc.pp}")
-    return world // (pc.tp * pc.pp)
-
 
 def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None = None):
     """The planner's layout for this run, as a new RunConfig: (config, candidates best
@@ -75,16 +55,17 @@ def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None =
     train.recompute), only recompute ones when the config asks for it (train.recompute
     true is kept, false leaves the choice to the planner); sequence parallelism needs
     seq_len divisible by tp (else that tp runs without it)."""
+    from engine.parallel.rules import infer_dp, planner_precision
     from engine.planner import PlanRequest, best, plan
     from engine.planner.search import Candidate
     tc, pc = cfg.train, cfg.parallel
     local_world = local_world or world
-    global_batch = tc.micro_batch_size * tc.num_microbatches * _given_dp(cfg, world)
+    global_batch = tc.micro_batch_size * tc.num_microbatches * infer_dp(pc.tp, pc.pp, pc.dp,
+                                                                        world)
     memory_gb = pc.memory_gb or profile.memory_bytes / 1e9
     if not profile.async_launch:
         memory_gb /= local_world       # CPU ranks of one host share its memory
-    precision = profile.precision if tc.precision == "auto" else (
-        "fp32" if tc.precision == "fp32" else "bf16")   # fp16 keeps bf16's byte counts
+    precision = planner_precision(tc.precision, profile.precision)
     kernels = {"torch": "torch", "triton": "fused"}.get(cfg.model.kernels, profile.kernels)
     common = dict(config=cfg.model, world_size=world, device_memory_gb=memory_gb,
                   seq_len=tc.seq_len, global_batch=global_batch,
@@ -159,23 +140,6 @@ def resolve_parallel(cfg: RunConfig, log=print) -> RunConfig:
     return resolved
 
 
-def model_parallel_group(state):
-    """Ranks holding the pieces of one model replica (same dp coordinate): the group the
-    optimizer sums squared gradient norms over. new_group is collective: all ranks create
-    all groups in the same order."""
-    from engine.parallel.state import rank_to_coords
-    if state is None or state.dims.tp * state.dims.pp == 1:
-        return None
-    world = state.dims.world_size
-    mine = None
-    for d in range(state.dims.dp):
-        ranks = [r for r in range(world) if rank_to_coords(r, state.dims).dp == d]
-        group = dist.new_group(ranks, timeout=state.timeout)
-        if state.coords.dp == d:
-            mine = group
-    return mine
-
-
 def stopped_line(trainer, path: str) -> str:
     return (f"stopped by {trainer.stopped_by} after step {trainer.step}/"
             f"{trainer.cfg.train.steps}: saved {path} (continue with --resume)")
@@ -215,8 +179,8 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print,
         from engine.train.metrics import params_line
         params = params_line(cfg.model, trainer.named_trained_parameters(), state)
         layout = (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
-                  f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state else
-                  "single process") + (" | activation recompute" if tc.recompute else "")
+                  f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state.distributed
+                  else "single process") + (" | activation recompute" if tc.recompute else "")
         trainer.log(f"model: {params} | {layout} | task "
                     f"{cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
                     f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")
@@ -227,5 +191,5 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print,
     finally:
         if run_dir is not None:
             run_dir.close()
-        if state is not None and dist.is_initialized():
+        if state.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -33,19 +33,19 @@ def parse_steps(text: str) -> tuple[int, int]:
 
 
 class StepProfiler:
-    def __init__(self, first: int, last: int, out_dir: str, state=None, device=None,
+    def __init__(self, first: int, last: int, out_dir: str, state, device=None,
                  log=print):
         self.first, self.last = first, last
         self.dir = os.path.join(out_dir, "profile")
         self.state, self.log = state, log
         self.device = torch.device(device or "cpu")
-        self.rank = state.rank if state is not None else 0
+        self.rank = state.rank
         self.prof = None
         self.steps: list[tuple[int, list]] = []   # (step, ScheduleStats.timeline)
         self.done = False
 
     @classmethod
-    def from_config(cls, spec: str, out_dir: str, state=None, device=None, log=print):
+    def from_config(cls, spec: str, out_dir: str, state, device=None, log=print):
         if not spec:
             return _Inactive()
         return cls(*parse_steps(spec), out_dir, state, device, log)
@@ -81,7 +81,7 @@ class StepProfiler:
         trace = os.path.join(self.dir, f"trace_rank{self.rank}.json")
         self.prof.export_chrome_trace(trace)
         rows = [(self.rank, self._stage(), self.steps)]
-        if self.state is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.state.multi_rank:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, rows[0])
             rows = gathered
@@ -92,7 +92,7 @@ class StepProfiler:
             self.log(f"profile: {trace} (per rank), {path}" + (f", {png}" if png else ""))
 
     def _stage(self) -> int:
-        return self.state.coords.pp if self.state is not None else 0
+        return self.state.coords.pp
 
 
 class _Inactive:

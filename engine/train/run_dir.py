@@ -395,21 +395,20 @@ def open_run_dir(out_dir: str, *, resume: bool = False, force: bool = False, kee
     """Rank 0 takes the lock and decides (refuse / resume from which checkpoint / start
     over); every rank gets the same answer or raises the same error, so a refusal is one
     line on every rank rather than a hang."""
-    import torch.distributed as dist
-    rank = state.rank if state is not None else 0
-    box: list = [None]
-    if rank == 0:
+    from engine.parallel.state import or_single
+    state = or_single(state, "cpu")
+    answer = None
+    if state.rank == 0:
         try:
-            box[0] = _decide(out_dir, resume, force, keep, log, command)
+            answer = _decide(out_dir, resume, force, keep, log, command)
         except Exception as e:             # re-raised on every rank below
-            box[0] = e
-    if state is not None:
-        sent = [None]
-        if rank == 0:
-            sent = [box[0] if isinstance(box[0], Exception) else box[0].resume_path]
-        dist.broadcast_object_list(sent, src=0)
-        if rank != 0:
-            box[0] = sent[0] if isinstance(sent[0], Exception) else RunDir(None, sent[0])
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
+            answer = e
+    # the other ranks need only the error or the checkpoint to resume from (the lock is
+    # rank 0's); a single process keeps its answer as it is
+    sent = state.broadcast_object(answer if state.rank != 0 or isinstance(answer, Exception)
+                                  else answer.resume_path)
+    if state.rank != 0:
+        answer = sent if isinstance(sent, Exception) else RunDir(None, sent)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer

@@ -109,12 +109,12 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.requested_at is not None
 
-    def agreed(self, state=None) -> bool:
+    def agreed(self, state) -> bool:
         """Whether the job stops after this step: the local request (its signal number,
         0 if none) MAX-reduced over every rank (a collective: call it at the same point
         on every rank)."""
         signum = int(signal.Signals[self.signal_name]) if self.requested else 0
-        if state is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        if state.multi_rank:
             from engine.pipeline.p2p import FailureBoard, wait_all
             t = torch.tensor([signum], dtype=torch.int32, device=state.device)
             started = time.monotonic()

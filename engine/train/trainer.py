@@ -32,6 +32,8 @@ from engine.train.divergence import DivergenceError, DivergenceGuard
 from engine.train.flops import train_flops_per_token
 from engine.train.metrics import TrainMetrics
 from engine.parallel.monitor import step_guard
+from engine.parallel.rules import autocasts_bf16, param_precision as rules_param_precision
+from engine.parallel.state import or_single
 from engine.optim import DistributedOptimizer, OptimConfig
 from engine.train.run_dir import CheckpointStore
 from engine.train.profiling import StepProfiler
@@ -86,7 +88,7 @@ class StepStats:
 
 
 class Trainer:
-    """state: engine.parallel.state.ParallelState for a distributed run, None for one process.
+    """state: engine.parallel.state.ParallelState (None: ParallelState.single(device)).
     model: a ready GLM to train instead of building one (single stage only).
     loss_fn(model, batch, device) -> summed token loss (single stage), or forward_step
     (chunk, batch, hidden, side) -> per-token loss on the last stage (any layout).
@@ -104,6 +106,7 @@ class Trainer:
                  extra_meta: dict | None = None, loss_fn=None, forward_step=None,
                  aux_modules: dict | None = None, mp_group=None, before_step=None,
                  log_terms=None, extra_files: dict | None = None):
+        state = or_single(state, device)
         self.cfg, self.state = cfg, state
         self.extra_files = dict(extra_files or {})
         self.train_data, self.dev_data = train_data, dev_data
@@ -112,17 +115,13 @@ class Trainer:
         tc, pc = cfg.train, cfg.parallel
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.rank = state.rank if state else 0
+        self.rank = state.rank
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
-        self.pp = state.dims.pp if state else 1
-        self.dp = state.dims.dp if state else 1
-        self.dp_rank = state.coords.dp if state else 0
-        self.stage = state.coords.pp if state else 0
-        if state is not None:
-            self.device = state.device
-        else:
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available()
-                                                  else "cpu"))
+        self.pp = state.dims.pp
+        self.dp = state.dims.dp
+        self.dp_rank = state.coords.dp
+        self.stage = state.coords.pp
+        self.device = state.device
         # ---- the model: this rank's chunks, initialised like the single-process model
         if model is not None:
             if self.pp > 1:
@@ -130,9 +129,8 @@ class Trainer:
                                  "trainer builds the stages itself")
             self.chunks = [model.to(self.device)]
         else:
-            vpp = state.dims.vpp if state else 1
-            self.chunks = build_stage(cfg.model, self.pp, vpp, self.stage, seed=tc.seed,
-                                      device=self.device)
+            self.chunks = build_stage(cfg.model, self.pp, state.dims.vpp, self.stage,
+                                      seed=tc.seed, device=self.device)
         if tc.init_from:
             ckpt = ckpt_lib.Checkpoint(tc.init_from)
             ckpt.check_tokenizer(tokenizer_sha256)
@@ -145,8 +143,8 @@ class Trainer:
         # same default generator on every rank (replicated dropout); tensor parallelism
         # keeps its own per-rank stream for sharded tensors
         torch.manual_seed(tc.seed)
-        self.tp = state.dims.tp if state else 1
-        self.tp_rank = state.coords.tp if state else 0
+        self.tp = state.dims.tp
+        self.tp_rank = state.coords.tp
         if self.tp > 1:
             # TP weights are slices of the full stage just built (and loaded)
             from engine.tensor_parallel import parallelize
@@ -172,12 +170,9 @@ class Trainer:
         # ---- precision. "auto": fp32 on CPU; on CUDA bf16 autocast over fp32 parameters.
         # "bf16" / "fp16": parameters and gradients in that dtype, fp32 master weights in
         # the optimizer (fp16 with dynamic loss scaling)
-        self.autocast_dtype = None
-        param_precision = "fp32"
-        if tc.precision == "auto" and self.device.type == "cuda":
-            self.autocast_dtype = torch.bfloat16
-        elif tc.precision in ("bf16", "fp16"):
-            param_precision = tc.precision
+        self.autocast_dtype = (torch.bfloat16 if autocasts_bf16(tc.precision, self.device.type)
+                               else None)
+        param_precision = rules_param_precision(tc.precision)
         self.precision = tc.precision
         self.comm = None
         if self.pp > 1:
@@ -193,7 +188,7 @@ class Trainer:
             OptimConfig(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
                         weight_decay=tc.weight_decay, max_grad_norm=tc.grad_clip,
                         zero_stage=pc.zero_stage, precision=param_precision),
-            dp_group=state.dp_group if state and self.dp > 1 else None,
+            dp_group=state.dp_group if self.dp > 1 else None,
             model_parallel_group=mp_group, tp_rank=self.tp_rank)
         self.step = 0
         self.flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
@@ -293,22 +288,18 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------
     def _barrier(self):
-        if self.state is not None:
-            dist.barrier()
+        self.state.barrier()
 
     def _agree(self, error: tuple | None, payload=None) -> list:
         """Every rank's (error, payload) on every rank (a collective in place of a
         barrier); the first error is raised everywhere, so one rank's failed write stops
         all of them at the same point instead of leaving the others in the next barrier."""
-        items = [(error, payload)]
-        if self.state is not None:
-            items = [None] * self.state.dims.world_size
-            dist.all_gather_object(items, (error, payload))
+        items = self.state.all_gather_object((error, payload))
         for rank, (err, _) in enumerate(items):
             if err is not None:
                 kind, msg = err
                 cls = DivergenceError if kind == "diverged" else ckpt_lib.CheckpointError
-                where = f"rank {rank}: " if self.state is not None else ""
+                where = f"rank {rank}: " if self.state.distributed else ""
                 raise cls(f"checkpoint at step {self.step} not saved: {where}{msg}")
         return [p for _, p in items]
 
@@ -368,7 +359,6 @@ class Trainer:
         error = None
         final = self.store.path(self.step) if managed else os.path.abspath(path)
         if self.rank == 0:
-            dims = self.state.dims if self.state else None
             meta = {
                 "config": self.cfg.to_dict(),
                 "step": self.step,
@@ -376,7 +366,7 @@ class Trainer:
                 "rng": ckpt_lib.rng_state(),
                 "tokenizer_sha256": self.tokenizer_sha256,
                 "layout": {"tp": self.tp, "pp": self.pp, "dp": self.dp,
-                           "vpp": dims.vpp if dims else 1,
+                           "vpp": self.state.dims.vpp,
                            "sequence_parallel": self.cfg.parallel.sequence_parallel,
                            "zero_stage": self.cfg.parallel.zero_stage},
                 "optimizer": {k: v for k, v in full.items() if k != "params"},

@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.parallel.state import or_single
 from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.tensor_parallel.mappings import reduce_from_region
 from model.parallel_protocol import mapped_input
@@ -367,11 +368,12 @@ class DistillLoss:
         and are identical on its TP ranks, so TP rank 0 of each data-parallel replica
         contributes, and one all-reduce over the world adds the replicas and brings the
         result to every rank, rank 0 included, whatever its stage."""
-        device = state.device if state is not None else "cpu"
+        state = or_single(state, "cpu")
+        device = state.device
         sums = torch.tensor([float(self._sums[k]) for k in TERMS] + [float(self._tokens)],
                             dtype=torch.float64, device=device)
         self._reset()
-        if state is not None:
+        if state.distributed:
             if state.coords.tp != 0:
                 sums.zero_()
             dist.all_reduce(sums)

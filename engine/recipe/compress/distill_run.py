@@ -40,11 +40,11 @@ from model import GLM, GLMConfig
 
 
 def is_last_stage(state) -> bool:
-    return state is None or state.coords.pp == state.dims.pp - 1
+    return state.coords.pp == state.dims.pp - 1
 
 
 def tp_shards(state, sequence_parallel: bool) -> TPShards | None:
-    if state is None or state.dims.tp == 1:
+    if state.dims.tp == 1:
         return None
     return TPShards(state.tp_group, state.coords.tp, state.dims.tp, bool(sequence_parallel))
 
@@ -73,8 +73,7 @@ def teacher_weights(teacher):
 def staged(dcfg: DistillConfig, state) -> bool:
     """Whether the teacher is split into stages / TP shards: "same" with more than one
     stage or TP (with neither, "same" and "last" are the same whole teacher)."""
-    return (dcfg.teacher_layout == "same" and state is not None
-            and state.dims.pp * state.dims.tp > 1)
+    return dcfg.teacher_layout == "same" and state.dims.pp * state.dims.tp > 1
 
 
 def check_teacher(t_config: GLMConfig, cfg: RunConfig, dcfg: DistillConfig, state):
@@ -206,13 +205,13 @@ def distill_trainer(cfg: RunConfig, dcfg: DistillConfig, train, dev=None, *,
     when a KD term has weight, on every rank for teacher_layout "same" (with pp or tp)
     and on the last stage's for "last" (others may pass None). `kept_hidden` (the
     pruning's kept teacher channels) starts the projection as that selection."""
-    from engine.train.launch import model_parallel_group
+    from engine.parallel.state import model_parallel_group, or_single
     from engine.train.trainer import Trainer
 
+    state = or_single(state)
     sp = bool(cfg.parallel.sequence_parallel)
     tp = tp_shards(state, sp)
-    device = state.device if state is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = state.device
     source = proj = None
     last = is_last_stage(state)
     if dcfg.needs_teacher and teacher is None and (staged(dcfg, state) or last):
