@@ -71,7 +71,7 @@ def param_counts(model_config, trained_parameters) -> tuple[int, int]:
 
 def params_line(model_config, trained_parameters, state=None) -> str:
     whole, here = param_counts(model_config, trained_parameters)
-    if state is None:
+    if state is None or not state.distributed:
         return f"{whole:,} parameters (whole model)" + (
             f", {here:,} trained" if here != whole else "")
     return (f"{whole:,} parameters (whole model), {here:,} on this rank "
