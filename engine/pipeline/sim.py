@@ -36,7 +36,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from engine.pipeline.names import SCHEDULES
-from engine.pipeline.schedules import Op, check_schedule, stage_program
+from engine.pipeline.program import Op, check_schedule, stage_program
 
 
 class ScheduleError(RuntimeError):
