@@ -21,7 +21,7 @@ Prints, from rank 0:
     textbook (p-1)/(m+p-1);
   * stage 0's peak activation memory, 1F1B against GPipe: live bytes of tensors saved
     for backward (distinct storages, parameters excluded; saved-tensor hooks, see
-    engine.pipeline.schedules.SavedActivationMeter) plus the stage outputs the schedule holds.
+    engine.pipeline.stats.SavedActivationMeter) plus the stage outputs the schedule holds.
     Target: 1F1B <= (p/m) * GPipe + 10%.
 Variants run interleaved (A B C D, A B C D, ...) after one untimed warmup round, so
 drift on a shared machine hits them alike.
@@ -45,8 +45,9 @@ from torch import nn  # noqa: E402
 from engine.parallel.spawn import run_workers  # noqa: E402
 from engine.pipeline.p2p import P2P  # noqa: E402
 from engine.parallel.state import ParallelDims, init_distributed  # noqa: E402
-from engine.pipeline.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
-                              forward_backward)
+from engine.pipeline.schedules import StepContext, forward_backward  # noqa: E402
+from engine.pipeline.stage import build_stage  # noqa: E402
+from engine.pipeline.stats import SavedActivationMeter, ScheduleStats  # noqa: E402
 from engine.train.timing import Clock  # noqa: E402
 from model import GLM, GLMConfig  # noqa: E402
 from engine.errors import run_main  # noqa: E402
@@ -132,8 +133,9 @@ class Ours:
 
     def step(self, meter=None) -> float:
         self.stats = ScheduleStats()
-        loss = forward_backward(self.schedule, self.chunks, self.mbs, self.num_tokens,
-                                self.comm, self.state, stats=self.stats, meter=meter)
+        loss = forward_backward(StepContext(self.schedule, self.chunks, self.mbs,
+                                            self.num_tokens, self.comm, self.state,
+                                            stats=self.stats, meter=meter))
         for c in self.chunks:
             c.zero_grad(set_to_none=True)
         return loss

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from dist import run_workers
 from engine.pipeline.p2p import P2P
 from engine.parallel.state import ParallelDims, init_distributed
-from engine.pipeline.schedules import build_stage, forward_backward
+from engine.pipeline.schedules import StepContext, forward_backward
+from engine.pipeline.stage import build_stage
 from model import GLM, GLMConfig
 from test_pipeline_parity import count_tokens, microbatches
 
@@ -26,7 +27,7 @@ def _reference():
     model = GLM.build(GLMConfig.preset("tiny"), seed=0)
     mbs = microbatches(M, 0)
     n = count_tokens(mbs)
-    loss = forward_backward("none", [model], mbs, n, autocast=_bf16)
+    loss = forward_backward(StepContext("none", [model], mbs, n, autocast=_bf16))
     return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
@@ -49,8 +50,8 @@ def _worker(rank, world):
         chunks = build_stage(cfg, 2, 1, state.stage, seed=0)
         mbs = microbatches(M, 0)
         comm = P2P(state, cfg.hidden_size, timeout=30, wire_dtype=wire)
-        loss = forward_backward("1f1b", chunks, mbs, count_tokens(mbs), comm, state,
-                                autocast=autocast or contextlib.nullcontext)
+        loss = forward_backward(StepContext("1f1b", chunks, mbs, count_tokens(mbs), comm,
+                                            state, autocast=autocast or contextlib.nullcontext))
         out[name] = {"loss": loss, "sent": sorted(set(sent)), "n_sent": len(sent),
                      "grads": {k: p.grad.clone() for c in chunks
                                for k, p in c.named_parameters()}}

@@ -10,7 +10,8 @@ import torch
 from dist import run_workers, spawn_workers
 from engine.pipeline.p2p import P2P, PeerError, Side
 from engine.parallel.state import ParallelDims, init_distributed
-from engine.pipeline.schedules import build_stage, forward_backward, glm_forward_step
+from engine.pipeline.schedules import StepContext, forward_backward
+from engine.pipeline.stage import build_stage, glm_forward_step
 from model import GLMConfig
 from test_pipeline_parity import count_tokens, microbatches
 
@@ -46,9 +47,9 @@ def _faulty_step(rank, world, mode, victim, p2p_timeout, hang_s=0.0):
     torch.distributed.barrier()
     started = time.monotonic()
     try:
-        forward_backward("1f1b", chunks, mbs, count_tokens(mbs),
-                         P2P(state, CFG6.hidden_size, timeout=p2p_timeout), state,
-                         forward_step=step)
+        forward_backward(StepContext("1f1b", chunks, mbs, count_tokens(mbs),
+                                     P2P(state, CFG6.hidden_size, timeout=p2p_timeout), state,
+                                     forward_step=step))
         return ("ok", "", time.monotonic() - started)
     except Exception as err:  # noqa: BLE001 - the message is what the test checks
         return (type(err).__name__, str(err), time.monotonic() - started)
@@ -113,12 +114,13 @@ def _bad_inputs(rank, world):
     comm = P2P(state, CFG.hidden_size, timeout=10)
     mbs = microbatches(4, 0)
     try:  # interleaving needs m to be a multiple of pp: every rank knows before any send
-        forward_backward("interleaved", chunks, mbs[:3], count_tokens(mbs), comm, state)
+        forward_backward(StepContext("interleaved", chunks, mbs[:3], count_tokens(mbs), comm,
+                                     state))
     except ValueError as err:
         errors["interleaved m"] = str(err)
     try:  # the stages disagree on the microbatch count: the handshake catches it
-        forward_backward("interleaved", chunks, mbs[:2] if rank == 0 else mbs, count_tokens(mbs),
-                         comm, state)
+        forward_backward(StepContext("interleaved", chunks, mbs[:2] if rank == 0 else mbs,
+                                     count_tokens(mbs), comm, state))
     except ValueError as err:
         errors["count"] = str(err)
     # a hidden state of the wrong shape is refused before anything is posted
@@ -130,7 +132,8 @@ def _bad_inputs(rank, world):
     except ValueError as err:
         errors["shape"] = str(err)
     # nothing above broke the process group: a correct step still runs
-    loss = forward_backward("interleaved", chunks, mbs[:2], count_tokens(mbs[:2]), comm, state)
+    loss = forward_backward(StepContext("interleaved", chunks, mbs[:2], count_tokens(mbs[:2]),
+                                        comm, state))
     return errors, loss, time.monotonic() - started
 
 

@@ -14,8 +14,10 @@ import torch.distributed as dist
 from dist import run_workers
 from engine.pipeline.p2p import P2P
 from engine.parallel.state import ParallelDims, init_distributed
-from engine.pipeline.schedules import (SavedActivationMeter, ScheduleStats, _backward_freed, _free_output,
-                              build_stage, forward_backward)
+from engine.pipeline.executor import _backward_freed, _free_output
+from engine.pipeline.schedules import StepContext, forward_backward
+from engine.pipeline.stage import build_stage
+from engine.pipeline.stats import SavedActivationMeter, ScheduleStats
 from model import GLM, GLMConfig
 from model.masks import (IGNORE, GLMExample, causal_example, collate, corrupt_spans,
                          gmask_example)
@@ -125,8 +127,8 @@ def _train_case(state, schedule, m, steps, dp_offset=0, dp_m=None):
         mine = global_mbs[dp_offset:dp_offset + (dp_m or m)]
         opt.zero_grad(set_to_none=True)
         stats, no_sync = ScheduleStats(), Counter()
-        loss = forward_backward(schedule, chunks, mine, count_tokens(global_mbs), comm, state,
-                                no_sync=no_sync, stats=stats)
+        loss = forward_backward(StepContext(schedule, chunks, mine, count_tokens(global_mbs),
+                                            comm, state, no_sync=no_sync, stats=stats))
         if state.dims.dp > 1:  # what engine/optimizer.py does: SUM over data parallel
             for c in chunks:
                 for p in c.parameters():
@@ -150,8 +152,8 @@ def _reshaped_case(state):
     out = []
     for seq in (16, 16, 24, 24, 16):
         mbs = microbatches(2, 0, seq=seq)
-        loss = forward_backward("1f1b", chunks, mbs, count_tokens(mbs), comm, state,
-                                forward_only=True)
+        loss = forward_backward(StepContext("1f1b", chunks, mbs, count_tokens(mbs), comm,
+                                            state, forward_only=True))
         out.append((seq, loss, comm.handshakes))
     return out
 
@@ -161,9 +163,10 @@ def _forward_only_case(state, m):
     chunks = build_stage(cfg, state.dims.pp, state.dims.vpp, state.stage, seed=0)
     mbs = microbatches(m, 0)
     outputs = []
-    loss = forward_backward("1f1b" if state.dims.vpp == 1 else "interleaved", chunks, mbs,
-                            count_tokens(mbs), P2P(state, cfg.hidden_size, timeout=30), state,
-                            forward_only=True, outputs=outputs)
+    schedule = "1f1b" if state.dims.vpp == 1 else "interleaved"
+    loss = forward_backward(StepContext(schedule, chunks, mbs, count_tokens(mbs),
+                                        P2P(state, cfg.hidden_size, timeout=30), state,
+                                        forward_only=True, outputs=outputs))
     assert all(p.grad is None for c in chunks for p in c.parameters())
     return dict(loss=loss, per_mb=[o.numpy() for o in outputs])
 
@@ -174,8 +177,9 @@ def _memory_case(state, schedule, m):
     mbs = microbatches(m, 0)
     meter = SavedActivationMeter(p for c in chunks for p in c.parameters())
     stats = ScheduleStats()
-    forward_backward(schedule, chunks, mbs, count_tokens(mbs),
-                     P2P(state, cfg.hidden_size, timeout=30), state, stats=stats, meter=meter)
+    forward_backward(StepContext(schedule, chunks, mbs, count_tokens(mbs),
+                                 P2P(state, cfg.hidden_size, timeout=30), state, stats=stats,
+                                 meter=meter))
     return dict(peak_bytes=meter.peak, end_bytes=meter.current, peak=stats.peak_in_flight,
                 freed=stats.outputs_freed)
 
@@ -351,7 +355,7 @@ def test_no_pipeline_schedule_is_gradient_accumulation():
     ref = reference(3, 1)[0]
     model = GLM.build(config(), seed=0)
     mbs = microbatches(3, 0)
-    loss = forward_backward("none", [model], mbs, count_tokens(mbs))
+    loss = forward_backward(StepContext("none", [model], mbs, count_tokens(mbs)))
     assert loss == pytest.approx(ref["loss"], rel=RTOL)
     for n, p in model.named_parameters():
         assert_rel(p.grad.numpy(), ref["grads"][n], n)

@@ -3,7 +3,7 @@ import pytest
 
 from engine.pipeline.sim import (Op, ScheduleError, expected_bubble, grid, simulate,
                                  simulate_schedule)
-from engine.pipeline.schedules import Msg, compute_order, stage_program
+from engine.pipeline.program import Msg, compute_order, stage_program
 
 
 def test_full_grid_no_deadlock_and_textbook_numbers():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.train import timing
-from engine.pipeline.schedules import ScheduleStats
+from engine.pipeline.stats import ScheduleStats
 
 
 def test_cpu_clock_measures_wall_time():

@@ -1,5 +1,5 @@
 """The pipeline schedule names: the one list engine.config validates against and
-engine.pipeline.schedules builds programs for (kept free of torch so configs load cheaply)."""
+engine.pipeline.program builds programs for (kept free of torch so configs load cheaply)."""
 
 # "none": gradient accumulation on one stage; "zb-h1": 1F1B with the backward split into
 # B (input gradients) and W (weight gradients), Qi et al., "Zero Bubble Pipeline

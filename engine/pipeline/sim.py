@@ -1,4 +1,4 @@
-"""Pure-Python pipeline simulator: runs the programs engine.pipeline.schedules executes, without
+"""Pure-Python pipeline simulator: runs the programs engine.pipeline.program builds, without
 processes, and checks them.
 
 For every stage it takes `stage_program(...)` (the exact op list the executor runs) and
@@ -36,7 +36,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from engine.pipeline.names import SCHEDULES
-from engine.pipeline.schedules import Op, check_schedule, stage_program
+from engine.pipeline.program import Op, check_schedule, stage_program
 
 
 class ScheduleError(RuntimeError):
@@ -255,7 +255,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
 
 def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.0,
                       t_b: float = 2.0, forward_only: bool = False) -> SimResult:
-    """Generate every stage's program with engine.pipeline.schedules and simulate them together."""
+    """Generate every stage's program with engine.pipeline.program and simulate them together."""
     programs = [stage_program(schedule, p, s, m, v, forward_only) for s in range(p)]
     return simulate(programs, p, v, t_f, t_b, schedule, m)
 

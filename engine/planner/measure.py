@@ -36,7 +36,7 @@ from engine.train.recompute import recompute_layers
 # the schedule's meter, used here through its hooks only, so it counts exactly the tensors
 # saved for backward (given to forward_backward it also charges the stage outputs a
 # pipeline holds until they are sent; tests/test_planner_multirank.py checks that gap)
-from engine.pipeline.schedules import SavedActivationMeter as SavedTensorMeter
+from engine.pipeline.stats import SavedActivationMeter as SavedTensorMeter
 from model.glm import GLM
 from model.masks import causal_example, collate
 
@@ -145,20 +145,23 @@ def trainer_memory(trainer) -> Measured:
 
 
 def schedule_meter_peak(trainer) -> int:
-    """Peak bytes of one step as engine.pipeline.schedules.SavedActivationMeter counts them: the
+    """Peak bytes of one step as engine.pipeline.stats.SavedActivationMeter counts them: the
     same saved tensors as SavedTensorMeter, plus each stage output while the schedule
     holds it (until it is sent and its .data freed). Equal to trainer_memory's
     activations without a pipeline; at most one microbatch's [s, b, h] output more with
     one. Collective like trainer_memory."""
-    from engine.pipeline.schedules import SavedActivationMeter, forward_backward
+    from engine.pipeline.schedules import StepContext, forward_backward
+    from engine.pipeline.stats import SavedActivationMeter
     from engine.train.trainer import count_tokens
     params, opt, _, optimizer_step = trainer_step(trainer)
     mbs = trainer.microbatches(trainer.train_data, trainer.step)
     meter = SavedActivationMeter(params)
-    forward_backward(trainer.schedule, trainer.chunks, mbs,
-                     trainer._global_count(count_tokens(mbs)), trainer.comm, trainer.state,
-                     no_sync=opt.no_sync, forward_step=trainer.forward_step,
-                     autocast=trainer.autocast, meter=meter, scale_loss=opt.scale_loss)
+    forward_backward(StepContext(trainer.schedule, trainer.chunks, mbs,
+                                 trainer._global_count(count_tokens(mbs)), trainer.comm,
+                                 trainer.state, no_sync=opt.no_sync,
+                                 forward_step=trainer.forward_step,
+                                 autocast=trainer.autocast, meter=meter,
+                                 scale_loss=opt.scale_loss))
     optimizer_step()
     return meter.peak
 

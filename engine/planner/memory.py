@@ -51,7 +51,7 @@ backward one layer at a time is recomputed, so one layer's full set comes back o
 
 In flight (how many microbatch-chunks a stage holds): gradient accumulation 1, GPipe m,
 1F1B min(p - s, m) (stage 0 the most), ZB-H1 min(p, m) (from F to W), interleaved 1F1B
-min(2(p - s - 1) + (v - 1)p + 1, m v) with each chunk L / (p v) layers deep (engine/pipeline/schedules.py's warmup counts).
+min(2(p - s - 1) + (v - 1)p + 1, m v) with each chunk L / (p v) layers deep (engine/pipeline/program.py's warmup counts).
 """
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ class HybridLoss:
         return torch.where(task.bool(), self.w_source, self.w_target).float()   # [b]
 
     def forward_step(self, chunk, batch: dict, hidden_states, side):
-        from engine.pipeline.schedules import glm_forward_step
+        from engine.pipeline.stage import glm_forward_step
         out = glm_forward_step(chunk, batch, hidden_states, side)
         if chunk.post_process and "task" in batch and batch.get("labels") is not None:
             w = self.weights(batch["task"]).to(out.device)

@@ -5,7 +5,7 @@ Writes into <out_dir>/profile/:
                        schedule names a range per op: "forward stage0 F3.0" (microbatch
                        3, chunk 0), "backward stage1 B3.0", "exchange stage0 X[...]".
   timeline.json        the pipeline timeline from the schedule's own device-time
-                       measurements (engine.pipeline.schedules.ScheduleStats.timeline): one row per
+                       measurements (engine.pipeline.stats.ScheduleStats.timeline): one row per
                        rank, compute vs wait, Chrome trace JSON; written by rank 0.
   timeline.png         the same as a picture, when matplotlib is installed.
 Each rank's timeline starts at its own step start (ranks start a step together, after
@@ -57,7 +57,7 @@ class StepProfiler:
         if self.done or not self.first <= n <= self.last:
             yield None
             return
-        from engine.pipeline.schedules import ScheduleStats
+        from engine.pipeline.stats import ScheduleStats
         if self.prof is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":

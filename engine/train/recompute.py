@@ -19,7 +19,7 @@ tracker is put back where it was before the replay, so the streams continue as i
 forward had run once.
 
 Reentrant checkpointing: the replay runs through the caller's saved-tensor hooks, so
-engine.pipeline.schedules.SavedActivationMeter (and the planner's measurement) see the
+engine.pipeline.stats.SavedActivationMeter (and the planner's measurement) see the
 recompute peak; non-reentrant checkpointing would hide those tensors behind its own hooks.
 """
 from __future__ import annotations

@@ -37,7 +37,8 @@ from engine.parallel.state import or_single
 from engine.optim import DistributedOptimizer, OptimConfig
 from engine.train.run_dir import CheckpointStore
 from engine.train.profiling import StepProfiler
-from engine.pipeline.schedules import build_stage, forward_backward, glm_forward_step
+from engine.pipeline.schedules import StepContext, forward_backward
+from engine.pipeline.stage import build_stage, glm_forward_step
 from engine.train.stop import active as active_stop
 from engine.train.timing import Clock
 from model.config import layout_mismatch
@@ -244,15 +245,15 @@ class Trainer:
             c.train(not forward_only)
         if self.before_step is not None and not forward_only:
             self.before_step(mbs)
-        return forward_backward(self.schedule, self.chunks, mbs, num_tokens, self.comm,
-                                self.state, forward_only=forward_only,
-                                no_sync=None if forward_only else self.optimizer.no_sync,
-                                forward_step=self.forward_step, autocast=self.autocast,
-                                scale_loss=None if forward_only else self.optimizer.scale_loss,
-                                stats=stats)
+        return forward_backward(StepContext(
+            self.schedule, self.chunks, mbs, num_tokens, self.comm, self.state,
+            forward_only=forward_only,
+            no_sync=None if forward_only else self.optimizer.no_sync,
+            forward_step=self.forward_step, autocast=self.autocast,
+            scale_loss=None if forward_only else self.optimizer.scale_loss, stats=stats))
 
     def train_step(self, stats=None) -> StepStats:
-        """stats: an engine.pipeline.schedules.ScheduleStats to fill (the profiler's timeline)."""
+        """stats: an engine.pipeline.stats.ScheduleStats to fill (the profiler's timeline)."""
         clock = Clock(self.device)
         t0 = clock.mark()
         lr = lr_at(self.step, self.cfg.train)

@@ -331,7 +331,7 @@ class DistillLoss:
         return self.forward_step(model, batch, None, Side.from_batch(batch, device))
 
     def forward_step(self, chunk, batch: dict, hidden_states, side):
-        from engine.pipeline.schedules import glm_forward_step
+        from engine.pipeline.stage import glm_forward_step
         if not chunk.post_process:
             return glm_forward_step(chunk, batch, hidden_states, side)
         device = side.position_ids.device

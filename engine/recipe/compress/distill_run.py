@@ -106,7 +106,7 @@ def build_teacher_stage(t_config: GLMConfig, load, state, sequence_parallel: boo
     """This rank's chunks of the teacher, made as the Trainer makes the student's
     (build_stage, load by name, parallelize), then frozen: sharding first, because
     parallelize registers gradient hooks, which frozen parameters refuse."""
-    from engine.pipeline.schedules import build_stage
+    from engine.pipeline.stage import build_stage
     from engine.tensor_parallel import parallelize
     chunks = build_stage(t_config, state.dims.pp, state.dims.vpp, state.coords.pp,
                          device=state.device)
@@ -144,18 +144,19 @@ class StagedTeacher:
         self.schedule, self.autocast = trainer.schedule, trainer.autocast
 
     def run(self, microbatches: list[dict]):
-        from engine.pipeline.schedules import forward_backward
+        from engine.pipeline.schedules import StepContext, forward_backward
         # without labels the schedule's last stage only collects outputs (no loss sums)
         inputs = [{k: v for k, v in mb.items() if k != "labels"} for mb in microbatches]
         hidden: list[torch.Tensor] = []
-        forward_backward(self.schedule, self.chunks, inputs, 1, self.comm, self.state,
-                         forward_only=True, forward_step=self._forward_step,
-                         autocast=self.autocast, outputs=hidden)
+        forward_backward(StepContext(self.schedule, self.chunks, inputs, 1, self.comm,
+                                     self.state, forward_only=True,
+                                     forward_step=self._forward_step,
+                                     autocast=self.autocast, outputs=hidden))
         # keyed by the student's batch objects: the student's forward_step gets the same
         self._hidden = dict(zip(map(id, microbatches), hidden))
 
     def _forward_step(self, chunk, batch, hidden_states, side):
-        from engine.pipeline.schedules import glm_forward_step
+        from engine.pipeline.stage import glm_forward_step
         if chunk is not self.head_chunk:
             return glm_forward_step(chunk, batch, hidden_states, side)
         input_ids = batch["input_ids"].to(side.position_ids.device) if chunk.pre_process \

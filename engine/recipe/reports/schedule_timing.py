@@ -50,14 +50,16 @@ def _time_steps(step, reps: int) -> float:
 
 
 def time_no_pipeline(cfg, batch_sizes, mbs, seq_len, reps, threads) -> dict:
-    from engine.pipeline.schedules import build_stage, forward_backward
+    from engine.pipeline.schedules import StepContext, forward_backward
+    from engine.pipeline.stage import build_stage
     torch.set_num_threads(threads)
     chunks = build_stage(cfg, 1, 1, 0, seed=0)
     out = {}
     for b in batch_sizes:
         mbatches = _batches(cfg, b // mbs, mbs, seq_len, seed=b)
         n_tok = sum(int(x["labels"].numel()) for x in mbatches)
-        out[b] = _time_steps(lambda: forward_backward("none", chunks, mbatches, n_tok), reps)
+        out[b] = _time_steps(
+            lambda: forward_backward(StepContext("none", chunks, mbatches, n_tok)), reps)
     return out
 
 
@@ -75,7 +77,8 @@ def interleave_vpp(num_layers: int, pp: int = 2) -> int:
 def _worker(rank, cfg, batch_sizes, mbs, seq_len, reps, port, queue):
     from engine.pipeline.p2p import P2P
     from engine.parallel.state import ParallelDims, init_distributed
-    from engine.pipeline.schedules import build_stage, forward_backward
+    from engine.pipeline.schedules import StepContext, forward_backward
+    from engine.pipeline.stage import build_stage
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -94,7 +97,7 @@ def _worker(rank, cfg, batch_sizes, mbs, seq_len, reps, port, queue):
                 n_tok = sum(int(x["labels"].numel()) for x in mbatches)
 
                 def step():
-                    forward_backward(schedule, chunks, mbatches, n_tok, comm, state)
+                    forward_backward(StepContext(schedule, chunks, mbatches, n_tok, comm, state))
                     dist.barrier()   # a step ends when the slowest stage is done
                 result[(schedule, b)] = _time_steps(step, reps)
         if rank == 0:
