@@ -118,6 +118,9 @@ def check_schedule(schedule: str, p: int, m: int, v: int, forward_only: bool = F
     if p < 1 or m < 1 or v < 1:
         raise ValueError(f"need pp >= 1, microbatches >= 1, vpp >= 1; got pp={p}, m={m}, "
                          f"vpp={v}")
+    if schedule == "zb-v":   # engine.pipeline.zbv
+        from engine.pipeline.zbv import check_zbv
+        return check_zbv(p, m, v)
     if schedule == "none" and p != 1:
         raise ValueError(f"schedule='none' is gradient accumulation on one stage; pp={p} "
                          "needs 'gpipe', '1f1b', 'interleaved' or 'zb-h1'")
@@ -146,6 +149,9 @@ def compute_order(schedule: str, p: int, s: int, m: int, v: int = 1,
     the forward + backward pair of an interleaved steady-state step, which share their
     exchanges. Ops are ("F" | "B", microbatch, chunk)."""
     check_schedule(schedule, p, m, v, forward_only)
+    if schedule == "zb-v":   # engine.pipeline.zbv: one op per slot
+        from engine.pipeline import zbv
+        return [[op] for op in zbv.compute_order(p, s, m, forward_only)]
     F = lambda mb, c=0: [("F", mb, c)]  # noqa: E731
     B = lambda mb, c=0: [("B", mb, c)]  # noqa: E731
     W = lambda mb, c=0: [("W", mb, c)]  # noqa: E731
@@ -256,6 +262,10 @@ def cached_program(schedule: str, p: int, s: int, m: int, v: int = 1,
 def _build_program(schedule, p, s, m, v, forward_only) -> list[Op]:
     if not 0 <= s < p:
         raise ValueError(f"stage={s} is outside pp={p}")
+    if schedule == "zb-v":   # the V placement's messages (engine.pipeline.zbv)
+        from engine.pipeline import zbv
+        check_schedule(schedule, p, m, v, forward_only)
+        return zbv.build_program(p, s, m, Op, forward_only)
     slots = compute_order(schedule, p, s, m, v, forward_only)
     first = lambda c: s == 0 and c == 0  # noqa: E731  (virtual stage 0: reads input_ids)
     last = lambda c: s == p - 1 and c == v - 1  # noqa: E731  (computes the loss)
@@ -292,17 +302,19 @@ def _build_program(schedule, p, s, m, v, forward_only) -> list[Op]:
 
 # ---- building a stage -----------------------------------------------------------------
 
-def build_stage(config, pp: int, vpp: int, stage: int, seed: int = 0, device="cpu") -> list:
+def build_stage(config, pp: int, vpp: int, stage: int, seed: int = 0, device="cpu",
+                schedule: str | None = None) -> list:
     """The vpp model chunks of one pipeline stage, initialised exactly like the same layers
     of the single-process model (init is per parameter name)."""
-    from engine.parallel.state import stage_layers
+    from engine.pipeline.placement import placement_for
     from model import GLM
+    place = placement_for(schedule, pp, vpp)   # zb-v: the V (engine.pipeline.placement)
     chunks = []
     for c in range(vpp):
-        layers = stage_layers(config.num_layers, pp, vpp, stage, c)
-        chunks.append(GLM.build(config, seed=seed, device=device, layer_range=layers,
-                                pre_process=(stage == 0 and c == 0),
-                                post_process=(stage == pp - 1 and c == vpp - 1)))
+        chunks.append(GLM.build(config, seed=seed, device=device,
+                                layer_range=place.layers(config.num_layers, stage, c),
+                                pre_process=place.first(stage, c),
+                                post_process=place.last(stage, c)))
     return chunks
 
 
@@ -679,7 +691,10 @@ def forward_backward(schedule: str, chunks: list, microbatches: list[dict], num_
     if p > 1 and comm is None:
         raise ValueError(f"pp={p} needs a P2P object (engine.pipeline.p2p.P2P) as comm")
     device = state.device if state is not None else next(chunks[0].parameters()).device
-    run = _StageRun(chunks, microbatches, max(num_tokens, 1), comm, p, s, forward_only,
+    runner = _StageRun
+    if schedule == "zb-v":   # the V placement's executor (engine.pipeline.zbv)
+        from engine.pipeline.zbv import VStageRun as runner
+    run = runner(chunks, microbatches, max(num_tokens, 1), comm, p, s, forward_only,
                     no_sync, forward_step, autocast, stats, meter, outputs, device,
                     split=schedule in SPLIT_BACKWARD)
     run.scale_loss = scale_loss

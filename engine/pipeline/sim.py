@@ -36,6 +36,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from engine.pipeline.names import SCHEDULES
+from engine.pipeline.placement import Placement, placement_for
 from engine.pipeline.schedules import Op, check_schedule, stage_program
 
 
@@ -74,11 +75,11 @@ def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
     return (p - 1) / (m + p - 1)
 
 
-def _identity(stage: int, msg, p: int):
+def _identity(stage: int, msg, p: int, place):
     """What a message carries, the same on both ends: (kind, microbatch, producer
     virtual stage) for activations, (kind, microbatch, consumer virtual stage) for
-    gradients (virtual stage of chunk c on stage s is c * p + s)."""
-    vstage = msg.chunk * p + stage
+    gradients (virtual stage of chunk c on stage s: engine.pipeline.placement)."""
+    vstage = place.virtual(stage, msg.chunk)
     if msg.what == "act":
         return ("act", msg.mb, vstage if msg.op == "send" else vstage - 1)
     return ("grad", msg.mb, vstage - 1 if msg.op == "send" else vstage)
@@ -86,9 +87,11 @@ def _identity(stage: int, msg, p: int):
 
 def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
              t_b: float = 2.0, schedule: str = "?", m: int = 0,
-             t_w: float | None = None) -> SimResult:
+             t_w: float | None = None, place=None) -> SimResult:
     """Play every stage's program; raise ScheduleError on any violation. A backward
-    costs t_b; in a program with W ops, B costs t_b - t_w and W t_w (default t_b / 2)."""
+    costs t_b; in a program with W ops, B costs t_b - t_w and W t_w (default t_b / 2).
+    place: where the chunks sit (engine.pipeline.placement; default the loop)."""
+    place = place or Placement(p, v)
     n = len(programs)
     if n != p:
         raise ValueError(f"got {n} programs for p={p}")
@@ -102,6 +105,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
     queues: dict = defaultdict(lambda: {"send": [], "recv": []})  # chan -> [(id, s, k)]
     alive: list[set] = [set() for _ in range(p)]   # (mb, chunk) forwarded, not released
     backwarded: list[set] = [set() for _ in range(p)]
+    b_done: list[set] = [set() for _ in range(p)]   # every (mb, chunk) whose B ran
     recv_in: list[dict] = [{} for _ in range(p)]   # what a posted receive carries -> batch
     done_f: list[set] = [set() for _ in range(p)]
     peak = [0] * p
@@ -175,10 +179,21 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
         while pc[s] < len(prog):
             op = prog[pc[s]]
             key = (op.mb, op.chunk)
-            first = s == 0 and op.chunk == 0
-            last = s == p - 1 and op.chunk == v - 1
+            first, last = place.first(s, op.chunk), place.last(s, op.chunk)
+            # the V's turn: chunk 1 of the last rank reads chunk 0's output in place, and
+            # hands chunk 0 its gradient the same way
+            local_in = place.local_input(s, op.chunk)
+            local_out = op.chunk + 1 < v and place.local_input(s, op.chunk + 1)
+            if op.kind == "F" and local_in:
+                if (op.mb, op.chunk - 1) not in done_f[s]:
+                    raise ScheduleError(f"stage {s}: F{op.mb}.{op.chunk} before the local "
+                                        f"F{op.mb}.{op.chunk - 1} it reads")
+            if op.kind == "B" and local_out:
+                if (op.mb, op.chunk + 1) not in b_done[s]:
+                    raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} before the local "
+                                        f"B{op.mb}.{op.chunk + 1} it reads")
             if op.kind == "F":
-                if not first and not wait_for(s, ("act",) + key):
+                if not first and not local_in and not wait_for(s, ("act",) + key):
                     return moved
                 timeline[s].append(("F", op.mb, op.chunk, clock[s], clock[s] + cost["F"]))
                 clock[s] += cost["F"]
@@ -190,8 +205,9 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
             elif op.kind == "B":
                 if key not in alive[s] or key in backwarded[s]:
                     raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} without its forward")
-                if not last and not wait_for(s, ("grad",) + key):
+                if not last and not local_out and not wait_for(s, ("grad",) + key):
                     return moved
+                b_done[s].add(key)
                 timeline[s].append(("B", op.mb, op.chunk, clock[s], clock[s] + cost["B"]))
                 clock[s] += cost["B"]
                 busy[s] += cost["B"]
@@ -214,7 +230,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
                     other = peer_stage(s, msg)
                     chan = (s, other) if msg.op == "send" else (other, s)
                     q = queues[chan][msg.op]
-                    q.append((_identity(s, msg, p), s, k))
+                    q.append((_identity(s, msg, p, place), s, k))
                     batch["msgs"].append((chan, msg.op, len(q) - 1))
                     mkey = (msg.mb, msg.chunk)
                     if msg.op == "send" and msg.what == "act" and mkey not in done_f[s]:
@@ -257,7 +273,7 @@ def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.
                       t_b: float = 2.0, forward_only: bool = False) -> SimResult:
     """Generate every stage's program with engine.pipeline.schedules and simulate them together."""
     programs = [stage_program(schedule, p, s, m, v, forward_only) for s in range(p)]
-    return simulate(programs, p, v, t_f, t_b, schedule, m)
+    return simulate(programs, p, v, t_f, t_b, schedule, m, place=placement_for(schedule, p, v))
 
 
 def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):

@@ -132,7 +132,7 @@ class Trainer:
         else:
             vpp = state.dims.vpp if state else 1
             self.chunks = build_stage(cfg.model, self.pp, vpp, self.stage, seed=tc.seed,
-                                      device=self.device)
+                                      device=self.device, schedule=pc.schedule)
         if tc.init_from:
             ckpt = ckpt_lib.Checkpoint(tc.init_from)
             ckpt.check_tokenizer(tokenizer_sha256)
