@@ -27,6 +27,7 @@ of (microbatch, chunk) activations each stage holds for backward.
     python -m engine.pipeline.sim              # the full grid, one line per schedule
     python -m engine.pipeline.sim 1f1b 4 8     # one case, with per-stage details
     python -m engine.pipeline.sim --draw zb-h1 -p 4 -m 8 [--vpp V] [-o FILE.png]
+    python -m engine.pipeline.sim zb-v 4 8         # ZB-V: two chunks per rank (vpp 2)
                                                # the time line as a PNG (engine.pipeline.draw)
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from engine.pipeline.names import SCHEDULES
-from engine.pipeline.placement import Placement, placement_for
+from engine.pipeline.placement import V_SCHEDULES, Placement, placement_for
 from engine.pipeline.schedules import Op, check_schedule, stage_program
 
 
@@ -70,6 +71,11 @@ def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
         return 0.0
     if schedule == "zb-h1":
         return (p - 1) / (3 * m + p - 1)
+    if schedule == "zb-v":
+        # m >= 2p - 1, unit F, B, W per chunk: every rank is busy 6m units from its start
+        # (rank s at s) to the common end, so the fill of p - 1 units is all that is idle
+        # (Qi et al.'s ZB-V is zero-bubble in the limit; here it is (p-1) / 6m)
+        return (p - 1) / (6 * m + p - 1)
     if schedule == "interleaved":
         return (p - 1) / (v * m + p - 1)
     return (p - 1) / (m + p - 1)
@@ -299,9 +305,11 @@ def main(argv: list[str]) -> int:
         ap.add_argument("schedule")
         ap.add_argument("-p", type=int, required=True)
         ap.add_argument("-m", type=int, required=True)
-        ap.add_argument("--vpp", type=int, default=1)
+        ap.add_argument("--vpp", type=int, default=None,
+                        help="model chunks per rank (default: 2 for zb-v, else 1)")
         ap.add_argument("-o", "--out", default="")
         a = ap.parse_args(argv[1:])
+        a.vpp = a.vpp or (2 if a.schedule in V_SCHEDULES else 1)
         r = simulate_schedule(a.schedule, a.p, a.m, a.vpp)
         out = a.out or f"{a.schedule}_p{a.p}_m{a.m}.png"
         draw_png(r, out)
@@ -311,7 +319,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv:
         schedule, p, m = argv[0], int(argv[1]), int(argv[2])
-        v = int(argv[3]) if len(argv) > 3 else 1
+        v = int(argv[3]) if len(argv) > 3 else (2 if schedule in V_SCHEDULES else 1)
         r = simulate_schedule(schedule, p, m, v)
         print(f"{schedule} p={p} m={m} vpp={v}: makespan {r.makespan:g}, bubble "
               f"{r.bubble:.4f} (textbook {expected_bubble(schedule, p, m, v):.4f})")
@@ -325,7 +333,8 @@ def main(argv: list[str]) -> int:
         r = simulate_schedule(schedule, p, m, v, forward_only=fo)
         name = schedule + (" (forward-only)" if fo else "")
         counts[name] += 1
-        if not fo and (schedule != "zb-h1" or m >= p):   # ZB-H1's formula needs m >= p
+        # ZB-H1's formula needs m >= p, ZB-V's m >= 2p - 1
+        if not fo and (schedule != "zb-h1" or m >= p) and (schedule != "zb-v" or m >= 2 * p - 1):
             worst[name] = max(worst[name], abs(r.bubble - expected_bubble(schedule, p, m, v)))
     for name, n in counts.items():
         extra = f", max |bubble - textbook| {worst[name]:.2e}" if name in worst else ""
