@@ -80,6 +80,12 @@ def placement_for(schedule: str | None, p: int, v: int) -> Placement:
     return VPlacement(p, v) if schedule in V_SCHEDULES else Placement(p, v)
 
 
+def holds_head(schedule: str | None, p: int, stage: int) -> bool:
+    """Whether `stage` holds the final norm, the output head and the loss (the planner's
+    memory and time models): the last stage, or stage 0 in the V."""
+    return stage == 0 if schedule in V_SCHEDULES else stage == p - 1
+
+
 @dataclass(frozen=True)
 class VMsg:
     """A message of the V placement (the same fields as schedules.Msg): chunk 1 runs up
