@@ -42,7 +42,7 @@ def test_full_grid_no_deadlock_and_textbook_numbers():
                                         for s in range(p)]
         if schedule == "zb-v":
             one_f, zb_h1 = simulate_schedule("1f1b", p, m), simulate_schedule("zb-h1", p, m)
-            if m >= 2 * p - 1:   # every rank busy from its start to one common end
+            if m >= 2 * p - 1:   # 6m + p - 1 chunk-op units: p - 1 idle per rank
                 assert r.makespan == pytest.approx(3.0 * m + (p - 1) / 2)
             # never a bigger bubble than ZB-H1 (so than 1F1B), at 1F1B's peak memory:
             # 2 chunk activations are one whole-stage microbatch

@@ -27,8 +27,8 @@ of (microbatch, chunk) activations each stage holds for backward.
     python -m engine.pipeline.sim              # the full grid, one line per schedule
     python -m engine.pipeline.sim 1f1b 4 8     # one case, with per-stage details
     python -m engine.pipeline.sim --draw zb-h1 -p 4 -m 8 [--vpp V] [-o FILE.png]
-    python -m engine.pipeline.sim zb-v 4 8         # ZB-V: two chunks per rank (vpp 2)
                                                # the time line as a PNG (engine.pipeline.draw)
+    python -m engine.pipeline.sim zb-v 4 8     # ZB-V: two chunks per rank (vpp 2 default)
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
     if schedule == "zb-h1":
         return (p - 1) / (3 * m + p - 1)
     if schedule == "zb-v":
-        # m >= 2p - 1, unit F, B, W per chunk: every rank is busy 6m units from its start
-        # (rank s at s) to the common end, so the fill of p - 1 units is all that is idle
-        # (Qi et al.'s ZB-V is zero-bubble in the limit; here it is (p-1) / 6m)
+        # m >= 2p - 1, unit F, B, W per chunk: the step takes 6m + p - 1 units, each
+        # rank's 6m of work and p - 1 idle (its start offset s, and p - 1 - s of drain:
+        # the last rank cannot start before the activations reach it)
         return (p - 1) / (6 * m + p - 1)
     if schedule == "interleaved":
         return (p - 1) / (v * m + p - 1)
