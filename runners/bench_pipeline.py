@@ -8,6 +8,9 @@ split and microbatches:
     ours zb-h1        torch ScheduleInterleavedZeroBubble (one stage per rank: torch's
                       zero-bubble schedule closest to ZB-H1; ScheduleZBVZeroBubble needs
                       the V placement of two chunks per rank)
+    ours zb-v         torch ScheduleZBVZeroBubble         (two chunks per rank in the V;
+                      needs layers % 2pp == 0, e.g. --layers 8 at pp=2: not in the default
+                      --schedules, the small preset's 6 layers do not split in 4)
 
     python runners/bench_pipeline.py                       # spawns --pp processes itself
     torchrun --nproc_per_node 2 runners/bench_pipeline.py  # or under torchrun
@@ -120,14 +123,16 @@ class TorchStage(nn.Module):
 
 TORCH_COUNTERPART = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe",
                      "interleaved": "ScheduleInterleaved1F1B",
-                     "zb-h1": "ScheduleInterleavedZeroBubble"}
+                     "zb-h1": "ScheduleInterleavedZeroBubble",
+                     "zb-v": "ScheduleZBVZeroBubble"}
 
 
 class Ours:
     def __init__(self, schedule, cfg, state, mbs, num_tokens, vpp=1):
         self.name = f"ours {schedule}"
         self.schedule, self.state, self.mbs, self.num_tokens = schedule, state, mbs, num_tokens
-        self.chunks = build_stage(cfg, state.dims.pp, vpp, state.stage, seed=0)
+        self.chunks = build_stage(cfg, state.dims.pp, vpp, state.stage, seed=0,
+                                  schedule=schedule)
         self.comm = P2P(state, cfg.hidden_size)
         self.stats = ScheduleStats()
 
@@ -151,17 +156,21 @@ class Theirs:
         self.name = f"torch {schedule}"
         self.state = state
         p = state.dims.pp
-        chunks = build_stage(cfg, p, vpp, state.stage, seed=0)
+        from engine.pipeline.placement import placement_for
+        place = placement_for(schedule, p, vpp)   # zb-v: the same V as ours
+        chunks = build_stage(cfg, p, vpp, state.stage, seed=0, schedule=schedule)
         self.modules = nn.ModuleList(TorchStage(c) for c in chunks)
-        stages = [PipelineStage(mod, c * p + state.stage, p * vpp, state.device,
+        stages = [PipelineStage(mod, place.virtual(state.stage, c), p * vpp, state.device,
                                 group=state.pp_group) for c, mod in enumerate(self.modules)]
+        self.first = place.first(state.stage, 0)
+        self.last = place.last(state.stage, vpp - 1)
 
         def loss_fn(logits, target):  # same convention as ours: token sum / global count
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                    ignore_index=-100, reduction="sum") / num_tokens
 
         cls = getattr(pipelining, TORCH_COUNTERPART[schedule])
-        multi = schedule in ("interleaved", "zb-h1")
+        multi = schedule in ("interleaved", "zb-h1", "zb-v")
         self.sched = cls(stages if multi else stages[0], len(mbs), loss_fn=loss_fn,
                          scale_grads=False)
         self.inputs = torch.cat([mb["input_ids"] for mb in mbs])
@@ -171,9 +180,11 @@ class Theirs:
         losses = []
         hooks = meter.hooks() if meter is not None else contextlib.nullcontext()
         with hooks:
-            if self.state.is_first_stage:
+            if self.first and self.last:   # the V: input and loss both on rank 0
+                self.sched.step(self.inputs, target=self.target, losses=losses)
+            elif self.first:
                 self.sched.step(self.inputs)
-            elif self.state.is_last_stage:
+            elif self.last:
                 self.sched.step(target=self.target, losses=losses)
             else:
                 self.sched.step()
@@ -234,6 +245,13 @@ def bench(args):
             say(f"(no interleaved rows: vpp={vpp}, m={m}, pp={p})")
             continue
         v, st = 1, state
+        if sched == "zb-v":
+            if cfg.num_layers % (2 * p):
+                say(f"(no zb-v rows: layers={cfg.num_layers} do not split into 2pp={2 * p} "
+                    "virtual stages; try --layers)")
+                continue
+            v, st = 2, init_distributed(ParallelDims(pp=p, vpp=2), timeout=args.timeout,
+                                        num_layers=cfg.num_layers)
         if sched == "interleaved":
             v, st = vpp, init_distributed(ParallelDims(pp=p, vpp=vpp), timeout=args.timeout,
                                           num_layers=cfg.num_layers)
@@ -314,7 +332,7 @@ def report(args, cfg, times, single, losses, fracs, mem, names):
             f"{p * (m / (m + p - 1)):.2f}x on idle cores)")
     say("\nbubble (ours): time blocked on transfers / step time, per stage; mean")
     textbook = {"1f1b": (p - 1) / (m + p - 1), "gpipe": (p - 1) / (m + p - 1),
-                "zb-h1": (p - 1) / (3 * m + p - 1)}
+                "zb-h1": (p - 1) / (3 * m + p - 1), "zb-v": (p - 1) / (6 * m + p - 1)}
     for name, f in fracs.items():
         sched = name[5:]
         extra = f" (textbook {textbook[sched]:.3f})" if sched in textbook else ""
@@ -325,7 +343,7 @@ def report(args, cfg, times, single, losses, fracs, mem, names):
     for name in names:
         say(f"  {name:28s} {mem[name] / 2**20:8.2f} MiB")
     if "ours gpipe" in mem:
-        for sched in ("1f1b", "zb-h1"):
+        for sched in ("1f1b", "zb-h1", "zb-v"):
             if f"ours {sched}" in mem:
                 ratio = mem[f"ours {sched}"] / mem["ours gpipe"]
                 say(f"  ours {sched} / GPipe = {ratio:.3f}; target <= p/m + 10% = "

@@ -16,7 +16,7 @@ def test_full_grid_no_deadlock_and_textbook_numbers():
             continue
         # every stage computes m * v forwards and m * v backwards
         assert all(abs(b - 3.0 * m) < 1e-9 for b in r.busy)
-        if schedule != "zb-h1" or m >= p:
+        if (schedule != "zb-h1" or m >= p) and (schedule != "zb-v" or m >= 2 * p - 1):
             assert r.bubble == pytest.approx(expected_bubble(schedule, p, m, v), abs=1e-9), \
                 (schedule, p, m, v)
         if schedule == "1f1b":
@@ -40,7 +40,17 @@ def test_full_grid_no_deadlock_and_textbook_numbers():
             # more before the first backward (counted in (microbatch, chunk) units)
             assert r.peak_in_flight == [min(m * v, (p - s - 1) * 2 + (v - 1) * p + 1)
                                         for s in range(p)]
-    assert len(seen) == 10
+        if schedule == "zb-v":
+            one_f, zb_h1 = simulate_schedule("1f1b", p, m), simulate_schedule("zb-h1", p, m)
+            if m >= 2 * p - 1:   # 6m + p - 1 chunk-op units: p - 1 idle per rank
+                assert r.makespan == pytest.approx(3.0 * m + (p - 1) / 2)
+            # never a bigger bubble than ZB-H1 (so than 1F1B), at 1F1B's peak memory:
+            # 2 chunk activations are one whole-stage microbatch
+            assert r.bubble <= zb_h1.bubble + 1e-12 <= one_f.bubble + 1e-12, (p, m)
+            assert max(r.peak_in_flight) == 2 * max(one_f.peak_in_flight), (p, m)
+            if m >= 2 * p - 1:   # and on every rank
+                assert r.peak_in_flight == [2 * p] * p, (p, m)
+    assert len(seen) == 12
 
 
 def test_bubble_depends_on_backward_cost_only_through_the_formula():
@@ -154,3 +164,51 @@ def test_draw_writes_a_png_of_the_time_line(tmp_path):
     # every stage's ops are in the time line, back to back within the makespan
     assert all(len(ops) == 3 * 8 for ops in r.timeline)
     assert max(end for ops in r.timeline for *_, end in ops) == r.makespan
+
+
+def test_zb_v_blocks_and_the_turn_sends_nothing():
+    from engine.pipeline import zbv
+    p, m = 4, 8
+    # rank 1: 2(p-s)-1 = 5 forwards of chunk 0, s = 1 pair (F chunk 1, F chunk 0), then
+    # p - s = 3 triples of chunk 1 before the steady (F, B, W) of chunk 0 then chunk 1
+    kinds = [f"{k}{mb}.{c}" for k, mb, c in zbv.compute_order(p, 1, m)]
+    assert kinds[:7] == ["F0.0", "F1.0", "F2.0", "F3.0", "F4.0", "F0.1", "F5.0"]
+    assert kinds[7:16] == ["F1.1", "B0.1", "W0.1", "F2.1", "B1.1", "W1.1", "F3.1", "B2.1",
+                           "W2.1"]
+    assert kinds[16:22] == ["F6.0", "B0.0", "W0.0", "F4.1", "B3.1", "W3.1"]
+    def msgs(s):
+        return [(x.op, x.what, x.chunk, x.peer) for op in stage_program("zb-v", p, s, m, 2)
+                for x in op.msgs]
+    # the turn: rank p-1 neither sends chunk 0's activations nor receives chunk 0's
+    # gradients (chunk 1 reads them in place); chunk 1's go back up to rank p-2
+    last = set(msgs(p - 1))
+    assert last == {("recv", "act", 0, "prev"), ("send", "grad", 0, "prev"),
+                    ("send", "act", 1, "prev"), ("recv", "grad", 1, "prev")}
+    # rank 0 reads input_ids with chunk 0 and computes the loss with chunk 1
+    assert set(msgs(0)) == {("send", "act", 0, "next"), ("recv", "grad", 0, "next"),
+                            ("recv", "act", 1, "next"), ("send", "grad", 1, "next")}
+    with pytest.raises(ValueError, match="2 model chunks per stage in a V"):
+        stage_program("zb-v", 4, 0, 8, 1)
+
+
+def test_zb_v_without_the_fifo_placement_is_caught():
+    # the receives at their readers (no early posting): rank s+1 sends chunk-0
+    # activations and chunk-1 gradients to s in its own interleaving, so the pair's
+    # FIFO order breaks; the simulator must say so
+    from engine.pipeline import zbv
+    from engine.pipeline.placement import VPlacement
+    p, m = 4, 8
+    programs = []
+    for s in range(p):
+        ops, prog = zbv.compute_order(p, s, m), []
+        for i in range(len(ops) + 1):
+            msgs = [zbv._produces(p, s, *ops[i - 1])] if i else []
+            msgs += [zbv._needs(p, s, *ops[i])] if i < len(ops) else []
+            msgs = tuple(x for x in msgs if x is not None)
+            if msgs:
+                prog.append(Op("X", msgs=msgs))
+            if i < len(ops):
+                prog.append(Op(*ops[i]))
+        programs.append(prog)
+    with pytest.raises(ScheduleError):
+        simulate(programs, p, 2, schedule="zb-v", m=m, place=VPlacement(p))

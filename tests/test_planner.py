@@ -43,12 +43,16 @@ def _brute_force(cfg, world, B, gpn, max_mbs, max_vpp):
         ok = (tp <= gpn and cfg.num_attention_heads % tp == 0 and (g % tp == 0 or tp % g == 0)
               and cfg.ffn_hidden_size % tp == 0 and cfg.padded_vocab_size % tp == 0
               and cfg.num_layers % (pp * vpp) == 0 and B % (dp * mbs) == 0
-              and (vpp == 1 or (pp > 1 and (B // (dp * mbs)) % pp == 0)))
+              and (vpp == 1 or pp > 1))
+        m = B // (dp * mbs) if ok else 0
+        # interleaved needs m % pp == 0; ZB-V (vpp == 2, zb) takes any m
+        zbs = [zb for zb in (False, True) if (zb is False or (pp > 1 and vpp <= 2))
+               and (vpp == 1 or (zb and vpp == 2) or m % pp == 0)]
         if ok:
             for rc in (False, True):
                 for z in ((0, 1, 2) if dp > 1 else (0,)):
-                    for zb in ((False, True) if pp > 1 and vpp == 1 else (False,)):
-                        out.add((tp, pp, dp, vpp, mbs, B // (dp * mbs), rc, z, zb))
+                    for zb in zbs:
+                        out.add((tp, pp, dp, vpp, mbs, m, rc, z, zb))
     return out
 
 
@@ -63,7 +67,8 @@ def test_enumeration_is_exactly_the_valid_layouts(world, B, gpn):
     for c in got:
         assert c.tp * c.pp * c.dp == world and c.tp <= gpn
         assert c.sequence_parallel == (c.tp > 1)
-        assert c.schedule == ("none" if c.pp == 1 else "interleaved" if c.vpp > 1 else
+        assert c.schedule == ("none" if c.pp == 1 else
+                              ("zb-v" if c.zero_bubble else "interleaved") if c.vpp > 1 else
                               "zb-h1" if c.zero_bubble else "1f1b")
 
 
@@ -201,6 +206,28 @@ def test_in_flight_counts():
     assert [in_flight("zb-h1", 4, s, 2) for s in range(4)] == [2] * 4
     with pytest.raises(ValueError, match="schedule='zb'"):
         in_flight("zb", 2, 0, 4)
+
+
+def test_planner_knows_zb_v_as_the_simulator_does():
+    from engine.pipeline.sim import simulate_schedule
+    from engine.planner.layouts import Layout
+    from engine.planner.memory import stage_params
+    from engine.planner.timing import bubble_fraction
+    for p, m in ((2, 8), (4, 8), (4, 16), (8, 16), (4, 2)):
+        sim = simulate_schedule("zb-v", p, m, 2)
+        # (microbatch, chunk) activations: the simulator's peak, bounded where m < 2p - 1
+        assert all(in_flight("zb-v", p, s, m, 2) >= sim.peak_in_flight[s] for s in range(p))
+        if m >= 2 * p - 1:
+            assert [in_flight("zb-v", p, s, m, 2) for s in range(p)] == sim.peak_in_flight
+            lay = Layout(1, p, 1, 2, 1, m, False, 0, zero_bubble=True)
+            assert lay.schedule == "zb-v" and "zb" in lay.short()
+            assert bubble_fraction(lay) == pytest.approx(sim.bubble)
+    # the V puts embedding and head both on stage 0, neither on the last stage
+    v = Layout(1, 4, 1, 2, 1, 8, False, 0, zero_bubble=True)
+    plain = Layout(1, 4, 1, 2, 1, 8, False, 0)
+    assert stage_params(CHATGLM, v, 0) == stage_params(CHATGLM, plain, 0) + \
+        stage_params(CHATGLM, plain, 3) - stage_params(CHATGLM, plain, 1)
+    assert stage_params(CHATGLM, v, 3) == stage_params(CHATGLM, plain, 1)
 
 
 # ---- time model ------------------------------------------------------------------------

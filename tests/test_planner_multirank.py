@@ -236,7 +236,7 @@ def test_parallel_auto_under_two_ranks():
     assert m0.step_time == m1.step_time > 0
     lay = Layout(p0["tp"], p0["pp"], p0["dp"], p0["vpp"], t0["micro_batch_size"],
                  t0["num_microbatches"], t0["recompute"], p0["zero_stage"],
-                 p0["sequence_parallel"], p0.get("schedule") == "zb-h1")
+                 p0["sequence_parallel"], p0.get("schedule") in ("zb-h1", "zb-v"))
     req = PlanRequest("tiny", 2, 16, 16, 8, precision="fp32", kernels="torch",
                       sequence_parallel=p0["sequence_parallel"])
     est = predict_memory(req, lay)

@@ -69,6 +69,9 @@ def check_schedule(schedule: str, p: int, m: int, v: int, forward_only: bool = F
     if p < 1 or m < 1 or v < 1:
         raise ValueError(f"need pp >= 1, microbatches >= 1, vpp >= 1; got pp={p}, m={m}, "
                          f"vpp={v}")
+    if schedule == "zb-v":   # engine.pipeline.zbv
+        from engine.pipeline.zbv import check_zbv
+        return check_zbv(p, m, v)
     if schedule == "none" and p != 1:
         raise ValueError(f"schedule='none' is gradient accumulation on one stage; pp={p} "
                          "needs 'gpipe', '1f1b', 'interleaved' or 'zb-h1'")
@@ -97,6 +100,9 @@ def compute_order(schedule: str, p: int, s: int, m: int, v: int = 1,
     the forward + backward pair of an interleaved steady-state step, which share their
     exchanges. Ops are ("F" | "B", microbatch, chunk)."""
     check_schedule(schedule, p, m, v, forward_only)
+    if schedule == "zb-v":   # engine.pipeline.zbv: one op per slot
+        from engine.pipeline import zbv
+        return [[op] for op in zbv.compute_order(p, s, m, forward_only)]
     F = lambda mb, c=0: [("F", mb, c)]  # noqa: E731
     B = lambda mb, c=0: [("B", mb, c)]  # noqa: E731
     W = lambda mb, c=0: [("W", mb, c)]  # noqa: E731
@@ -207,6 +213,10 @@ def cached_program(schedule: str, p: int, s: int, m: int, v: int = 1,
 def _build_program(schedule, p, s, m, v, forward_only) -> list[Op]:
     if not 0 <= s < p:
         raise ValueError(f"stage={s} is outside pp={p}")
+    if schedule == "zb-v":   # the V placement's messages (engine.pipeline.zbv)
+        from engine.pipeline import zbv
+        check_schedule(schedule, p, m, v, forward_only)
+        return zbv.build_program(p, s, m, Op, forward_only)
     slots = compute_order(schedule, p, s, m, v, forward_only)
     first = lambda c: s == 0 and c == 0  # noqa: E731  (virtual stage 0: reads input_ids)
     last = lambda c: s == p - 1 and c == v - 1  # noqa: E731  (computes the loss)

@@ -121,7 +121,10 @@ def forward_backward(step: StepContext) -> float:
     if p > 1 and comm is None:
         raise ValueError(f"pp={p} needs a P2P object (engine.pipeline.p2p.P2P) as comm")
     device = state.device
-    run = StageRun(step, p, s, device)
+    runner = StageRun
+    if schedule == "zb-v":   # the V placement's executor (engine.pipeline.zbv)
+        from engine.pipeline.zbv import VStageRun as runner
+    run = runner(step, p, s, device)
     if comm is not None:
         # every stage raises the same ValueError on a disagreement, so nothing to report
         comm.begin_step(microbatches, m)

@@ -28,6 +28,7 @@ of (microbatch, chunk) activations each stage holds for backward.
     python -m engine.pipeline.sim 1f1b 4 8     # one case, with per-stage details
     python -m engine.pipeline.sim --draw zb-h1 -p 4 -m 8 [--vpp V] [-o FILE.png]
                                                # the time line as a PNG (engine.pipeline.draw)
+    python -m engine.pipeline.sim zb-v 4 8     # ZB-V: two chunks per rank (vpp 2 default)
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from engine.pipeline.names import SCHEDULES
+from engine.pipeline.placement import V_SCHEDULES, Placement, placement_for
 from engine.pipeline.program import Op, check_schedule, stage_program
 
 
@@ -69,16 +71,21 @@ def expected_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
         return 0.0
     if schedule == "zb-h1":
         return (p - 1) / (3 * m + p - 1)
+    if schedule == "zb-v":
+        # m >= 2p - 1, unit F, B, W per chunk: the step takes 6m + p - 1 units, each
+        # rank's 6m of work and p - 1 idle (its start offset s, and p - 1 - s of drain:
+        # the last rank cannot start before the activations reach it)
+        return (p - 1) / (6 * m + p - 1)
     if schedule == "interleaved":
         return (p - 1) / (v * m + p - 1)
     return (p - 1) / (m + p - 1)
 
 
-def _identity(stage: int, msg, p: int):
+def _identity(stage: int, msg, p: int, place):
     """What a message carries, the same on both ends: (kind, microbatch, producer
     virtual stage) for activations, (kind, microbatch, consumer virtual stage) for
-    gradients (virtual stage of chunk c on stage s is c * p + s)."""
-    vstage = msg.chunk * p + stage
+    gradients (virtual stage of chunk c on stage s: engine.pipeline.placement)."""
+    vstage = place.virtual(stage, msg.chunk)
     if msg.what == "act":
         return ("act", msg.mb, vstage if msg.op == "send" else vstage - 1)
     return ("grad", msg.mb, vstage - 1 if msg.op == "send" else vstage)
@@ -86,9 +93,11 @@ def _identity(stage: int, msg, p: int):
 
 def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
              t_b: float = 2.0, schedule: str = "?", m: int = 0,
-             t_w: float | None = None) -> SimResult:
+             t_w: float | None = None, place=None) -> SimResult:
     """Play every stage's program; raise ScheduleError on any violation. A backward
-    costs t_b; in a program with W ops, B costs t_b - t_w and W t_w (default t_b / 2)."""
+    costs t_b; in a program with W ops, B costs t_b - t_w and W t_w (default t_b / 2).
+    place: where the chunks sit (engine.pipeline.placement; default the loop)."""
+    place = place or Placement(p, v)
     n = len(programs)
     if n != p:
         raise ValueError(f"got {n} programs for p={p}")
@@ -102,6 +111,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
     queues: dict = defaultdict(lambda: {"send": [], "recv": []})  # chan -> [(id, s, k)]
     alive: list[set] = [set() for _ in range(p)]   # (mb, chunk) forwarded, not released
     backwarded: list[set] = [set() for _ in range(p)]
+    b_done: list[set] = [set() for _ in range(p)]   # every (mb, chunk) whose B ran
     recv_in: list[dict] = [{} for _ in range(p)]   # what a posted receive carries -> batch
     done_f: list[set] = [set() for _ in range(p)]
     peak = [0] * p
@@ -175,10 +185,21 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
         while pc[s] < len(prog):
             op = prog[pc[s]]
             key = (op.mb, op.chunk)
-            first = s == 0 and op.chunk == 0
-            last = s == p - 1 and op.chunk == v - 1
+            first, last = place.first(s, op.chunk), place.last(s, op.chunk)
+            # the V's turn: chunk 1 of the last rank reads chunk 0's output in place, and
+            # hands chunk 0 its gradient the same way
+            local_in = place.local_input(s, op.chunk)
+            local_out = op.chunk + 1 < v and place.local_input(s, op.chunk + 1)
+            if op.kind == "F" and local_in:
+                if (op.mb, op.chunk - 1) not in done_f[s]:
+                    raise ScheduleError(f"stage {s}: F{op.mb}.{op.chunk} before the local "
+                                        f"F{op.mb}.{op.chunk - 1} it reads")
+            if op.kind == "B" and local_out:
+                if (op.mb, op.chunk + 1) not in b_done[s]:
+                    raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} before the local "
+                                        f"B{op.mb}.{op.chunk + 1} it reads")
             if op.kind == "F":
-                if not first and not wait_for(s, ("act",) + key):
+                if not first and not local_in and not wait_for(s, ("act",) + key):
                     return moved
                 timeline[s].append(("F", op.mb, op.chunk, clock[s], clock[s] + cost["F"]))
                 clock[s] += cost["F"]
@@ -190,8 +211,9 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
             elif op.kind == "B":
                 if key not in alive[s] or key in backwarded[s]:
                     raise ScheduleError(f"stage {s}: B{op.mb}.{op.chunk} without its forward")
-                if not last and not wait_for(s, ("grad",) + key):
+                if not last and not local_out and not wait_for(s, ("grad",) + key):
                     return moved
+                b_done[s].add(key)
                 timeline[s].append(("B", op.mb, op.chunk, clock[s], clock[s] + cost["B"]))
                 clock[s] += cost["B"]
                 busy[s] += cost["B"]
@@ -214,7 +236,7 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
                     other = peer_stage(s, msg)
                     chan = (s, other) if msg.op == "send" else (other, s)
                     q = queues[chan][msg.op]
-                    q.append((_identity(s, msg, p), s, k))
+                    q.append((_identity(s, msg, p, place), s, k))
                     batch["msgs"].append((chan, msg.op, len(q) - 1))
                     mkey = (msg.mb, msg.chunk)
                     if msg.op == "send" and msg.what == "act" and mkey not in done_f[s]:
@@ -257,7 +279,7 @@ def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.
                       t_b: float = 2.0, forward_only: bool = False) -> SimResult:
     """Generate every stage's program with engine.pipeline.program and simulate them together."""
     programs = [stage_program(schedule, p, s, m, v, forward_only) for s in range(p)]
-    return simulate(programs, p, v, t_f, t_b, schedule, m)
+    return simulate(programs, p, v, t_f, t_b, schedule, m, place=placement_for(schedule, p, v))
 
 
 def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):
@@ -283,9 +305,11 @@ def main(argv: list[str]) -> int:
         ap.add_argument("schedule")
         ap.add_argument("-p", type=int, required=True)
         ap.add_argument("-m", type=int, required=True)
-        ap.add_argument("--vpp", type=int, default=1)
+        ap.add_argument("--vpp", type=int, default=None,
+                        help="model chunks per rank (default: 2 for zb-v, else 1)")
         ap.add_argument("-o", "--out", default="")
         a = ap.parse_args(argv[1:])
+        a.vpp = a.vpp or (2 if a.schedule in V_SCHEDULES else 1)
         r = simulate_schedule(a.schedule, a.p, a.m, a.vpp)
         out = a.out or f"{a.schedule}_p{a.p}_m{a.m}.png"
         draw_png(r, out)
@@ -295,7 +319,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv:
         schedule, p, m = argv[0], int(argv[1]), int(argv[2])
-        v = int(argv[3]) if len(argv) > 3 else 1
+        v = int(argv[3]) if len(argv) > 3 else (2 if schedule in V_SCHEDULES else 1)
         r = simulate_schedule(schedule, p, m, v)
         print(f"{schedule} p={p} m={m} vpp={v}: makespan {r.makespan:g}, bubble "
               f"{r.bubble:.4f} (textbook {expected_bubble(schedule, p, m, v):.4f})")
@@ -309,7 +333,8 @@ def main(argv: list[str]) -> int:
         r = simulate_schedule(schedule, p, m, v, forward_only=fo)
         name = schedule + (" (forward-only)" if fo else "")
         counts[name] += 1
-        if not fo and (schedule != "zb-h1" or m >= p):   # ZB-H1's formula needs m >= p
+        # ZB-H1's formula needs m >= p, ZB-V's m >= 2p - 1
+        if not fo and (schedule != "zb-h1" or m >= p) and (schedule != "zb-v" or m >= 2 * p - 1):
             worst[name] = max(worst[name], abs(r.bubble - expected_bubble(schedule, p, m, v)))
     for name, n in counts.items():
         extra = f", max |bubble - textbook| {worst[name]:.2e}" if name in worst else ""

@@ -5,17 +5,19 @@ from __future__ import annotations
 from engine.pipeline.p2p import Side
 
 
-def build_stage(config, pp: int, vpp: int, stage: int, seed: int = 0, device="cpu") -> list:
+def build_stage(config, pp: int, vpp: int, stage: int, seed: int = 0, device="cpu",
+                schedule: str | None = None) -> list:
     """The vpp model chunks of one pipeline stage, initialised exactly like the same layers
     of the single-process model (init is per parameter name)."""
-    from engine.parallel.state import stage_layers
+    from engine.pipeline.placement import placement_for
     from model import GLM
+    place = placement_for(schedule, pp, vpp)   # zb-v: the V (engine.pipeline.placement)
     chunks = []
     for c in range(vpp):
-        layers = stage_layers(config.num_layers, pp, vpp, stage, c)
-        chunks.append(GLM.build(config, seed=seed, device=device, layer_range=layers,
-                                pre_process=(stage == 0 and c == 0),
-                                post_process=(stage == pp - 1 and c == vpp - 1)))
+        chunks.append(GLM.build(config, seed=seed, device=device,
+                                layer_range=place.layers(config.num_layers, stage, c),
+                                pre_process=place.first(stage, c),
+                                post_process=place.last(stage, c)))
     return chunks
 
 

@@ -91,14 +91,15 @@ class Layout:
     recompute: bool
     zero_stage: int
     sequence_parallel: bool = False     # only ever True with tp > 1
-    zero_bubble: bool = False           # ZB-H1 instead of 1F1B (pp > 1, vpp == 1)
+    zero_bubble: bool = False           # ZB-H1 instead of 1F1B (pp > 1, vpp == 1), ZB-V
+    #                                     instead of interleaved (vpp == 2)
 
     @property
     def schedule(self) -> str:
         if self.pp == 1:
             return "none"
         if self.vpp > 1:
-            return "interleaved"
+            return "zb-v" if self.zero_bubble and self.vpp == 2 else "interleaved"
         return "zb-h1" if self.zero_bubble else "1f1b"
 
     def as_dict(self) -> dict:
@@ -120,7 +121,7 @@ class Layout:
             parts.append(f"z{self.zero_stage}")
         if self.sequence_parallel:
             parts.append("sp")
-        if self.zero_bubble and self.schedule == "zb-h1":
+        if self.zero_bubble and self.schedule in ("zb-h1", "zb-v"):
             parts.append("zb")
         return " ".join(parts)
 
@@ -162,15 +163,17 @@ def enumerate_layouts(req: PlanRequest) -> list[Layout]:
             for vpp in vpps:
                 for mbs in mbss:
                     m = B // (dp * mbs)
+                    # one stage per rank: 1F1B, and ZB-H1 (same peak memory on stage 0,
+                    # a third of the bubble, W-pending on the others); two chunks:
+                    # interleaved (m a multiple of pp) and ZB-V (any m, 1F1B's memory)
+                    zbs = (False, True) if pp > 1 and vpp <= 2 else (False,)
                     if vpp > 1 and m % pp:
-                        continue
+                        zbs = (True,) if vpp == 2 else ()
                     for rc in req.recompute:
                         # ZeRO shards over dp: with dp == 1 every stage is ZeRO 0, so
                         # that is the one listed (whatever zero_stages asks for)
                         for z in (req.zero_stages if dp > 1 else (0,)):
-                            # one stage per rank: 1F1B, and ZB-H1 (same peak memory
-                            # on stage 0, a third of the bubble, W-pending on the others)
-                            for zb in ((False, True) if pp > 1 and vpp == 1 else (False,)):
+                            for zb in zbs:
                                 out.append(Layout(tp, pp, dp, vpp, mbs, m, rc, z,
                                                   req.sequence_parallel and tp > 1, zb))
     if not out:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.pipeline.placement import holds_head
 from engine.planner.layouts import Layout, PlanRequest
 from model.config import GLMConfig
 
@@ -106,7 +107,7 @@ def stage_params(cfg: GLMConfig, layout: Layout, stage: int) -> int:
     n = cfg.num_layers // layout.pp * layer_params(cfg, layout.tp)
     if stage == 0:
         n += sh.vocab * cfg.hidden_size                          # embedding
-    if stage == layout.pp - 1:
+    if holds_head(layout.schedule, layout.pp, stage):
         n += cfg.hidden_size + sh.vocab * cfg.hidden_size        # final norm + head
     return n
 
@@ -185,6 +186,11 @@ def in_flight(schedule: str, p: int, stage: int, m: int, v: int = 1) -> int:
         return min(p - stage, m)
     if schedule == "interleaved":
         return min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v)
+    if schedule == "zb-v":
+        # chunk activations (half a stage each) from F to W: 2p on every rank once
+        # m >= 2p - 1 (1F1B's stage-0 peak, in halves); fewer microbatches hold fewer,
+        # 2m bounds them (engine.pipeline.sim checks both)
+        return min(2 * p, 2 * m)
     if schedule == "zb-h1":
         # from F to W: 1F1B's p - s, plus the s microbatches whose W stage s defers (they
         # keep only the linear layers' inputs and output gradients: counted in full, an
@@ -232,7 +238,7 @@ def predict_stage_memory(req: PlanRequest, layout: Layout, stage: int) -> StageM
 
     tokens = layout.micro_batch_size * req.seq_len
     per_layer = sum(layer_activation_terms(cfg, t, req.seq_len, req.kernels, e, sp).values())
-    first, last = stage == 0, stage == p - 1
+    first, last = stage == 0, holds_head(layout.schedule, p, stage)
     chunk_extra, head = stage_extra_terms(cfg, t, req.kernels, e, first, last, sp)
     depth = cfg.num_layers // (p * v)                          # layers per chunk
     n = in_flight(layout.schedule, p, stage, layout.num_microbatches, v)

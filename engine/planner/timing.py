@@ -67,6 +67,7 @@ from dataclasses import dataclass
 
 from engine.train.flops import train_flops_per_token
 from engine.planner.devices import DeviceProfile
+from engine.pipeline.placement import holds_head
 from engine.planner.layouts import Layout, PlanRequest
 from engine.planner.memory import PRECISION_BYTES, layer_activation_terms, shard_of, stage_params
 
@@ -154,7 +155,8 @@ class TimeEstimate:
 
 
 # fill/drain cost of a schedule relative to 1F1B's (F + B - W over F + B + W, F = B = W)
-BUBBLE_SCALE = {"zb-h1": 1.0 / 3.0}
+# ZB-V: the same third over v = 2 chunks, which is the simulator's (p-1) / (6m + p-1)
+BUBBLE_SCALE = {"zb-h1": 1.0 / 3.0, "zb-v": 1.0 / 3.0}
 
 
 def bubble_fraction(layout: Layout) -> float:
@@ -185,7 +187,7 @@ def stage_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage: int)
     tokens = layout.micro_batch_size * req.seq_len
     n_layers = cfg.num_layers // p
     sh = shard_of(cfg, t)
-    last, first = stage == p - 1, stage == 0
+    last, first = holds_head(layout.schedule, p, stage), stage == 0
 
     layer = sum(f / dev.gemm_rate(tokens, n) for f, n in layer_gemms(req, t))
     layer *= 4.0 / 3.0 if rc else 1.0

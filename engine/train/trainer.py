@@ -131,7 +131,7 @@ class Trainer:
             self.chunks = [model.to(self.device)]
         else:
             self.chunks = build_stage(cfg.model, self.pp, state.dims.vpp, self.stage,
-                                      seed=tc.seed, device=self.device)
+                                      seed=tc.seed, device=self.device, schedule=pc.schedule)
         if tc.init_from:
             ckpt = ckpt_lib.Checkpoint(tc.init_from)
             ckpt.check_tokenizer(tokenizer_sha256)
