@@ -137,8 +137,8 @@ def _trainer(tmp_path, student, loss_fn, aux=None, steps=3):
                                       "warmup_steps": 0, "eval_every": 0, "lr": 1e-2,
                                       "out_dir": str(tmp_path)}})
     run.model = student.config
-    return Trainer(run, Data(), model=student, loss_fn=loss_fn, aux_modules=aux,
-                   log=lambda *_: None)
+    return Trainer.from_config(run, Data(), model=student, forward_step=loss_fn.forward_step,
+                               aux_modules=aux, log=lambda *_: None)
 
 
 def test_ce_only_loss_is_the_trainers_lm_loss():
