@@ -70,8 +70,8 @@ def build_chunks(cfg: RunConfig, state, device, model=None,
     stage = state.coords.pp if state else 0
     if model is not None:
         if pp > 1:
-            raise ValueError("Trainer(model=...) takes a whole model; with pp > 1 the "
-                             "trainer builds the stages itself")
+            raise ValueError("model=... takes a whole model; with pp > 1 the stages are "
+                             "built from cfg.model")
         chunks = [model.to(device)]
     else:
         vpp = state.dims.vpp if state else 1

@@ -64,6 +64,39 @@ def local_tensors(full: dict, model_cfg, state, prefix: str = "") -> dict:
     return out
 
 
+def gather(parts, model_cfg) -> tuple[dict, dict, dict]:
+    """-> (the optimizer's full state, {name: full weight}, {"<key>/<name>": full
+    optimizer tensor}): this rank's shards made whole (collective over dp, then tp)."""
+    full = parts.optimizer.full_state()   # collective over dp
+    tensors = full_tensors(list(parts.named_trained_parameters()), model_cfg, parts.state)
+    optim = {}
+    for key in OPTIM_KEYS:
+        gathered = full_tensors([(n, st[key]) for n, st in full["params"].items()],
+                                model_cfg, parts.state)
+        optim.update({f"{key}/{n}": t for n, t in gathered.items()})
+    return full, tensors, optim
+
+
+def checkpoint_meta(trainer, optimizer_state: dict) -> dict:
+    """meta.json's content for the trainer's state now (RNG included: call it last)."""
+    cfg, step = trainer.cfg, trainer.step
+    dims = trainer.state.dims if trainer.state else None
+    return {
+        "config": cfg.to_dict(),
+        "step": step,
+        "data_position": {"step": step},
+        "rng": ckpt_lib.rng_state(),
+        "tokenizer_sha256": trainer.tokenizer_sha256,
+        "layout": {"tp": trainer.tp, "pp": trainer.pp, "dp": trainer.dp,
+                   "vpp": dims.vpp if dims else 1,
+                   "sequence_parallel": cfg.parallel.sequence_parallel,
+                   "zero_stage": cfg.parallel.zero_stage},
+        "optimizer": {k: v for k, v in optimizer_state.items() if k != "params"},
+        "divergence": trainer.guard.state_dict(),
+        **trainer.extra_meta,
+    }
+
+
 def probe(trainer):
     """One forward (no dropout, no gradients, no RNG drawn) of the next training batch
     on the state about to be saved; the same value on every rank."""
@@ -87,13 +120,7 @@ def save(trainer, path: str | None = None) -> str:
                               "inf/nan gradients")
     if path is None:
         probe(trainer)
-    full = trainer.optimizer.full_state()   # collective over dp
-    tensors = full_tensors(list(trainer.named_trained_parameters()), cfg.model, state)  # tp
-    optim = {}
-    for key in OPTIM_KEYS:
-        gathered = full_tensors([(n, st[key]) for n, st in full["params"].items()],
-                                cfg.model, state)
-        optim.update({f"{key}/{n}": t for n, t in gathered.items()})
+    full, tensors, optim = gather(trainer.parts, cfg.model)
     writer = trainer.dp_rank == 0 and trainer.tp_rank == 0
     error, nbytes = None, 0
     if writer:
@@ -129,21 +156,7 @@ def save(trainer, path: str | None = None) -> str:
     error = None
     final = store.path(step) if managed else os.path.abspath(path)
     if trainer.rank == 0:
-        dims = state.dims if state else None
-        meta = {
-            "config": cfg.to_dict(),
-            "step": step,
-            "data_position": {"step": step},
-            "rng": ckpt_lib.rng_state(),
-            "tokenizer_sha256": trainer.tokenizer_sha256,
-            "layout": {"tp": trainer.tp, "pp": trainer.pp, "dp": trainer.dp,
-                       "vpp": dims.vpp if dims else 1,
-                       "sequence_parallel": cfg.parallel.sequence_parallel,
-                       "zero_stage": cfg.parallel.zero_stage},
-            "optimizer": {k: v for k, v in full.items() if k != "params"},
-            "divergence": trainer.guard.state_dict(),
-            **trainer.extra_meta,
-        }
+        meta = checkpoint_meta(trainer, full)
         try:
             if managed:
                 if step >= cfg.train.steps:
