@@ -36,8 +36,6 @@ from engine.pipeline.schedules import forward_backward, glm_forward_step
 from engine.train.stop import active as active_stop
 from engine.train.timing import Clock, peak_flops
 
-BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
-
 
 def lr_at(step: int, cfg) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at the last step."""
@@ -46,10 +44,6 @@ def lr_at(step: int, cfg) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def model_inputs(batch: dict, device) -> dict:
-    return {k: batch[k].to(device) for k in BATCH_KEYS if k in batch}
 
 
 def count_tokens(microbatches: list[dict]) -> int:
@@ -61,12 +55,6 @@ def real_tokens(microbatches: list[dict], pad_id: int | None) -> int:
     if pad_id is None:
         return sum(int(mb["input_ids"].numel()) for mb in microbatches)
     return int(sum((mb["input_ids"] != pad_id).sum().item() for mb in microbatches))
-
-
-def lm_loss(model, batch: dict, device) -> torch.Tensor:
-    """Summed token cross-entropy of a whole model on one batch: what the default
-    forward_step (glm_forward_step) sums to on a single stage (a reference for tests)."""
-    return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).sum()
 
 
 @dataclass
