@@ -104,10 +104,12 @@ def main(argv=None):
             log(f"teacher fine-tuning: strategy {fcfg.strategy} | n_s {len(d_s):,} n_d "
                 f"{len(d_d):,} | alpha {alpha:.4f} | P(D_s) {p:.4f} | loss weights "
                 f"source {loss.w_source:.3f} target {loss.w_target:.3f}")
-            trainer = Trainer(cfg, train, dev_d, state=state, tokenizer_sha256=tok.sha256,
-                              log=log, forward_step=loss.forward_step,
-                              mp_group=model_parallel_group(state),
-                              extra_meta={"finetune": record}, extra_files=tokenizer)
+            trainer = Trainer.from_config(cfg, train, dev_d, state=state,
+                                          tokenizer_sha256=tok.sha256,
+                                          log=log, forward_step=loss.forward_step,
+                                          mp_group=model_parallel_group(state),
+                                          extra_meta={"finetune": record},
+                                          extra_files=tokenizer)
         else:
             from engine.recipe.compress.distill_run import distill_trainer
             dcfg = fcfg.distill_config()

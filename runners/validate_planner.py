@@ -147,8 +147,9 @@ def validate_worker(rank: int, world: int, model: dict, layouts: list, seq_len: 
         dist.barrier()
         if rank < dims.world_size:
             cfg = _run_config(model, lay, seq_len)
-            tr = Trainer(cfg, SyntheticTokens(seq_len, cfg.model.padded_vocab_size),
-                         state=state, log=lambda *a: None, mp_group=mp_group)
+            tr = Trainer.from_config(cfg,
+                                     SyntheticTokens(seq_len, cfg.model.padded_vocab_size),
+                                     state=state, log=lambda *a: None, mp_group=mp_group)
             memory[name] = {"stage": tr.stage, "tp_rank": tr.tp_rank,
                             **asdict(trainer_memory(tr)),
                             "schedule_meter": schedule_meter_peak(tr)}

@@ -31,8 +31,8 @@ def _worker(rank, world, layout):
     pc = cfg.parallel
     state = init_distributed(ParallelDims(tp=pc.tp, pp=pc.pp, dp=pc.dp), timeout=90,
                              num_layers=cfg.model.num_layers)
-    tr = Trainer(cfg, MixedBatches(), state=state, log=lambda *a: None,
-                 mp_group=model_parallel_group(state))
+    tr = Trainer.from_config(cfg, MixedBatches(), state=state, log=lambda *a: None,
+                             mp_group=model_parallel_group(state))
 
     def gather(named):
         return gather_full_tensors(named, cfg.model, state.tp_group)
@@ -54,7 +54,7 @@ def test_layout_matches_single_process(name):
     layout = LAYOUTS[name]
     world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
     ref_cfg = _cfg(groups=layout.get("groups", 2))
-    ref = manual_steps(Trainer(ref_cfg, MixedBatches(), log=lambda *a: None))
+    ref = manual_steps(Trainer.from_config(ref_cfg, MixedBatches(), log=lambda *a: None))
     ranks = run_workers(_worker, world, layout, timeout=240, pg_timeout=120)
     seen = set()
     for r, steps in enumerate(ranks):

@@ -224,11 +224,11 @@ def test_import_finetune_export_import(tmp_path, sp_model):
     # the shape alone is not enough: a glm2d run from a causal1d checkpoint is refused
     cfg.model = GLMConfig.from_dict({**m, "position_layout": "glm2d", "chat_format": ""})
     with pytest.raises(ValueError, match="position_layout='glm2d' but the checkpoint"):
-        Trainer(cfg, None, log=lambda *_: None, tokenizer_sha256=tok.sha256)
+        Trainer.from_config(cfg, None, log=lambda *_: None, tokenizer_sha256=tok.sha256)
     cfg.model = GLMConfig.from_dict(m)
     fmt = TranslationFormat(tok, cfg.model)
     data = TranslationDataset(pairs, tok, 48, fmt=fmt)
-    tr = Trainer(cfg, data, data, log=lambda *_: None, tokenizer_sha256=tok.sha256)
+    tr = Trainer.from_config(cfg, data, data, log=lambda *_: None, tokenizer_sha256=tok.sha256)
     hist = tr.fit()
     assert len(hist) == 3 and all(h.loss == h.loss for h in hist)
     path = tr.save(str(tmp_path / "ft" / "checkpoint"))

@@ -12,7 +12,7 @@ from engine.recipe.compress.distill import DistillConfig, DistillLoss, distill_l
 from engine.recipe.compress.importance import random_importance
 from engine.recipe.compress.prune import PruneTarget, prune_model, select
 from engine.config import build_run_config
-from engine.train.trainer import Trainer, count_tokens, lm_loss
+from engine.train.trainer import Trainer, count_tokens
 from test_prune import build, make_batch, zero_hidden
 from test_trainer_parity import MixedBatches, manual_steps
 
@@ -122,6 +122,14 @@ def test_config_validation_names_the_field():
         DistillLoss(None, DistillConfig())(build(), make_batch(), "cpu")
 
 
+def lm_loss(model, batch: dict, device) -> torch.Tensor:
+    """Summed token cross-entropy of a whole model on one batch (what the Trainer's
+    default glm_forward_step sums to on a single stage)."""
+    keys = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
+    inputs = {k: batch[k].to(device) for k in keys if k in batch}
+    return model(**inputs, labels=batch["labels"].to(device)).sum()
+
+
 class Data:
     """The same batch every step: the loss must then fall."""
     def get_batch(self, index, batch_size):
@@ -133,8 +141,8 @@ def _trainer(tmp_path, student, loss_fn, aux=None, steps=3):
                                       "warmup_steps": 0, "eval_every": 0, "lr": 1e-2,
                                       "out_dir": str(tmp_path)}})
     run.model = student.config
-    return Trainer(run, Data(), model=student, loss_fn=loss_fn, aux_modules=aux,
-                   log=lambda *_: None)
+    return Trainer.from_config(run, Data(), model=student, forward_step=loss_fn.forward_step,
+                               aux_modules=aux, log=lambda *_: None)
 
 
 def test_ce_only_loss_is_the_trainers_lm_loss():

@@ -282,14 +282,15 @@ def test_nonfinite_loss_stops_the_trainer_without_saving(tmp_path):
     import torch
 
     from engine.config import build_run_config
-    from engine.train.trainer import Trainer, lm_loss
+    from engine.pipeline.schedules import glm_forward_step
+    from engine.train.trainer import Trainer
     from test_trainer import RandomTokens
     cfg = build_run_config({"train": {"steps": 4, "micro_batch_size": 2, "seq_len": 16,
                                       "save_every": 1, "out_dir": str(tmp_path / "r")}})
 
-    def nan_loss(model, batch, device):
-        return lm_loss(model, batch, device) * float("nan")
-    tr = Trainer(cfg, RandomTokens(16), loss_fn=nan_loss, log=lambda *_: None)
+    def nan_loss(chunk, batch, hidden, side):
+        return glm_forward_step(chunk, batch, hidden, side) * float("nan")
+    tr = Trainer.from_config(cfg, RandomTokens(16), forward_step=nan_loss, log=lambda *_: None)
     with pytest.raises(NonFiniteLossError):
         tr.fit()
     assert not (tmp_path / "r" / "checkpoints").exists()

@@ -25,8 +25,8 @@ def _worker(rank, world, out_dir):
     state = init_distributed(ParallelDims(pp=2), timeout=60, num_layers=4)
     out = {}
     run = open_run_dir(out_dir, state=state, log=lambda *_: None)
-    tr = Trainer(cfg, RandomTokens(16), state=state, log=lambda *_: None,
-                 mp_group=model_parallel_group(state))
+    tr = Trainer.from_config(cfg, RandomTokens(16), state=state, log=lambda *_: None,
+                             mp_group=model_parallel_group(state))
     tr.fit()
     out["final"] = tr.save()
     run.close()

@@ -24,8 +24,8 @@ def _cfg(out_dir, m, pp=1, zero=0, schedule="1f1b"):
 
 def _trainer(cfg, dims=None):
     state = init_distributed(dims, timeout=60, num_layers=4) if dims else ParallelState.single()
-    return Trainer(cfg, RandomTokens(16), state=state, log=lambda *a: None,
-                   mp_group=model_parallel_group(state))
+    return Trainer.from_config(cfg, RandomTokens(16), state=state, log=lambda *a: None,
+                               mp_group=model_parallel_group(state))
 
 
 def _pp2_dp2_then_save(rank, world, out_dir, ckpt):

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from engine.parallel.state import ParallelState
 from engine.train import metrics as metrics_lib
 from engine.train.trainer import Trainer
 from model import GLM, GLMConfig
@@ -22,7 +23,7 @@ LINE = re.compile(r"^\d\d:\d\d:\d\d step +(\d+)/8 \| loss ([\d.]+) \| lr [\d.e+-
 
 def test_log_line_averages_the_window_and_counts_tokens(tmp_path):
     lines = []
-    tr = Trainer(_cfg(tmp_path, steps=8, log_every=4, eval_every=0), RandomTokens(16, 64),
+    tr = Trainer.from_config(_cfg(tmp_path, steps=8, log_every=4, eval_every=0), RandomTokens(16, 64),
                  log=lines.append)
     hist = tr.fit()
     steps = [ln for ln in lines if " step " in ln and "/8" in ln]
@@ -48,12 +49,12 @@ def test_log_line_averages_the_window_and_counts_tokens(tmp_path):
 
 def test_tokens_seen_survives_a_resume(tmp_path):
     data = RandomTokens(16)
-    full = Trainer(_cfg(tmp_path / "a", eval_every=0), data, log=lambda *_: None)
+    full = Trainer.from_config(_cfg(tmp_path / "a", eval_every=0), data, log=lambda *_: None)
     full.fit()
-    first = Trainer(_cfg(tmp_path / "b", eval_every=0), data, log=lambda *_: None)
+    first = Trainer.from_config(_cfg(tmp_path / "b", eval_every=0), data, log=lambda *_: None)
     first.fit(stop_at=3)
     path = first.save()
-    second = Trainer(_cfg(tmp_path / "b", eval_every=0), data, log=lambda *_: None)
+    second = Trainer.from_config(_cfg(tmp_path / "b", eval_every=0), data, log=lambda *_: None)
     second.resume(path)
     second.fit()
     assert second.metrics.tokens_seen == full.metrics.tokens_seen > 0
@@ -65,7 +66,7 @@ def test_tensorboard_missing_is_a_one_line_error(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ValueError, match=r"train.tensorboard=true needs the optional "
                                          r"tensorboard package: pip install"):
-        Trainer(_cfg(tmp_path, tensorboard=True), RandomTokens(16), log=lambda *_: None)
+        Trainer.from_config(_cfg(tmp_path, tensorboard=True), RandomTokens(16), log=lambda *_: None)
     with pytest.raises(ValueError, match="train.tensorboard='yes' must be true or false"):
         _cfg(tmp_path, tensorboard="yes")
 
@@ -73,7 +74,7 @@ def test_tensorboard_missing_is_a_one_line_error(tmp_path, monkeypatch):
 def test_tensorboard_events_hold_the_metrics_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tr = Trainer(_cfg(tmp_path, tensorboard=True, log_every=2), RandomTokens(16),
+    tr = Trainer.from_config(_cfg(tmp_path, tensorboard=True, log_every=2), RandomTokens(16),
                  RandomTokens(16, seed=9), log=lambda *_: None)
     tr.fit()
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
@@ -93,9 +94,10 @@ def test_params_line_names_whole_model_and_this_rank():
     model = GLM.build(cfg)
     named = list(model.named_parameters())
     whole = model.num_params()
-    assert metrics_lib.params_line(cfg, named) == f"{whole:,} parameters (whole model)"
+    single = ParallelState.single()
+    assert metrics_lib.params_line(cfg, named, single) == f"{whole:,} parameters (whole model)"
     half = [(n, p) for n, p in named if "layers.0." in n]      # a pipeline stage's share
-    state = SimpleNamespace(rank=1, dims=SimpleNamespace(world_size=2))
+    state = SimpleNamespace(rank=1, dims=SimpleNamespace(world_size=2), distributed=True)
     line = metrics_lib.params_line(cfg, half, state)
     assert line == (f"{whole:,} parameters (whole model), "
                     f"{sum(p.numel() for _, p in half):,} on this rank (rank 1 of 2)")

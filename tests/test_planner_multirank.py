@@ -199,8 +199,8 @@ def _auto_worker(rank, world):
                   "eval_every": 0, "warmup_steps": 0, "out_dir": "/tmp/unused-auto-run"}})
     resolved = resolve_parallel(cfg, log=logged.append)
     state = parallel_state(resolved)
-    tr = Trainer(resolved, RandomTokens(16), state=state, log=lambda *a: None,
-                 mp_group=model_parallel_group(state))
+    tr = Trainer.from_config(resolved, RandomTokens(16), state=state, log=lambda *a: None,
+                             mp_group=model_parallel_group(state))
     loss = tr.fit()[0].loss
     got = measure_trainer(tr, timed_steps=2)     # the multi-rank measurement helper
     return dataclasses.asdict(resolved.parallel), dataclasses.asdict(resolved.train), loss, \
@@ -227,7 +227,7 @@ def test_parallel_auto_under_two_ranks():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = Trainer(ref_cfg, RandomTokens(16), log=lambda *a: None).fit()[0].loss
+        ref = Trainer.from_config(ref_cfg, RandomTokens(16), log=lambda *a: None).fit()[0].loss
     finally:
         torch.set_num_threads(threads)
     assert abs(loss0 - ref) <= 1e-5 * abs(ref), (loss0, ref)

@@ -26,8 +26,8 @@ def _cfg(out_dir, **parallel):
 def _worker(rank, world, out_dir):
     state = init_distributed(ParallelDims(pp=2), timeout=60, num_layers=4)
     lines = []
-    Trainer(_cfg(out_dir, pp=2), RandomTokens(16, vocab=64), state=state,
-            log=lines.append).fit()
+    Trainer.from_config(_cfg(out_dir, pp=2), RandomTokens(16, vocab=64), state=state,
+                        log=lines.append).fit()
     return lines
 
 
@@ -86,7 +86,7 @@ def test_step_tokens_count_real_tokens_not_padding(tmp_path):
     cfg = _cfg(str(tmp_path / "run"))
     cfg.train.profile_steps = ""
     data = _Padded()
-    tr = Trainer(cfg, data, log=lambda *a: None)
+    tr = Trainer.from_config(cfg, data, log=lambda *a: None)
     hist = tr.fit()
     for st, step in zip(hist, range(2)):
         mbs = tr.microbatches(data, step)

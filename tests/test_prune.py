@@ -358,7 +358,7 @@ def test_pruned_checkpoint_reloads_with_the_same_loss_and_trains(tmp_path):
                                       "warmup_steps": 0, "eval_every": 0,
                                       "out_dir": str(tmp_path / "run"), "init_from": str(out)}})
     run.model = cfg2
-    trainer = Trainer(run, Data(), tokenizer_sha256=tok_sha, log=lambda *_: None)
+    trainer = Trainer.from_config(run, Data(), tokenizer_sha256=tok_sha, log=lambda *_: None)
     hist = trainer.fit()
     assert all(math.isfinite(h.loss) for h in hist)
     assert os.path.isdir(trainer.save())

@@ -67,7 +67,7 @@ def _assert_same(got, ref, what):
 
 
 def _run(cfg, **kw):
-    tr = Trainer(cfg, MixedBatches(), log=lambda *a: None, **kw)
+    tr = Trainer.from_config(cfg, MixedBatches(), log=lambda *a: None, **kw)
     return tr, manual_steps(tr, STEPS)
 
 
@@ -97,7 +97,8 @@ def test_activation_meter_sees_less_with_recompute():
     recompute each layer keeps only its input until its replay."""
     peaks = {}
     for rc in (False, True):
-        tr = Trainer(_cfg(rc, dropout=0.0, m=1), MixedBatches(), log=lambda *a: None)
+        tr = Trainer.from_config(_cfg(rc, dropout=0.0, m=1), MixedBatches(),
+                                 log=lambda *a: None)
         peaks[rc] = schedule_meter_peak(tr)
     print(f"\nsaved-activation peak: {peaks[False]} B without recompute, {peaks[True]} B "
           "with")
@@ -150,8 +151,8 @@ def _layout_runs(layout: dict, restore_check: bool) -> dict:
         return gather_full_tensors(named, cfg0.model, state.tp_group)
 
     def run(rc):
-        tr = Trainer(_cfg(rc, **layout), MixedBatches(), state=state, log=lambda *a: None,
-                     mp_group=model_parallel_group(state))
+        tr = Trainer.from_config(_cfg(rc, **layout), MixedBatches(), state=state,
+                                 log=lambda *a: None, mp_group=model_parallel_group(state))
         return manual_steps(tr, STEPS, **({"gather": gather} if pc.tp > 1 else {}))
 
     out = {"none": run(False), "recompute": run(True)}

@@ -42,8 +42,8 @@ def _trainer(cfg):
     if pc.tp * pc.pp > 1:
         state = init_distributed(ParallelDims(tp=pc.tp, pp=pc.pp), timeout=60,
                                  num_layers=cfg.model.num_layers)
-    return Trainer(cfg, MixedBatches(), state=state, log=lambda *a: None,
-                   mp_group=model_parallel_group(state))
+    return Trainer.from_config(cfg, MixedBatches(), state=state, log=lambda *a: None,
+                               mp_group=model_parallel_group(state))
 
 
 def _full_params(tr) -> dict:

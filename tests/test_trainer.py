@@ -54,7 +54,7 @@ def test_training_reduces_loss_and_logs(tmp_path):
     cfg = _cfg(tmp_path, steps=12, lr=3e-3)
     data = RandomTokens(16, vocab=64)  # tiny vocab: learnable unigram statistics
     lines = []
-    tr = Trainer(cfg, data, RandomTokens(16, vocab=64, seed=9), log=lines.append)
+    tr = Trainer.from_config(cfg, data, RandomTokens(16, vocab=64, seed=9), log=lines.append)
     hist = tr.fit()
     assert hist[-1].loss < hist[0].loss - 0.5
     records = [json.loads(x) for x in open(tr.metrics_path)]
@@ -64,13 +64,13 @@ def test_training_reduces_loss_and_logs(tmp_path):
 
 def test_resume_is_bitwise(tmp_path):
     data, dev = RandomTokens(16), RandomTokens(16, seed=5)
-    full = Trainer(_cfg(tmp_path / "a"), data, dev, log=lambda *_: None)
+    full = Trainer.from_config(_cfg(tmp_path / "a"), data, dev, log=lambda *_: None)
     losses_full = [s.loss for s in full.fit()]
 
-    first = Trainer(_cfg(tmp_path / "b"), data, dev, log=lambda *_: None)
+    first = Trainer.from_config(_cfg(tmp_path / "b"), data, dev, log=lambda *_: None)
     losses = [s.loss for s in first.fit(stop_at=3)]
     path = first.save()
-    second = Trainer(_cfg(tmp_path / "b"), data, dev, log=lambda *_: None)
+    second = Trainer.from_config(_cfg(tmp_path / "b"), data, dev, log=lambda *_: None)
     second.resume(path)
     losses += [s.loss for s in second.fit()]
     assert losses == losses_full  # bitwise, not approximately
@@ -79,7 +79,7 @@ def test_resume_is_bitwise(tmp_path):
 
 
 def test_truncated_checkpoint_and_wrong_tokenizer(tmp_path):
-    tr = Trainer(_cfg(tmp_path), RandomTokens(16), log=lambda *_: None,
+    tr = Trainer.from_config(_cfg(tmp_path), RandomTokens(16), log=lambda *_: None,
                  tokenizer_sha256="a" * 64)
     path = tr.save()
     with pytest.raises(ckpt_lib.CheckpointError, match="does not match"):
@@ -95,7 +95,7 @@ def test_truncated_checkpoint_and_wrong_tokenizer(tmp_path):
 
 
 def test_failed_save_leaves_existing_checkpoint(tmp_path):
-    tr = Trainer(_cfg(tmp_path), RandomTokens(16), log=lambda *_: None)
+    tr = Trainer.from_config(_cfg(tmp_path), RandomTokens(16), log=lambda *_: None)
     path = tr.save()
     digest = ckpt_lib.Checkpoint(path).meta["files"]
     bad = {"x": object()}  # not a tensor: the save fails midway

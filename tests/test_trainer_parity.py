@@ -53,9 +53,9 @@ def manual_steps(tr, steps=STEPS, gather=_copies, extra=None):
     out = []
     for _ in range(steps):
         mbs = tr.microbatches(tr.train_data, tr.step)
-        loss = tr._run(mbs)
+        loss = tr.forward_backward(mbs)
         grads = gather(list(tr.optimizer.full_grads().items()))
-        res = tr.optimizer.step(lr_at(tr.step, tr.cfg.train))
+        res = tr.optimizer_step(lr_at(tr.step, tr.cfg.train))
         tr.step += 1
         params = gather([(n, p.detach()) for n, p in tr.named_trained_parameters()])
         row = (loss, res.grad_norm, grads, params)
@@ -65,8 +65,8 @@ def manual_steps(tr, steps=STEPS, gather=_copies, extra=None):
 
 def _worker(rank, world):
     state = init_distributed(ParallelDims(pp=2, dp=2), timeout=60, num_layers=4)
-    tr = Trainer(_cfg(m=2, pp=2, dp=2, zero=1), MixedBatches(), state=state,
-                 log=lambda *a: None, mp_group=model_parallel_group(state))
+    tr = Trainer.from_config(_cfg(m=2, pp=2, dp=2, zero=1), MixedBatches(), state=state,
+                             log=lambda *a: None, mp_group=model_parallel_group(state))
     return manual_steps(tr)
 
 
@@ -88,7 +88,7 @@ PARAM_ATOL = 1e-9
 
 
 def test_pp2_dp2_zero1_matches_single_process():
-    ref = manual_steps(Trainer(_cfg(m=4), MixedBatches(), log=lambda *a: None))
+    ref = manual_steps(Trainer.from_config(_cfg(m=4), MixedBatches(), log=lambda *a: None))
     ranks = run_workers(_worker, 4, timeout=150)
     for r, steps in enumerate(ranks):
         for t, ((loss, norm, grads, params), (rl, rn, rg, rp)) in enumerate(zip(steps, ref)):

@@ -23,15 +23,16 @@ def _cfg(out_dir, m, pp=1, dp=1, zero=0, schedule="1f1b", steps=4):
 
 def _worker(rank, world, out_dir, ckpt):
     state = init_distributed(ParallelDims(pp=2, dp=2), timeout=60, num_layers=4)
-    tr = Trainer(_cfg(out_dir, m=2, pp=2, dp=2, zero=1, schedule="zb-h1"), MixedBatches(),
-                 state=state, log=lambda *a: None, mp_group=model_parallel_group(state))
+    tr = Trainer.from_config(_cfg(out_dir, m=2, pp=2, dp=2, zero=1, schedule="zb-h1"),
+                             MixedBatches(), state=state, log=lambda *a: None,
+                             mp_group=model_parallel_group(state))
     steps = manual_steps(tr, steps=2)
     tr.save(ckpt)
     return steps
 
 
 def test_zb_h1_trainer_pp2_dp2_zero1_and_checkpoint(tmp_path):
-    ref = Trainer(_cfg(tmp_path / "ref", m=4), MixedBatches(), log=lambda *a: None)
+    ref = Trainer.from_config(_cfg(tmp_path / "ref", m=4), MixedBatches(), log=lambda *a: None)
     ref_steps = manual_steps(ref, steps=4)
     ckpt = str(tmp_path / "ckpt")
     ranks = run_workers(_worker, 4, str(tmp_path / "a"), ckpt, timeout=150)
@@ -47,7 +48,8 @@ def test_zb_h1_trainer_pp2_dp2_zero1_and_checkpoint(tmp_path):
     names = set(ranks[0][0][2]) | set(ranks[2][0][2])
     assert names == set(ref_steps[0][2])
     # the zb-h1 checkpoint resumes under one process and continues like the reference
-    single = Trainer(_cfg(tmp_path / "b", m=4), MixedBatches(), log=lambda *a: None)
+    single = Trainer.from_config(_cfg(tmp_path / "b", m=4), MixedBatches(),
+                                 log=lambda *a: None)
     single.resume(ckpt)
     assert single.step == 2
     cont = manual_steps(single, steps=2)

@@ -19,7 +19,7 @@ def _v_cfg(out_dir, m):
 
 def _worker(rank, world, out_dir, ckpt):
     state = init_distributed(ParallelDims(pp=2, dp=2, vpp=2), timeout=60, num_layers=4)
-    tr = Trainer(_v_cfg(out_dir, m=2), MixedBatches(), state=state, log=lambda *a: None,
+    tr = Trainer.from_config(_v_cfg(out_dir, m=2), MixedBatches(), state=state, log=lambda *a: None,
                  mp_group=model_parallel_group(state))
     layers = [c.layer_range for c in tr.chunks]
     steps = manual_steps(tr, steps=2)
@@ -28,7 +28,7 @@ def _worker(rank, world, out_dir, ckpt):
 
 
 def test_zb_v_trainer_pp2_dp2_zero1_and_checkpoint(tmp_path):
-    ref = Trainer(_cfg(tmp_path / "ref", m=4), MixedBatches(), log=lambda *a: None)
+    ref = Trainer.from_config(_cfg(tmp_path / "ref", m=4), MixedBatches(), log=lambda *a: None)
     ref_steps = manual_steps(ref, steps=4)
     ckpt = str(tmp_path / "ckpt")
     ranks = run_workers(_worker, 4, str(tmp_path / "a"), ckpt, timeout=180)
@@ -45,7 +45,7 @@ def test_zb_v_trainer_pp2_dp2_zero1_and_checkpoint(tmp_path):
                 _close(params[name], rp[name], f"rank {r} step {t} param {name}", PARAM_ATOL)
     names = set(ranks[0][1][0][2]) | set(ranks[2][1][0][2])
     assert names == set(ref_steps[0][2])
-    single = Trainer(_cfg(tmp_path / "b", m=4), MixedBatches(), log=lambda *a: None)
+    single = Trainer.from_config(_cfg(tmp_path / "b", m=4), MixedBatches(), log=lambda *a: None)
     single.resume(ckpt)
     assert single.step == 2
     cont = manual_steps(single, steps=2)

@@ -76,7 +76,7 @@ def nccl_worker(path: str):
                       "seq_len": 128, "warmup_steps": 1, "log_every": 1, "eval_every": 0,
                       "out_dir": os.path.join(os.path.dirname(path), "nccl_run")}})
         lines = []
-        hist = Trainer(cfg, Patterns(128), state=state, log=lines.append).fit()
+        hist = Trainer.from_config(cfg, Patterns(128), state=state, log=lines.append).fit()
         result.update(steps=len(hist), losses=[round(h.loss, 4) for h in hist],
                       log=lines[-2:], finite=all(math.isfinite(h.loss) for h in hist))
         dist.barrier()

@@ -36,7 +36,7 @@ def _train(plan, device, kernels: str, out_dir: str, log) -> dict:
                   "min_lr": 1e-4, "warmup_steps": 10, "log_every": 10, "eval_every": 0,
                   "precision": "auto", "out_dir": out_dir}})
     reset_peak(device)
-    tr = Trainer(cfg, Patterns(plan.train_seq), device=device, log=log)
+    tr = Trainer.from_config(cfg, Patterns(plan.train_seq), device=device, log=log)
     hist = tr.fit()
     timed = hist[1:]   # step 1 includes the Triton JIT compiles
     tokens = sum(h.tokens for h in timed)

@@ -123,15 +123,14 @@ def trainer_step(trainer):
     call repeats the same work."""
     params = [p for _, p in trainer.named_trained_parameters()]
     mbs = trainer.microbatches(trainer.train_data, trainer.step)
-    opt = trainer.optimizer
 
     def step():
-        trainer._run(mbs)
+        trainer.forward_backward(mbs)
 
     def optimizer_step():
-        opt.step(trainer.cfg.train.lr)
+        trainer.optimizer_step(trainer.cfg.train.lr)
 
-    return params, opt, step, optimizer_step
+    return params, trainer.optimizer, step, optimizer_step
 
 
 def trainer_memory(trainer) -> Measured:
@@ -150,18 +149,11 @@ def schedule_meter_peak(trainer) -> int:
     holds it (until it is sent and its .data freed). Equal to trainer_memory's
     activations without a pipeline; at most one microbatch's [s, b, h] output more with
     one. Collective like trainer_memory."""
-    from engine.pipeline.schedules import StepContext, forward_backward
     from engine.pipeline.stats import SavedActivationMeter
-    from engine.train.trainer import count_tokens
-    params, opt, _, optimizer_step = trainer_step(trainer)
+    params, _, _, optimizer_step = trainer_step(trainer)
     mbs = trainer.microbatches(trainer.train_data, trainer.step)
     meter = SavedActivationMeter(params)
-    forward_backward(StepContext(trainer.schedule, trainer.chunks, mbs,
-                                 trainer._global_count(count_tokens(mbs)), trainer.comm,
-                                 trainer.state, no_sync=opt.no_sync,
-                                 forward_step=trainer.forward_step,
-                                 autocast=trainer.autocast, meter=meter,
-                                 scale_loss=opt.scale_loss))
+    trainer.forward_backward(mbs, meter=meter)
     optimizer_step()
     return meter.peak
 

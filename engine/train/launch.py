@@ -170,9 +170,10 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print,
                                         cfg.model.padded_vocab_size, cfg.data.objective,
                                         model_config=cfg.model)
         # the tokenizer travels inside every checkpoint so evaluation needs nothing else
-        trainer = Trainer(cfg, train, dev, state=state, tokenizer_sha256=tok.sha256, log=log,
-                          mp_group=model_parallel_group(state),
-                          extra_files={TOKENIZER_FILE: str(tok.path)})
+        trainer = Trainer.from_config(cfg, train, dev, state=state,
+                                      tokenizer_sha256=tok.sha256, log=log,
+                                      mp_group=model_parallel_group(state),
+                                      extra_files={TOKENIZER_FILE: str(tok.path)})
         if run_dir.resume_path:
             trainer.resume(run_dir.resume_path)
             trainer.log(f"resumed from {run_dir.resume_path} at step {trainer.step}")

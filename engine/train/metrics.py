@@ -69,9 +69,9 @@ def param_counts(model_config, trained_parameters) -> tuple[int, int]:
     return whole, sum(p.numel() for _, p in trained_parameters)
 
 
-def params_line(model_config, trained_parameters, state=None) -> str:
+def params_line(model_config, trained_parameters, state) -> str:
     whole, here = param_counts(model_config, trained_parameters)
-    if state is None or not state.distributed:
+    if not state.distributed:
         return f"{whole:,} parameters (whole model)" + (
             f", {here:,} trained" if here != whole else "")
     return (f"{whole:,} parameters (whole model), {here:,} on this rank "

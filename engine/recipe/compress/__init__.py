@@ -3,7 +3,7 @@
     imp = compute_importance("activation", teacher, calibration_batches)
     sel = select(imp, teacher.config, PruneTarget(kv_channels=16, ffn_hidden_size=344))
     student_cfg, student_state = prune_state_dict(teacher.state_dict(), teacher.config, sel)
-    loss_fn = DistillLoss(teacher, DistillConfig(), proj)   # for engine.train.trainer.Trainer
+    loss = DistillLoss(teacher, DistillConfig(), proj)   # the Trainer's: loss.forward_step
 
 Files: structure.py (where structures live in the fused tensors), importance.py,
 prune.py (selection + slicing), search.py (paper rule, parameter budgets), export.py

@@ -35,8 +35,9 @@ the part of its rows (engine.recipe.compress.distill_run sums it over the TP gro
 
 `distill_loss` is a pure function of (student logits, student hidden, teacher logits,
 teacher hidden, labels): a last pipeline stage computes it from what it holds once the
-teacher's outputs for the microbatch are there. `DistillLoss` is the Trainer's objective
-(loss_fn for one process, forward_step for any layout).
+teacher's outputs for the microbatch are there. `DistillLoss.forward_step` is the
+Trainer's objective (any layout); calling the DistillLoss gives a whole model's loss on
+one batch.
 """
 from __future__ import annotations
 
@@ -292,10 +293,10 @@ class WholeTeacher:
 
 
 class DistillLoss:
-    """The objective for engine.train.trainer.Trainer, in both of its forms:
+    """The objective for engine.train.trainer.Trainer, and a whole model's loss:
 
-      loss_fn(model, batch, device)            one process, the whole student
-      forward_step(chunk, batch, hidden, side) any layout: non-last chunks run the plain
+      (model, batch, device)                   one process, the whole student, one batch
+      forward_step(chunk, batch, hidden, side) the Trainer's: non-last chunks run the plain
                                                GLM step; the last one computes the
                                                student's per-token CE (its own head loss,
                                                vocab-parallel under TP) and final hidden,

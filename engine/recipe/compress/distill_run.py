@@ -228,12 +228,13 @@ def distill_trainer(cfg: RunConfig, dcfg: DistillConfig, train, dev=None, *,
         if last and dcfg.hidden_weight > 0:
             proj = _projection(cfg, t_config, kept_hidden, tp, device, log)
     loss = DistillLoss(source, dcfg, proj, tp)
-    trainer = Trainer(cfg, train, dev, state=state, tokenizer_sha256=tokenizer_sha256,
-                      log=log, extra_meta=extra_meta, forward_step=loss.forward_step,
-                      aux_modules={"proj": proj} if proj is not None else None,
-                      mp_group=model_parallel_group(state),
-                      before_step=source.run if isinstance(source, StagedTeacher) else None,
-                      log_terms=lambda: loss.pop_stats(state), extra_files=extra_files)
+    trainer = Trainer.from_config(
+        cfg, train, dev, state=state, tokenizer_sha256=tokenizer_sha256, log=log,
+        extra_meta=extra_meta, forward_step=loss.forward_step,
+        aux_modules={"proj": proj} if proj is not None else None,
+        mp_group=model_parallel_group(state),
+        before_step=source.run if isinstance(source, StagedTeacher) else None,
+        log_terms=lambda: loss.pop_stats(state), extra_files=extra_files)
     if isinstance(source, StagedTeacher):
         source.attach(trainer)
     return trainer, loss
