@@ -14,12 +14,9 @@ text. GLM-4's tokenizer.model is a tiktoken rank file, not sentencepiece: refuse
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import sentencepiece as spm
-
-from model.tokenizer import SpecialIdAccess, SpecialIds
+from model.tokenizer import SentencePieceTokenizer, SpecialIds
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -32,7 +29,7 @@ def is_tiktoken(data: bytes) -> bool:
                               for line in head if line)
 
 
-class ChatGLMTokenizer(SpecialIdAccess):
+class ChatGLMTokenizer(SentencePieceTokenizer):
     """Same interface as model.tokenizer.Tokenizer (encode/decode/ids/special_ids/sha256)."""
 
     kind = "chatglm"
@@ -48,15 +45,7 @@ class ChatGLMTokenizer(SpecialIdAccess):
         if is_tiktoken(data):
             raise ValueError(f"{path}: a tiktoken tokenizer (GLM-4) is not supported; only "
                              "ChatGLM2/3's sentencepiece tokenizer.model is")
-        self.path = path
-        self.sha256 = hashlib.sha256(data).hexdigest()
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.LoadFromSerializedProto(data)
-        except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
-            raise ValueError(f"{path}: corrupt tokenizer model "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                             ) from None
+        self._load(path, data)
         n = self.sp.get_piece_size()
         self.n_words = n
         self.specials = {t: n + i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -68,6 +57,7 @@ class ChatGLMTokenizer(SpecialIdAccess):
         self.special_ids = SpecialIds(pad=self.sp.unk_id(), unk=self.sp.unk_id(),
                                       mask=s["[MASK]"], gmask=s["[gMASK]"], smask=s["[sMASK]"],
                                       sop=s["sop"], eop=s["eop"], en=-1, zh=-1)
+        # decode skips the special tokens, pad, <s> and </s>
         self._skip = set(s.values()) | {self.pad_id, self.bos_id, self.eos_id}
 
     @property
@@ -80,21 +70,6 @@ class ChatGLMTokenizer(SpecialIdAccess):
             raise ValueError(f"{token!r} is not a ChatGLM special token "
                              f"({', '.join(SPECIAL_TOKENS)})")
         return self.specials[token]
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text, out_type=int)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts), out_type=int)
-
-    def decode(self, ids) -> str:
-        """Text of `ids`, skipping special tokens, pad, <s> and </s>."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
-                             f"(size {self.vocab_size})")
-        return self.sp.decode([i for i in ids if i not in self._skip])
 
     def id_to_piece(self, i: int) -> str:
         i = int(i)

@@ -83,16 +83,11 @@ class SpecialIdAccess:
         return self.special_ids.eop
 
 
-class Tokenizer(SpecialIdAccess):
-    kind = "glm"
+class SentencePieceTokenizer(SpecialIdAccess):
+    """What both tokenizers share: a sentencepiece model loaded from bytes, and text <->
+    ids. Subclasses set `_skip`, the ids that decode leaves out."""
 
-    def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if path.is_dir():
-            path = path / MODEL_FILE
-        if not path.is_file():
-            raise ValueError(f"{path}: tokenizer model not found")
-        data = path.read_bytes()
+    def _load(self, path: Path, data: bytes):
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.sp = spm.SentencePieceProcessor()
@@ -102,13 +97,42 @@ class Tokenizer(SpecialIdAccess):
             raise ValueError(f"{path}: corrupt tokenizer model "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                              ) from None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` from the sentencepiece model alone, no BOS/EOS (the data
+        pipeline adds GLM's own markers by id)."""
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids) -> str:
+        """Text of `ids`, skipping the special ids (`_skip`)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                             f"(size {self.vocab_size})")
+        return self.sp.decode([i for i in ids if i not in self._skip])
+
+
+class Tokenizer(SentencePieceTokenizer):
+    kind = "glm"
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_dir():
+            path = path / MODEL_FILE
+        if not path.is_file():
+            raise ValueError(f"{path}: tokenizer model not found")
+        self._load(path, path.read_bytes())
         for piece, want in FIXED_IDS.items():
             got = self.sp.piece_to_id(piece)
             if got != want or self.sp.id_to_piece(want) != piece:
                 raise ValueError(f"{path}: not a GLM tokenizer ({piece} has id {got}, "
                                  f"expected {want}); retrain it with Tokenizer.train")
         self.special_ids = SpecialIds()
-        self._special = self.special_ids.all()
+        self._skip = self.special_ids.all()  # pad, unk, masks, sop/eop, language tags
 
     # ---- training ----------------------------------------------------------------------
     @classmethod
@@ -158,22 +182,6 @@ class Tokenizer(SpecialIdAccess):
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, no BOS/EOS (the data pipeline adds GLM's own markers)."""
-        return self.sp.encode(text, out_type=int)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts), out_type=int)
-
-    def decode(self, ids) -> str:
-        """Text of `ids`, skipping special tokens (pad, unk, masks, sop/eop, language tags)."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
-                             f"(size {self.vocab_size})")
-        return self.sp.decode([i for i in ids if i not in self._special])
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))

@@ -18,3 +18,14 @@ import torch  # noqa: E402
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a whole test module (`pytestmark =
+    pytest.mark.usefixtures("single_thread")`), like the spawned workers: with tiny shapes
+    on a shared 2-core box a second thread only waits on the other tenants (~100x slower
+    steps), and a reference computed with the workers' thread count sums in their order."""
+    from dist import one_thread
+    with one_thread():
+        yield

@@ -17,12 +17,7 @@ from test_prune import build, make_batch, zero_hidden
 from test_trainer_parity import MixedBatches, manual_steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def reference(s_logits, s_hidden, t_logits, t_hidden, labels, w, proj_w, cfg):

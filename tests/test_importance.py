@@ -15,12 +15,7 @@ from test_prune import (build, make_batch, zero_group, zero_hidden, zero_layer,
                         zero_neuron, zero_qk_pair, zero_v_channel)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 BATCHES = [make_batch(seed=s) for s in range(2)]

@@ -25,13 +25,7 @@ PAD, MASK, SOP, EOP, GMASK = 0, 1, 2, 3, 4
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: extra intra-op threads only spin against the worker processes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def config():

@@ -22,13 +22,7 @@ from model import GLM, GLMConfig
 from model.masks import blank_infilling_example, collate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_batch(vocab=1000, b=2, seed=0, seq_len=24):

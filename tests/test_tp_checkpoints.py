@@ -69,18 +69,11 @@ def _resume(rank, world, out_dir, ckpt, tp, pp):
     return [s.loss for s in tr.fit()], _full_params(tr)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # like the workers: on a shared 2-core box a second intra-op thread spins waiting for
-    # the other tenants and makes these tiny steps ~100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, _one_thread):
+def saved(tmp_path_factory, single_thread):
     """(reference losses, reference final parameters, tp=2 x pp=2 checkpoint after 3 steps)."""
     root = tmp_path_factory.mktemp("tp_ckpt")
     ref = _trainer(_cfg(root / "ref"))
