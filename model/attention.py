@@ -10,6 +10,7 @@ from torch import nn
 
 from kernels import ops
 from model.config import GLMConfig
+from model.parallel_protocol import mapped_input
 
 
 class KVCache:
@@ -58,6 +59,22 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(config.q_size, config.hidden_size, bias=config.add_bias_linear)
 
+    def use_projections(self, qkv: nn.Module, dense: nn.Module, num_heads: int,
+                        num_groups: int):
+        """Swap in projections that hold `num_heads` query heads and `num_groups` KV groups
+        (a tensor-parallel shard: whole heads and whole groups per rank); see
+        model/parallel_protocol.py. forward reads the head counts from here."""
+        d = self.head_dim
+        if qkv.out_features != (num_heads + 2 * num_groups) * d:
+            raise ValueError(f"qkv has {qkv.out_features} outputs; {num_heads} heads and "
+                             f"{num_groups} KV groups of {d} need "
+                             f"{(num_heads + 2 * num_groups) * d}")
+        if dense.in_features != num_heads * d:
+            raise ValueError(f"dense has {dense.in_features} inputs; {num_heads} heads of "
+                             f"{d} need {num_heads * d}")
+        self.qkv, self.dense = qkv, dense
+        self.num_heads, self.num_groups = num_heads, num_groups
+
     def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
         # x [s, b, h]; cos/sin [s, b, 1, d/2]
         mode = self.config.kernels
@@ -65,11 +82,8 @@ class SelfAttention(nn.Module):
         # sizes from the projection: a sequence-parallel qkv takes [s/tp, b, h] and returns
         # the whole sequence
         s, b = qkv.shape[:2]
-        # heads are read off the local width, not the config, so a tensor-parallel shard
-        # (whole heads and whole groups per rank) runs the same code
-        d = self.head_dim
-        nq = self.dense.in_features // d
-        nkv = (qkv.shape[-1] - nq * d) // (2 * d)
+        # this module's heads and groups: a tensor-parallel shard holds fewer than the config
+        d, nq, nkv = self.head_dim, self.num_heads, self.num_groups
         q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
         q = ops.apply_rotary(q.view(s, b, nq, d), cos, sin, mode)
         k = ops.apply_rotary(k.view(s, b, nkv, d), cos, sin, mode)
@@ -100,12 +114,10 @@ class MLP(nn.Module):
         if self.gate_up.bias is not None:
             act = ops.swiglu(self.gate_up(x), self.config.kernels)
         else:
-            # the fused op takes the weight, bypassing gate_up.forward: a tensor-parallel
-            # gate_up (engine/tensor_parallel) maps x into its region first (identity with
-            # a reducing backward, or the sequence all-gather)
-            if hasattr(self.gate_up, "input_map"):
-                x = self.gate_up.input_map(x)
-            act = ops.swiglu_linear(x, self.gate_up.weight, self.config.kernels)
+            # the fused op multiplies gate_up.weight itself: a tensor-parallel gate_up maps
+            # x into its region first (model/parallel_protocol.py, MapsInput)
+            act = ops.swiglu_linear(mapped_input(self.gate_up, x), self.gate_up.weight,
+                                    self.config.kernels)
         return self.down(act)
 
 

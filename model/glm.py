@@ -20,6 +20,7 @@ from kernels import ops
 from kernels.reference import rotary_angles
 from model.attention import MLP, KVCache, SelfAttention, dropout
 from model.config import GLMConfig
+from model.parallel_protocol import LossHead
 
 
 class RMSNorm(nn.Module):
@@ -43,7 +44,7 @@ class GLMBlock(nn.Module):
                                            config.kernels)
         self.mlp = MLP(config)
         # where residual dropout draws its masks: the default generator, unless the
-        # residual stream is sharded (sequence parallelism sets a per-rank stream)
+        # residual stream is sharded (GLM.set_dropout_rng)
         self.dropout_rng = contextlib.nullcontext
 
     def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
@@ -76,7 +77,7 @@ class GLM(nn.Module):
                                           bias=False)
         else:
             self.final_norm = self.output_layer = None
-        self.dropout_rng = contextlib.nullcontext  # for the embedding dropout; see GLMBlock
+        self.dropout_rng = contextlib.nullcontext  # embedding dropout; see set_dropout_rng
 
     # ---- construction ----------------------------------------------------------------
     @torch.no_grad()
@@ -113,20 +114,21 @@ class GLM(nn.Module):
                     n -= m.weight.numel()
         return n
 
-    # ---- forward ---------------------------------------------------------------------
-    def forward(self, input_ids=None, *, hidden_states=None, position_ids=None,
-                block_position_ids=None, prefix_lens=None, pad_lens=None, labels=None,
-                kv_cache: KVCache | None = None, return_hidden: bool = False,
-                head: bool = True):
-        """First stage takes input_ids [b, s]; later stages take hidden_states [s, b, h].
+    def set_dropout_rng(self, rng):
+        """rng: a context manager factory for the residual and embedding dropout masks
+        (sequence parallelism shards the residual stream, so each rank draws its own; see
+        model/parallel_protocol.py)."""
+        self.dropout_rng = rng
+        for layer in self.layers.values():
+            layer.dropout_rng = rng
 
-        Returns, on a non-final stage, hidden states [s, b, h]; on the final stage the
-        logits [b, s, vocab] (fp32), or with `labels` the per-token losses [b, s] (fp32,
-        0 where the label is -100) so that the caller decides how to average. With
-        `return_hidden` the final-normed hidden states [s, b, h] come back as well; with
-        `head=False` only they do (a caller that needs the logits for more than one loss,
-        e.g. distillation's CE + KL, applies the output layer itself, once).
-        """
+    # ---- forward ---------------------------------------------------------------------
+    def hidden(self, input_ids=None, *, hidden_states=None, position_ids=None,
+               block_position_ids=None, prefix_lens=None, pad_lens=None,
+               kv_cache: KVCache | None = None) -> torch.Tensor:
+        """This stage's layers: input_ids [b, s] on the first stage, hidden_states
+        [s, b, h] on later ones -> hidden states [s, b, h]; on the final stage after the
+        final norm, i.e. what the head reads (`logits`, `head_loss`)."""
         c = self.config
         if self.pre_process:
             b, s = input_ids.shape
@@ -152,30 +154,39 @@ class GLM(nn.Module):
             x = layer(x, cos, sin, prefix_lens, pad_lens, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(s)
+        return self.final_norm(x) if self.post_process else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [s, b, h] -> logits [b, s, vocab] fp32 (final stage)."""
+        return self.output_layer(h).transpose(0, 1).float()
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [s, b, h], labels [b, s] -> per-token losses [b, s] fp32, 0
+        where the label is -100, so that the caller decides how to average. The logits are
+        never formed whole."""
+        b = labels.shape[0]
+        flat = h.reshape(-1, h.shape[-1])  # [s*b, h]: seq-major, no transpose copy
+        labels = labels.transpose(0, 1).reshape(-1)  # [s*b], matching flat's order
+        head = self.output_layer
+        if isinstance(head, LossHead):   # a vocab-sharded head; model/parallel_protocol.py
+            loss = head.loss(flat, labels)
+        else:
+            loss = ops.linear_cross_entropy(flat, head.weight, labels, mode=self.config.kernels)
+        return loss.view(-1, b).transpose(0, 1)  # [b, s]
+
+    def forward(self, input_ids=None, *, labels=None, **inputs):
+        """The stage's output: `hidden(input_ids, **inputs)`, then on the final stage the
+        head: per-token losses [b, s] with labels (`head_loss`), else logits [b, s, vocab]
+        (`logits`). A caller that needs the final hidden states, or the logits for more
+        than one loss, calls `hidden` and the head itself."""
+        h = self.hidden(input_ids, **inputs)
         if not self.post_process:
-            return x
-        h = self.final_norm(x)
-        if not head:
             return h
-        if labels is not None:
-            flat = h.reshape(-1, h.shape[-1])  # [s*b, h]: seq-major, no transpose copy
-            labels = labels.transpose(0, 1).reshape(-1)  # [s*b], matching flat's order
-            head = self.output_layer
-            # a parallel head (vocab-sharded) brings its own loss; see engine/tensor_parallel
-            if hasattr(head, "loss"):
-                loss = head.loss(flat, labels)
-            else:
-                loss = ops.linear_cross_entropy(flat, head.weight, labels, mode=c.kernels)
-            loss = loss.view(-1, b).transpose(0, 1)  # [b, s]
-            return (loss, h) if return_hidden else loss
-        logits = self.output_layer(h).transpose(0, 1).float()
-        return (logits, h) if return_hidden else logits
+        return self.head_loss(h, labels) if labels is not None else self.logits(h)
 
     def new_kv_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         p = next(self.parameters())
-        # KV groups read off the local qkv width, like SelfAttention (tensor-parallel shards)
-        attn = next(iter(self.layers.values())).attention
-        d = self.config.kv_channels
-        groups = (attn.qkv.weight.shape[0] - attn.dense.in_features) // (2 * d)
+        # the KV groups this device holds (a tensor-parallel shard holds fewer)
+        groups = next(iter(self.layers.values())).attention.num_groups
         return KVCache(self.config, batch, max_len, [int(k) for k in self.layers.keys()],
                        p.device, dtype or p.dtype, num_groups=groups)

@@ -97,8 +97,9 @@ def test_projection_starts_as_the_pruned_channel_selection():
     batch = make_batch()
     kw = {k: batch[k] for k in ("position_ids", "block_position_ids", "prefix_lens")}
     with torch.no_grad():
-        t_logits, t_hidden = teacher.eval()(batch["input_ids"], **kw, return_hidden=True)
-        s_logits, s_hidden = student.eval()(batch["input_ids"], **kw, return_hidden=True)
+        t_hidden = teacher.eval().hidden(batch["input_ids"], **kw)
+        s_hidden = student.eval().hidden(batch["input_ids"], **kw)
+        t_logits, s_logits = teacher.logits(t_hidden), student.logits(s_hidden)
     _, parts = distill_loss(s_logits, s_hidden, t_logits, t_hidden, batch["labels"],
                             DistillConfig(hidden_loss="sum_sq"), proj)
     assert parts["hidden"].item() < 1e-8 and parts["kl"].item() < 1e-6

@@ -57,13 +57,7 @@ def _errors(got, ref) -> dict:
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: on a shared 2-core box a second intra-op thread only waits (100x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _assert_same(got, ref, what):
@@ -121,9 +115,8 @@ def _tracker_run(recompute: bool):
     model = GLM.build(cfg, seed=0)
     tracker = RNGTracker()
     tracker.add(TP_RNG, 7)
-    model.tp_rng, model.dropout_rng = tracker, tracker.fork
-    for block in model.layers.values():
-        block.dropout_rng = tracker.fork
+    model.tp_rng = tracker
+    model.set_dropout_rng(tracker.fork)
     if recompute:
         recompute_layers(model)
     losses = []

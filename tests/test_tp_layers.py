@@ -24,6 +24,7 @@ from engine.tensor_parallel import (ColumnParallelLinear, RNGTracker, RowParalle
                                     scatter_last_dim, scatter_to_sequence, seed_tensor_parallel,
                                     shard_state_dict, vocab_parallel_cross_entropy)
 from model import GLM, GLMConfig
+from model.parallel_protocol import LossHead, MapsInput
 
 TP = 2
 S, B, H = 4, 3, 8          # [s, b, h]; s and every split dim divisible by TP
@@ -132,7 +133,7 @@ def _row(rank, sp):
     xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
     F.linear(xd, wd, bd).backward(gy)
     layer = RowParallelLinear(din // TP, dout, True, g, sequence_parallel=sp)
-    assert layer.in_features == din // TP  # local: SelfAttention reads heads off it
+    assert layer.in_features == din // TP  # local width
     with torch.no_grad():
         layer.weight.copy_(chunk(w, rank, 1))
         layer.bias.copy_(bias)
@@ -173,6 +174,8 @@ def _head(rank, sp):
     gl = rand(14, S * B)                                   # upstream per-token weights
     gz = rand(15, S, B, vocab)
     head = VocabParallelHead(H, vocab, g, sequence_parallel=sp)
+    # the model finds its own loss and input mapping through these (GLM.head_loss, distill)
+    assert isinstance(head, LossHead) and isinstance(head, MapsInput)
     with torch.no_grad():
         head.weight.copy_(chunk(w, rank, 0))
     out = {}
@@ -185,7 +188,7 @@ def _head(rank, sp):
     out["logits fwd"] = err(z, F.linear(h, w))
     out["logits dh"] = err(hin.grad, chunk(hd.grad, rank, 0) if sp else hd.grad)
     out["logits dw"] = err(head.weight.grad, chunk(wd.grad, rank, 0))
-    # loss on flat sequence-major rows, as GLM.forward calls it
+    # loss on flat sequence-major rows, as GLM.head_loss calls it
     hd, wd = h.clone().requires_grad_(), w.clone().requires_grad_()
     dense = F.cross_entropy(F.linear(hd.reshape(-1, H), wd), labels, reduction="none")
     (dense * gl).sum().backward()

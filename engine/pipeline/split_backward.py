@@ -123,7 +123,6 @@ def install(chunk: nn.Module, store: WeightGradStore) -> int:
     for module in chunk.modules():
         gate_up = getattr(module, "gate_up", None)
         if (type(gate_up) is nn.Linear and gate_up.bias is None and hasattr(module, "down")
-                and not hasattr(gate_up, "input_map")
                 and getattr(module, "_weight_grad_store", None) is not store):
             # model.attention.MLP hands gate_up's weight to the fused swiglu_linear, which
             # bypasses gate_up.forward; route it through the layer (swiglu_linear is

@@ -45,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(out_features, device=device, dtype=dtype) if bias else None
 
     def input_map(self, x):
-        """Replicated input -> this layer's region: the full sequence under sequence
+        """Replicated input -> this layer's region (model/parallel_protocol.py, MapsInput): the full sequence under sequence
         parallelism ([s/tp, b, h] -> [s, b, h]), else an identity whose backward sums the
         ranks' partial input gradients."""
         if self.sequence_parallel:
@@ -75,7 +75,6 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, group,
                  sequence_parallel: bool = False, device=None, dtype=None):
         super().__init__()
-        # in_features is the local width: SelfAttention reads its local head count off it
         self.in_features, self.out_features = in_features, out_features
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _param(out_features, in_features, device=device, dtype=dtype)
@@ -145,21 +144,22 @@ class VocabParallelHead(nn.Module):
         self.weight = _param(self.vocab_end - self.vocab_start, hidden_size,
                              device=device, dtype=dtype)
 
-    def _enter(self, x):
-        # sequence-major rows: gathering dim 0 of a flat [s/tp * b, h] or of [s/tp, b, h]
-        # both restore the full sequence in order
+    def input_map(self, x):
+        """The input the weight multiplies (model/parallel_protocol.py, MapsInput).
+        Sequence-major rows: gathering dim 0 of a flat [s/tp * b, h] or of [s/tp, b, h]
+        both restore the full sequence in order."""
         if self.sequence_parallel:
             return all_gather_sequence(x, self.group)
         return copy_to_region(x, self.group)
 
     def forward(self, h):
         """h [s, b, h] (or [s/tp, b, h]) -> logits [s, b, V] on every rank."""
-        return gather_last_dim(F.linear(self._enter(h), self.weight), self.group)
+        return gather_last_dim(F.linear(self.input_map(h), self.weight), self.group)
 
     def loss(self, hidden, labels, ignore_index: int = -100):
         """hidden [N, h] sequence-major (N = s*b, or s/tp * b under sequence parallelism),
         labels [N_full] -> per-token loss [N_full] fp32, 0 at ignore_index."""
-        return vocab_parallel_linear_cross_entropy(self._enter(hidden), self.weight, labels,
+        return vocab_parallel_linear_cross_entropy(self.input_map(hidden), self.weight, labels,
                                                    self.group, self.vocab_start, ignore_index)
 
     def extra_repr(self):

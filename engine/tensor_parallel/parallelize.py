@@ -177,23 +177,6 @@ def gather_full_state_dict(model, tp_group) -> dict[str, torch.Tensor]:
     return gather_full_tensors(model.named_parameters(), model.config, tp_group)
 
 
-def local_sq_norm(named_tensors, tp_rank: int) -> torch.Tensor:
-    """Sum of squares of the elements this rank counts in a TP-global norm: replicated
-    parameters only on tp rank 0, shared KV rows only on their first sharer. `named_tensors`
-    are (param, tensor) pairs, e.g. (p, p.grad). Sum over the TP group for the total."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p, t in named_tensors:
-        if getattr(p, "tp_replicated", False) and tp_rank != 0:
-            continue
-        flat = t.detach().reshape(-1).double()
-        sq = flat.pow(2).sum()
-        dup = getattr(p, "tp_duplicate_range", None)
-        if dup is not None:
-            sq = sq - flat[dup[0]:dup[1]].pow(2).sum()
-        total += sq.cpu()
-    return total
-
-
 # ---- parallelize ------------------------------------------------------------------------
 
 def _mark_replicated(p, group, sequence_parallel: bool):
@@ -237,12 +220,13 @@ def parallelize(model, tp_group, sequence_parallel: bool = False,
         dtype = attn.qkv.weight.dtype
         q_rows = plan.local_heads * cfg.kv_channels
         qkv_rows = q_rows + 2 * plan.local_groups * cfg.kv_channels
-        attn.qkv = _load(ColumnParallelLinear(
+        qkv = _load(ColumnParallelLinear(
             cfg.hidden_size, qkv_rows, attn.qkv.bias is not None, tp_group, sp,
             replica=plan.kv_replica(rank), dtype=dtype, **kw), local, pre + "attention.qkv.")
-        attn.dense = _load(RowParallelLinear(
+        dense = _load(RowParallelLinear(
             q_rows, cfg.hidden_size, attn.dense.bias is not None, tp_group, sp, dtype=dtype,
             **kw), local, pre + "attention.dense.")
+        attn.use_projections(qkv, dense, plan.local_heads, plan.local_groups)
         f = cfg.ffn_hidden_size // tp
         mlp.gate_up = _load(ColumnParallelLinear(
             cfg.hidden_size, 2 * f, mlp.gate_up.bias is not None, tp_group, sp, dtype=dtype,
@@ -260,8 +244,6 @@ def parallelize(model, tp_group, sequence_parallel: bool = False,
                   attn.dense.bias, mlp.down.bias):
             if p is not None:
                 _mark_replicated(p, tp_group, sp)
-        if sp:
-            block.dropout_rng = rng.fork  # the residual stream is a sequence shard
 
     if model.embedding is not None:
         old = model.embedding.weight
@@ -275,6 +257,6 @@ def parallelize(model, tp_group, sequence_parallel: bool = False,
             local, "output_layer.")
         _mark_replicated(model.final_norm.weight, tp_group, sp)
     if sp:
-        model.dropout_rng = rng.fork  # embedding dropout acts on a sequence shard
+        model.set_dropout_rng(rng.fork)  # the residual stream is a sequence shard
     model.tp_group, model.tp_rng, model.sequence_parallel = tp_group, rng, sp
     return model

@@ -13,8 +13,8 @@ divides the sum by the global label count, so the loss is a per-token mean in an
 layout. Positions without a label are left out of the KD terms too: their teacher
 outputs were never trained (GLM puts no loss on Part A), so they carry no knowledge.
 
-"Last-layer hidden state" is the final-normed hidden state (GLM forward with
-return_hidden=True) of both models. It is what the output head reads, so matching it
+"Last-layer hidden state" is the final-normed hidden state (GLM.hidden on the last
+stage) of both models. It is what the output head reads, so matching it
 pulls the student's logits toward the teacher's; it has a fixed scale (unit RMS times
 the norm weight) whereas the raw residual stream grows with depth and would differ
 between a shallower or narrower student and its teacher; and it is what the last
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from engine.tensor_parallel.layers import VocabParallelHead
 from engine.tensor_parallel.mappings import reduce_from_region
+from model.parallel_protocol import mapped_input
 
 IGNORE = -100
 HIDDEN_LOSSES = ("sum_sq", "mse")
@@ -151,9 +151,7 @@ def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     rank's vocabulary rows [b, s, V/tp] of the whole sequence. The head's own input
     mapping (sequence all-gather, or copy-to-region) makes the backward sum the ranks'
     partial gradients of the hidden state, as for its vocab-parallel CE."""
-    if isinstance(head, VocabParallelHead):
-        hidden = head._enter(hidden)
-    return F.linear(hidden, head.weight).transpose(0, 1).float()
+    return F.linear(mapped_input(head, hidden), head.weight).transpose(0, 1).float()
 
 
 def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -282,10 +280,11 @@ class WholeTeacher:
 
     def outputs(self, batch: dict, side):
         """-> (logits [b, s, V(/tp)], final hidden [s(/tp), b, h]) for this rank."""
-        logits, hidden = self.model(batch["input_ids"].to(side.position_ids.device),
-                                    position_ids=side.position_ids,
-                                    block_position_ids=side.block_position_ids,
-                                    prefix_lens=side.prefix_lens, return_hidden=True)
+        hidden = self.model.hidden(batch["input_ids"].to(side.position_ids.device),
+                                   position_ids=side.position_ids,
+                                   block_position_ids=side.block_position_ids,
+                                   prefix_lens=side.prefix_lens)
+        logits = self.model.logits(hidden)
         if self.tp is not None:
             logits, hidden = self.tp.vocab(logits), self.tp.sequence(hidden, dim=0)
         return logits, hidden
@@ -309,8 +308,8 @@ class DistillLoss:
     loss. tp: this rank's TPShards (None without tensor parallelism).
 
     With a KL term the student's head runs once, for logits that feed both the CE and
-    the KL (GLM.forward head=False gives the final hidden state; head_logits keeps this
-    rank's vocabulary rows); without one the model's fused head loss gives the CE.
+    the KL (GLM.hidden gives the final hidden state; head_logits keeps this rank's
+    vocabulary rows); without one the model's fused head loss gives the CE.
 
     Under no_grad (the trainer's evaluation) the value is the student's own summed
     cross-entropy, so dev losses compare across distillation weights and with runs that
@@ -343,15 +342,12 @@ class DistillLoss:
             return chunk(input_ids, hidden_states=hidden_states, labels=labels, **kw)
         if self.cfg.needs_teacher and self.teacher is None:
             raise ValueError("distill: kl_weight / hidden_weight > 0 need a teacher")
+        s_hidden = chunk.hidden(input_ids, hidden_states=hidden_states, **kw)
         if self.cfg.kl_weight > 0:
             # the KL needs the logits anyway: one head pass feeds both CE and KL
-            token_ce, s_hidden = None, chunk(input_ids, hidden_states=hidden_states,
-                                             head=False, **kw)
-            s_logits = head_logits(chunk.output_layer, s_hidden)
+            token_ce, s_logits = None, head_logits(chunk.output_layer, s_hidden)
         else:   # the model's fused head loss (vocab-parallel under TP), no logits formed
-            token_ce, s_hidden = chunk(input_ids, hidden_states=hidden_states, labels=labels,
-                                       return_hidden=True, **kw)
-            s_logits = None
+            token_ce, s_logits = chunk.head_loss(s_hidden, labels), None
         t_logits = t_hidden = None
         if self.cfg.needs_teacher:
             with torch.no_grad():

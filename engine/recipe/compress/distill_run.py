@@ -134,7 +134,7 @@ class StagedTeacher:
             self.comm = P2P(state, chunks[0].config.hidden_size,
                             dtype=next(chunks[0].parameters()).dtype,
                             seq_shards=state.dims.tp if sequence_parallel else 1)
-        # the last stage's chunk stops at the final norm (head=False): no logits are
+        # the last stage's chunk stops at the final norm (GLM.hidden): no logits are
         # formed there (without labels GLM.forward would gather every vocabulary row on
         # each TP rank); outputs() applies the head when the KL needs it
         self.head_chunk = chunks[-1] if is_last_stage(state) else None
@@ -161,9 +161,10 @@ class StagedTeacher:
             return glm_forward_step(chunk, batch, hidden_states, side)
         input_ids = batch["input_ids"].to(side.position_ids.device) if chunk.pre_process \
             else None
-        return chunk(input_ids, hidden_states=hidden_states, position_ids=side.position_ids,
-                     block_position_ids=side.block_position_ids,
-                     prefix_lens=side.prefix_lens, head=False)
+        return chunk.hidden(input_ids, hidden_states=hidden_states,
+                            position_ids=side.position_ids,
+                            block_position_ids=side.block_position_ids,
+                            prefix_lens=side.prefix_lens)
 
     def outputs(self, batch: dict, side):
         hidden = self._hidden.pop(id(batch))
