@@ -160,15 +160,16 @@ def apply_rotary(x, cos, sin, mode="auto"):
     return ref.apply_rotary(x, cos, sin)
 
 
-def attention(q, k, v, prefix_lens=None, pad_lens=None, q_offset=0, mode="auto"):
+def attention(q, k, v, prefix_lens=None, pad_lens=None, q_offset=0, mode="auto",
+              doc_starts=None):
     dtype = autocast_dtype(q)
     if dtype is not None:  # e.g. an fp32 KV cache under autocast
         q, k, v = _autocast_cast(dtype, q, k, v)
     if use_triton(mode, q):
         with torch.autocast(q.device.type, enabled=False):
             return _triton("flash_attention").attention(q, k, v, prefix_lens, pad_lens,
-                                                        q_offset)
-    return ref.attention(q, k, v, prefix_lens, pad_lens, q_offset)
+                                                        q_offset, doc_starts=doc_starts)
+    return ref.attention(q, k, v, prefix_lens, pad_lens, q_offset, doc_starts)
 
 
 def at_labelled(loss_fn, hidden, labels, ignore_index=-100):

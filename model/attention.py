@@ -58,8 +58,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(config.q_size, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
-        # x [s, b, h]; cos/sin [s, b, 1, d/2]
+    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None,
+                doc_starts=None):
+        # x [s, b, h]; cos/sin [s, b, 1, d/2]; doc_starts: packed rows (model/masks.py)
         mode = self.config.kernels
         qkv = self.qkv(x)
         # sizes from the projection: a sequence-parallel qkv takes [s/tp, b, h] and returns
@@ -80,7 +81,8 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:
             q_offset = kv_cache.length
             k, v = kv_cache.update(self.layer_number, k, v)
-        ctx = ops.attention(q, k, v, prefix_lens, pad_lens, q_offset, mode)  # [b, nq, s, d]
+        ctx = ops.attention(q, k, v, prefix_lens, pad_lens, q_offset, mode,
+                            doc_starts=doc_starts)  # [b, nq, s, d]
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, nq * d)
         return self.dense(ctx)
 

@@ -40,7 +40,8 @@ from engine.train.stop import active as active_stop
 from engine.train.timing import Clock, peak_flops
 from model.config import layout_mismatch
 
-BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens")
+BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "prefix_lens",
+              "doc_starts")
 
 
 def lr_at(step: int, cfg) -> float:
