@@ -48,10 +48,20 @@ LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
-def _visible(i, j, ds, pre, pad, sk):
-    """The reference mask for absolute query indices i and key indices j (broadcast), with
-    the query rows' document starts ds and prefix ends pre."""
-    return ((j < pre) | (j <= i)) & (j >= ds) & ((j >= pad) | (i < pad)) & (j < sk)
+def _visible(i, j, pre, pad, sk):
+    """The reference mask for absolute query indices i and key indices j (broadcast)."""
+    return ((j < pre) | (j <= i)) & ((j >= pad) | (i < pad)) & (j < sk)
+
+
+@triton.jit
+def _visible_rows(i_abs, cols, ds, pre, pad, sk, PACKED: tl.constexpr):
+    """[M, N] mask of query rows i_abs [M] against key columns cols [N]. Packed: per-row
+    document starts ds and prefix ends pre [M]; else one prefix (scalar) for the row."""
+    if PACKED:
+        return _visible(i_abs[:, None], cols[None, :], pre[:, None], pad, sk) & (
+            cols[None, :] >= ds[:, None])
+    else:
+        return _visible(i_abs[:, None], cols[None, :], pre, pad, sk)
 
 
 @triton.jit
@@ -62,29 +72,39 @@ def _visible_from_key(i, j, first, de, pad, sk):
 
 
 @triton.jit
-def _row_mask_info(META, smb, smk, smp, b, i_abs, row_ok):
-    """Per query row: its document start and prefix end (absolute)."""
-    base = META + b * smb + i_abs.to(tl.int64) * smp
-    ds = tl.load(base, mask=row_ok, other=0)
-    pre = tl.load(base + smk, mask=row_ok, other=0)
+def _row_mask_info(META, smb, smk, smp, b, i_abs, row_ok, PACKED: tl.constexpr):
+    """Per query row its document start and prefix end (absolute), [M]; one example per
+    row: doc start 0 and the row's prefix, scalars."""
+    if PACKED:
+        base = META + b * smb + i_abs.to(tl.int64) * smp
+        ds = tl.load(base, mask=row_ok, other=0)
+        pre = tl.load(base + smk, mask=row_ok, other=0)
+    else:
+        ds = 0
+        pre = tl.load(META + b * smb + smk)
     return ds, pre
 
 
 @triton.jit
-def _key_segments(i0, i_abs, row_ok, ds, pre, pad, sk, BLOCK_N: tl.constexpr):
-    """Key ranges for a query block whose first absolute row is i0: see module doc.
-    Every bound is a multiple of BLOCK_N except hi (ends are masked anyway). Per row,
-    keys below reach = max(prefix, i + 1) and from its doc start on may be visible."""
-    reach = tl.maximum(pre, i_abs + 1)
-    hi = tl.minimum(sk, tl.max(tl.where(row_ok, reach, 0)))
-    reach_all = tl.min(tl.where(row_ok, reach, sk))   # every row may see keys below this
-    ds_min = tl.min(tl.where(row_ok, ds, sk))
-    ds_max = tl.max(tl.where(row_ok, ds, 0))          # every row may see keys from here
+def _key_segments(i0, i_last, i_abs, row_ok, ds, pre, pad, sk, BLOCK_N: tl.constexpr,
+                  PACKED: tl.constexpr):
+    """Key ranges for a query block with absolute rows [i0, i_last]: see module doc.
+    Every bound is a multiple of BLOCK_N except hi (ends are masked anyway)."""
     no_pad_rows = i0 >= pad  # a block holding pad queries takes the masked path throughout
     lo = tl.where(no_pad_rows, (pad // BLOCK_N) * BLOCK_N, 0)
-    lo = tl.maximum(lo, (ds_min // BLOCK_N) * BLOCK_N)
     full_lo = tl.where(no_pad_rows, tl.cdiv(pad, BLOCK_N) * BLOCK_N, 0)
-    full_lo = tl.maximum(full_lo, tl.cdiv(ds_max, BLOCK_N) * BLOCK_N)
+    if PACKED:
+        # per row, keys from its doc start and below reach = max(prefix, i + 1) may be
+        # visible; every row sees [max doc start, min reach)
+        reach = tl.maximum(pre, i_abs + 1)
+        hi = tl.minimum(sk, tl.max(tl.where(row_ok, reach, 0)))
+        reach_all = tl.min(tl.where(row_ok, reach, sk))
+        lo = tl.maximum(lo, (tl.min(tl.where(row_ok, ds, sk)) // BLOCK_N) * BLOCK_N)
+        full_lo = tl.maximum(full_lo,
+                             tl.cdiv(tl.max(tl.where(row_ok, ds, 0)), BLOCK_N) * BLOCK_N)
+    else:
+        hi = tl.minimum(sk, tl.maximum(pre, i_last + 1))
+        reach_all = tl.maximum(pre, i0 + 1)
     full_hi = tl.where(no_pad_rows, (tl.minimum(reach_all, sk) // BLOCK_N) * BLOCK_N, 0)
     full_hi = tl.maximum(full_hi, full_lo)
     return lo, full_lo, full_hi, hi
@@ -93,7 +113,8 @@ def _key_segments(i0, i_abs, row_ok, ds, pre, pad, sk, BLOCK_N: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, start, end, ds, pre, pad, sk,
                qk_scale, d_ok, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               PACKED: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptrs = k_base + (start + offs_n).to(tl.int64)[None, :] * sks + offs_d[:, None]  # [D, N]
@@ -110,8 +131,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, start, end, ds
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N], log2 domain
         if MASKED:
-            s = tl.where(_visible(i_abs[:, None], cols[None, :], ds[:, None], pre[:, None], pad,
-                                  sk), s, float("-inf"))
+            s = tl.where(_visible_rows(i_abs, cols, ds, pre, pad, sk, PACKED), s,
+                         float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps max -inf: subtract 0 instead (no inf - inf)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -129,7 +150,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, start, end, ds
 def _attn_fwd(Q, K, V, O, LSE, META, PAD, qk_scale, q_offset, n_heads, rep, sq, sk, head_dim,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, smk, smb, smp,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PACKED: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -149,21 +170,23 @@ def _attn_fwd(Q, K, V, O, LSE, META, PAD, qk_scale, q_offset, n_heads, rep, sq, 
     pad = tl.load(PAD + b)
     i_abs = rows + q_offset
     i0 = start_m * BLOCK_M + q_offset
-    ds, pre = _row_mask_info(META, smb, smk, smp, b, i_abs, row_ok)
-    lo, full_lo, full_hi, hi = _key_segments(i0, i_abs, row_ok, ds, pre, pad, sk, BLOCK_N)
+    i_last = tl.minimum(start_m * BLOCK_M + BLOCK_M, sq) - 1 + q_offset
+    ds, pre = _row_mask_info(META, smb, smk, smp, b, i_abs, row_ok, PACKED)
+    lo, full_lo, full_hi, hi = _key_segments(i0, i_last, i_abs, row_ok, ds, pre, pad, sk,
+                                             BLOCK_N, PACKED)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, lo, full_lo,
                                ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST,
-                               BLOCK_N, BLOCK_D)
+                               BLOCK_N, BLOCK_D, PACKED)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, full_lo,
                                full_hi, ds, pre, pad, sk, qk_scale, d_ok, False, PRECISION,
-                               UPCAST, BLOCK_N, BLOCK_D)
+                               UPCAST, BLOCK_N, BLOCK_D, PACKED)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, full_hi, hi,
                                ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST,
-                               BLOCK_N, BLOCK_D)
+                               BLOCK_N, BLOCK_D, PACKED)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * sob + h * soh + rows.to(tl.int64)[:, None] * sos + offs_d[None, :],
@@ -194,7 +217,8 @@ def _attn_bwd_delta(O, DO, DELTA, n_heads, sq, head_dim, sob, soh, sos, sdob, sd
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sdos, cols, start,
                 end, q_offset, first, de, pad, sq, sk, qk_scale, d_ok, MASKED: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+                BLOCK_D: tl.constexpr, PACKED: tl.constexpr):
+    # packed: first [N] / de [N] per key (module doc); else first is the row's prefix
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     for r0 in range(start, end, BLOCK_M):
@@ -213,8 +237,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sdos, 
         sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale            # [N, M]
         pT = tl.exp2(sT - lse[None, :])
         if MASKED:
-            pT = tl.where(_visible_from_key(rows[None, :] + q_offset, cols[:, None],
-                                            first[:, None], de[:, None], pad, sk), pT, 0.0)
+            if PACKED:
+                vis = _visible_from_key(rows[None, :] + q_offset, cols[:, None],
+                                        first[:, None], de[:, None], pad, sk)
+            else:
+                vis = _visible(rows[None, :] + q_offset, cols[:, None], first, pad, sk)
+            pT = tl.where(vis, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)            # [N, M]
         dsT = pT * (dpT - delta[None, :])
@@ -228,7 +256,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, PAD, qk_scale, sm_scal
                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos,
                    sdk_split, sdkb, sdkh, sdks, sdv_split, sdvb, sdvh, sdvs, smk, smb, smp,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PACKED: tl.constexpr):
     """One key block of one KV group; loops over this split's query heads of the group."""
     start_n = tl.program_id(0)
     pid = tl.program_id(1)
@@ -245,40 +273,60 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, PAD, qk_scale, sm_scal
     v = tl.load(V + b * svb + g * svh + c64 * svs + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
-    pad = tl.load(PAD + b)
-    # the block's keys: document start, prefix end, document end; first query per key
-    col_ok = cols < sk
-    meta = META + b * smb + cols.to(tl.int64) * smp
-    ds = tl.load(meta, mask=col_ok, other=0)
-    pre = tl.load(meta + smk, mask=col_ok, other=0)
-    de = tl.load(meta + 2 * smk, mask=col_ok, other=0)
-    first_c = tl.where(cols < pre, ds, cols)
+    if PACKED:
+        pad = tl.load(PAD + b)
+        n0 = start_n * BLOCK_N
+        # the block's keys: document start, prefix end, document end; first query per key
+        col_ok = cols < sk
+        meta = META + b * smb + cols.to(tl.int64) * smp
+        ds = tl.load(meta, mask=col_ok, other=0)
+        pre = tl.load(meta + smk, mask=col_ok, other=0)
+        de = tl.load(meta + 2 * smk, mask=col_ok, other=0)
+        first_c = tl.where(cols < pre, ds, cols)
+        # rows that can see a key of the block: from its keys' earliest first query (not
+        # before pad) to their last document end
+        first = tl.min(tl.where(col_ok, first_c, sk))
+        first = tl.where(n0 >= pad, tl.maximum(first, pad), first)
+        r_lo = (tl.maximum(first - q_offset, 0) // BLOCK_M) * BLOCK_M
+        last = tl.max(tl.where(col_ok, de, 0))
+        r_end = tl.minimum(tl.cdiv(sq, BLOCK_M),
+                           tl.cdiv(tl.maximum(last - q_offset, 0), BLOCK_M)) * BLOCK_M
+        # rows [r_full, r_fe) see the whole block: it lies in one document, and they are
+        # past its last key (or it is inside the prefix) and before the document's end
+        ds_lo = tl.min(tl.where(col_ok, ds, sk))
+        one_doc = ds_lo == tl.max(tl.where(col_ok, ds, 0))
+        whole = tl.where(n0 + BLOCK_N <= tl.max(tl.where(col_ok, pre, 0)), ds_lo,
+                         n0 + BLOCK_N - 1)
+        need = tl.maximum(pad, whole)
+        r_full = tl.cdiv(tl.maximum(need - q_offset, 0), BLOCK_M) * BLOCK_M
+        r_full = tl.where((n0 >= pad) & (n0 + BLOCK_N <= sk) & one_doc, r_full, r_end)
+        r_full = tl.minimum(tl.maximum(r_full, r_lo), r_end)
+        # rows past sq load zeros (harmless unmasked); rows past a document end do not
+        de_blk = tl.min(tl.where(col_ok, de, sk))
+        r_fe = tl.where(de_blk - q_offset >= sq, r_end,
+                        (tl.maximum(de_blk - q_offset, 0) // BLOCK_M) * BLOCK_M)
+        r_fe = tl.minimum(tl.maximum(r_fe, r_full), r_end)
+    else:
+        pre = tl.load(META + b * smb + smk)  # the row's prefix
+        pad = tl.load(PAD + b)
 
-    # query rows that can see any key of [n0, n0 + BLOCK_N): from the earliest first
-    # query of its keys (doc start where the block touches a prefix, else causal) to the
-    # last document end; pad queries never see keys >= pad
-    n0 = start_n * BLOCK_N
-    first = tl.min(tl.where(col_ok, first_c, sk))
-    first = tl.where(n0 >= pad, tl.maximum(first, pad), first)
-    r_lo = (tl.maximum(first - q_offset, 0) // BLOCK_M) * BLOCK_M
-    last = tl.max(tl.where(col_ok, de, 0))
-    r_end = tl.minimum(tl.cdiv(sq, BLOCK_M), tl.cdiv(tl.maximum(last - q_offset, 0),
-                                                     BLOCK_M)) * BLOCK_M
-    # rows from r_full to r_full_end see the whole block: past pad, past its last key or
-    # inside the prefix, and before its document's end; a block with pad keys, keys past
-    # sk or keys of two documents is masked throughout
-    ds_lo = tl.min(tl.where(col_ok, ds, sk))
-    one_doc = ds_lo == tl.max(tl.where(col_ok, ds, 0))
-    pre_blk = tl.max(tl.where(col_ok, pre, 0))
-    de_blk = tl.min(tl.where(col_ok, de, sk))
-    need = tl.maximum(pad, tl.where(n0 + BLOCK_N <= pre_blk, ds_lo, n0 + BLOCK_N - 1))
-    r_full = tl.cdiv(tl.maximum(need - q_offset, 0), BLOCK_M) * BLOCK_M
-    r_full = tl.where((n0 >= pad) & (n0 + BLOCK_N <= sk) & one_doc, r_full, r_end)
-    r_full = tl.minimum(tl.maximum(r_full, r_lo), r_end)
-    # rows past sq load zeros (harmless unmasked); rows past a document end must be masked
-    r_fe = tl.where(de_blk - q_offset >= sq, r_end,
-                    (tl.maximum(de_blk - q_offset, 0) // BLOCK_M) * BLOCK_M)
-    r_fe = tl.minimum(tl.maximum(r_fe, r_full), r_end)
+        # query rows that can see any key of [n0, n0 + BLOCK_N): all rows if the block
+        # touches the prefix, else rows at or after n0 (causal); pad queries never see
+        # keys >= pad
+        n0 = start_n * BLOCK_N
+        first = tl.where(n0 < pre, 0, n0)
+        first = tl.where(n0 >= pad, tl.maximum(first, pad), first)
+        r_lo = (tl.maximum(first - q_offset, 0) // BLOCK_M) * BLOCK_M
+        r_end = tl.cdiv(sq, BLOCK_M) * BLOCK_M
+        # rows from r_full on see the whole block: past pad, and past its last key or
+        # inside the prefix; a block with pad keys or keys past sk is masked throughout
+        need = tl.maximum(pad, tl.where(n0 + BLOCK_N <= pre, 0, n0 + BLOCK_N - 1))
+        r_full = tl.cdiv(tl.maximum(need - q_offset, 0), BLOCK_M) * BLOCK_M
+        r_full = tl.where((n0 >= pad) & (n0 + BLOCK_N <= sk), r_full, r_end)
+        r_full = tl.minimum(tl.maximum(r_full, r_lo), r_end)
+        r_fe = r_end
+        first_c = pre
+        de = sk
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -289,13 +337,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, PAD, qk_scale, sm_scal
         do_base = DO + b * sdob + h * sdoh
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq, DELTA + bh * sq,
                              sqs, sdos, cols, r_lo, r_full, q_offset, first_c, de, pad, sq,
-                             sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_M, BLOCK_D)
+                             sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_M, BLOCK_D,
+                             PACKED)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq, DELTA + bh * sq,
                              sqs, sdos, cols, r_full, r_fe, q_offset, first_c, de, pad, sq,
-                             sk, qk_scale, d_ok, False, PRECISION, UPCAST, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq, DELTA + bh * sq,
-                             sqs, sdos, cols, r_fe, r_end, q_offset, first_c, de, pad, sq,
-                             sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_M, BLOCK_D)
+                             sk, qk_scale, d_ok, False, PRECISION, UPCAST, BLOCK_M, BLOCK_D,
+                             PACKED)
+        if PACKED:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq,
+                                 DELTA + bh * sq, sqs, sdos, cols, r_fe, r_end, q_offset,
+                                 first_c, de, pad, sq, sk, qk_scale, d_ok, True, PRECISION,
+                                 UPCAST, BLOCK_M, BLOCK_D, PACKED)
     dk *= sm_scale  # d s / d k = sm_scale * q (qk_scale's log2 e belongs to exp2 only)
     tl.store(DK + split * sdk_split + b * sdkb + g * sdkh + c64 * sdks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -306,7 +358,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, PAD, qk_scale, sm_scal
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, start, end, dstart, pre,
               pad, sk, qk_scale, d_ok, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PACKED: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kT_ptrs = k_base + (start + offs_n).to(tl.int64)[None, :] * sks + offs_d[:, None]  # [D, N]
@@ -324,8 +377,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, start, end
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(i_abs[:, None], cols[None, :], dstart[:, None], pre[:, None],
-                                  pad, sk), p, 0.0)
+            p = tl.where(_visible_rows(i_abs, cols, dstart, pre, pad, sk, PACKED), p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
@@ -339,7 +391,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, META, PAD, qk_scale, sm_scale, q_o
                  n_heads, rep, sq, sk, head_dim, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
                  sdob, sdoh, sdos, sdqb, sdqh, sdqs, smk, smb, smp, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, PACKED: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -363,16 +415,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, META, PAD, qk_scale, sm_scale, q_o
     pad = tl.load(PAD + b)
     i_abs = rows + q_offset
     i0 = start_m * BLOCK_M + q_offset
-    ds, pre = _row_mask_info(META, smb, smk, smp, b, i_abs, row_ok)
-    lo, full_lo, full_hi, hi = _key_segments(i0, i_abs, row_ok, ds, pre, pad, sk, BLOCK_N)
+    i_last = tl.minimum(start_m * BLOCK_M + BLOCK_M, sq) - 1 + q_offset
+    ds, pre = _row_mask_info(META, smb, smk, smp, b, i_abs, row_ok, PACKED)
+    lo, full_lo, full_hi, hi = _key_segments(i0, i_last, i_abs, row_ok, ds, pre, pad, sk,
+                                             BLOCK_N, PACKED)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, lo, full_lo, ds,
-                   pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N, BLOCK_D)
+                   pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N, BLOCK_D,
+                   PACKED)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, full_lo, full_hi,
                    ds, pre, pad, sk, qk_scale, d_ok, False, PRECISION, UPCAST, BLOCK_N,
-                   BLOCK_D)
+                   BLOCK_D, PACKED)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, full_hi, hi, ds,
-                   pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N, BLOCK_D)
+                   pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N, BLOCK_D,
+                   PACKED)
     dq *= sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + r64 * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=io_mask)
@@ -501,12 +557,12 @@ def _lengths(t, b: int, device, name: str) -> torch.Tensor:
 def _mask_meta(prefix_lens, doc_starts, padded: bool, b: int, sk: int,
                device) -> torch.Tensor:
     """int32 [3, b, sk] (doc_start, prefix end, doc end) per key position; for one example
-    per row a [3, b, 1] tensor expanded over positions (stride 0: no per-position data)."""
+    per row [3, b, 1], read with a position stride of 0 (`_meta_strides`)."""
     per_token = prefix_lens is not None and torch.as_tensor(prefix_lens).dim() == 2
     if doc_starts is None and not per_token:
         prefix = _lengths(prefix_lens, b, device, "prefix_lens")
         meta = torch.stack([torch.zeros_like(prefix), prefix, torch.full_like(prefix, sk)])
-        return meta.unsqueeze(-1).expand(3, b, sk)
+        return meta.unsqueeze(-1)
     if padded:
         raise ValueError("attention: packed rows (doc_starts / per-position prefix_lens) and "
                          "left padding (pad_lens) cannot be combined")
@@ -532,6 +588,10 @@ def _mask_meta(prefix_lens, doc_starts, padded: bool, b: int, sk: int,
     nxt = torch.cat([starts[:, 1:], torch.full_like(starts[:, :1], sk)], dim=1)
     de = nxt.flip(1).cummin(1).values.flip(1)
     return torch.stack([ds, pre, de]).contiguous()
+
+
+def _meta_strides(meta: torch.Tensor):
+    return meta.stride(0), meta.stride(1), meta.stride(2) if meta.shape[2] > 1 else 0
 
 
 def _check(q, k, v, q_offset):
@@ -578,12 +638,14 @@ def attention_forward(q, k, v, meta, pad, q_offset: int, opts: Options):
     lse = torch.empty((b, nh, sq), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(d))
     configs = _configs("fwd", d, q.dtype, sq, sk, opts, q.device)
-    _launch(_attn_fwd, "fwd", (d, q.dtype), configs,
+    packed = meta.shape[2] > 1
+    _launch(_attn_fwd, "fwd", (d, q.dtype, packed), configs,
             lambda c: (triton.cdiv(sq, c.m), b * nh),
             (q, k, v, o, lse, meta, pad, LOG2E / math.sqrt(d), q_offset, nh, nh // ng, sq,
              sk, d, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
-             *_strides3(meta)),
-            PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), BLOCK_D=block_d)
+             *_meta_strides(meta)),
+            PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype), BLOCK_D=block_d,
+            PACKED=packed)
     return o, lse
 
 
@@ -629,24 +691,25 @@ def attention_backward(do, q, k, v, o, lse, meta, pad, q_offset: int, opts: Opti
     else:  # fp32 partial sums per split, reduced below
         dk_t = torch.empty((splits, b, ng, sk, d), device=q.device, dtype=torch.float32)
         dv_t = torch.empty_like(dk_t)
-    _launch(_attn_bwd_dkdv, "dkdv", (d, q.dtype), dkdv_cfgs,
+    packed = meta.shape[2] > 1
+    _launch(_attn_bwd_dkdv, "dkdv", (d, q.dtype, packed), dkdv_cfgs,
             lambda c: (triton.cdiv(sk, c.n), b * ng * splits),
             (q, k, v, do, lse, delta, dk_t, dv_t, meta, pad, qk_scale, sm_scale, q_offset,
              nh, ng, rep, splits, sq, sk, d, *_strides3(q), *_strides3(k), *_strides3(v),
              *_strides3(do), dk_t.stride(0), *_strides3(dk_t[0]), dv_t.stride(0),
-             *_strides3(dv_t[0]), *_strides3(meta)),
-            PRECISION=precision, UPCAST=upcast, BLOCK_D=block_d)
+             *_strides3(dv_t[0]), *_meta_strides(meta)),
+            PRECISION=precision, UPCAST=upcast, BLOCK_D=block_d, PACKED=packed)
     if splits > 1:
         dk, dv = dk_t.sum(0).to(k.dtype), dv_t.sum(0).to(v.dtype)
 
     dq = _like_model(q.shape, q)
     dq_cfgs = _configs("dq", d, q.dtype, sq, sk, opts, q.device)
-    _launch(_attn_bwd_dq, "dq", (d, q.dtype), dq_cfgs,
+    _launch(_attn_bwd_dq, "dq", (d, q.dtype, packed), dq_cfgs,
             lambda c: (triton.cdiv(sq, c.m), b * nh),
             (q, k, v, do, lse, delta, dq, meta, pad, qk_scale, sm_scale, q_offset, nh, rep,
              sq, sk, d, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
-             *_strides3(dq), *_strides3(meta)),
-            PRECISION=precision, UPCAST=upcast, BLOCK_D=block_d)
+             *_strides3(dq), *_meta_strides(meta)),
+            PRECISION=precision, UPCAST=upcast, BLOCK_D=block_d, PACKED=packed)
     return dq, dk, dv
 
 
@@ -682,7 +745,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, sk = q.shape[0], k.shape[2]
     pad = _lengths(pad_lens, b, q.device, "pad_lens")
     meta = _mask_meta(prefix_lens, doc_starts, pad_lens is not None, b, sk, q.device)
-    if meta.stride(2) and q_offset + q.shape[2] > sk:
+    if meta.shape[2] > 1 and q_offset + q.shape[2] > sk:
         # per-position mask data is read at every query's absolute index
         raise ValueError(f"attention: q_offset={q_offset} + {q.shape[2]} query rows exceed "
                          f"the {sk} keys of a packed row")
