@@ -17,7 +17,10 @@ else j) and i < doc_end[j].
 A query block walks its keys in three segments: [lo, full_lo) masked (the left-pad edge),
 [full_lo, full_hi) fully visible (no mask arithmetic: the bulk of the work), [full_hi, hi)
 masked (the causal diagonal / end of sequence). Key blocks past hi are skipped, so causal
-attention does half the work. The backward splits its loops the same way.
+attention does half the work. The backward splits its loops the same way. Packed rows
+(a compile-time variant) take one masked walk over [lo, hi), from the block's earliest
+document start: their documents are short, a tile rarely lies inside one, and fewer
+loops keep the packed dK/dV kernel within its registers.
 
 Numerics: scores in the exp2 domain (scale * log2 e folded into one multiply), online
 softmax with fp32 running max / sum / accumulator; the forward saves only
@@ -95,13 +98,11 @@ def _key_segments(i0, i_last, i_abs, row_ok, ds, pre, pad, sk, BLOCK_N: tl.const
     full_lo = tl.where(no_pad_rows, tl.cdiv(pad, BLOCK_N) * BLOCK_N, 0)
     if PACKED:
         # per row, keys from its doc start and below reach = max(prefix, i + 1) may be
-        # visible; every row sees [max doc start, min reach)
+        # visible (the packed kernels walk [lo, hi) masked: full_* go unused)
         reach = tl.maximum(pre, i_abs + 1)
         hi = tl.minimum(sk, tl.max(tl.where(row_ok, reach, 0)))
         reach_all = tl.min(tl.where(row_ok, reach, sk))
         lo = tl.maximum(lo, (tl.min(tl.where(row_ok, ds, sk)) // BLOCK_N) * BLOCK_N)
-        full_lo = tl.maximum(full_lo,
-                             tl.cdiv(tl.max(tl.where(row_ok, ds, 0)), BLOCK_N) * BLOCK_N)
     else:
         hi = tl.minimum(sk, tl.maximum(pre, i_last + 1))
         reach_all = tl.maximum(pre, i0 + 1)
@@ -178,15 +179,20 @@ def _attn_fwd(Q, K, V, O, LSE, META, PAD, qk_scale, q_offset, n_heads, rep, sq, 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, lo, full_lo,
-                               ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST,
-                               BLOCK_N, BLOCK_D, PACKED)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, full_lo,
-                               full_hi, ds, pre, pad, sk, qk_scale, d_ok, False, PRECISION,
-                               UPCAST, BLOCK_N, BLOCK_D, PACKED)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, full_hi, hi,
-                               ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST,
-                               BLOCK_N, BLOCK_D, PACKED)
+    if PACKED:  # one masked walk over [lo, hi): see _key_segments
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, lo, hi,
+                                   ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST,
+                                   BLOCK_N, BLOCK_D, PACKED)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, lo,
+                                   full_lo, ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION,
+                                   UPCAST, BLOCK_N, BLOCK_D, PACKED)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, full_lo,
+                                   full_hi, ds, pre, pad, sk, qk_scale, d_ok, False, PRECISION,
+                                   UPCAST, BLOCK_N, BLOCK_D, PACKED)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, i_abs, full_hi,
+                                   hi, ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION,
+                                   UPCAST, BLOCK_N, BLOCK_D, PACKED)
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * sob + h * soh + rows.to(tl.int64)[:, None] * sos + offs_d[None, :],
@@ -291,21 +297,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, PAD, qk_scale, sm_scal
         last = tl.max(tl.where(col_ok, de, 0))
         r_end = tl.minimum(tl.cdiv(sq, BLOCK_M),
                            tl.cdiv(tl.maximum(last - q_offset, 0), BLOCK_M)) * BLOCK_M
-        # rows [r_full, r_fe) see the whole block: it lies in one document, and they are
-        # past its last key (or it is inside the prefix) and before the document's end
-        ds_lo = tl.min(tl.where(col_ok, ds, sk))
-        one_doc = ds_lo == tl.max(tl.where(col_ok, ds, 0))
-        whole = tl.where(n0 + BLOCK_N <= tl.max(tl.where(col_ok, pre, 0)), ds_lo,
-                         n0 + BLOCK_N - 1)
-        need = tl.maximum(pad, whole)
-        r_full = tl.cdiv(tl.maximum(need - q_offset, 0), BLOCK_M) * BLOCK_M
-        r_full = tl.where((n0 >= pad) & (n0 + BLOCK_N <= sk) & one_doc, r_full, r_end)
-        r_full = tl.minimum(tl.maximum(r_full, r_lo), r_end)
-        # rows past sq load zeros (harmless unmasked); rows past a document end do not
-        de_blk = tl.min(tl.where(col_ok, de, sk))
-        r_fe = tl.where(de_blk - q_offset >= sq, r_end,
-                        (tl.maximum(de_blk - q_offset, 0) // BLOCK_M) * BLOCK_M)
-        r_fe = tl.minimum(tl.maximum(r_fe, r_full), r_end)
     else:
         pre = tl.load(META + b * smb + smk)  # the row's prefix
         pad = tl.load(PAD + b)
@@ -324,7 +315,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, PAD, qk_scale, sm_scal
         r_full = tl.cdiv(tl.maximum(need - q_offset, 0), BLOCK_M) * BLOCK_M
         r_full = tl.where((n0 >= pad) & (n0 + BLOCK_N <= sk), r_full, r_end)
         r_full = tl.minimum(tl.maximum(r_full, r_lo), r_end)
-        r_fe = r_end
         first_c = pre
         de = sk
 
@@ -335,18 +325,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, PAD, qk_scale, sm_scal
         bh = b * n_heads + h
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq, DELTA + bh * sq,
-                             sqs, sdos, cols, r_lo, r_full, q_offset, first_c, de, pad, sq,
-                             sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_M, BLOCK_D,
-                             PACKED)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq, DELTA + bh * sq,
-                             sqs, sdos, cols, r_full, r_fe, q_offset, first_c, de, pad, sq,
-                             sk, qk_scale, d_ok, False, PRECISION, UPCAST, BLOCK_M, BLOCK_D,
-                             PACKED)
-        if PACKED:
+        if PACKED:  # one masked walk over the rows that can see the block
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq,
-                                 DELTA + bh * sq, sqs, sdos, cols, r_fe, r_end, q_offset,
+                                 DELTA + bh * sq, sqs, sdos, cols, r_lo, r_end, q_offset,
                                  first_c, de, pad, sq, sk, qk_scale, d_ok, True, PRECISION,
+                                 UPCAST, BLOCK_M, BLOCK_D, PACKED)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq,
+                                 DELTA + bh * sq, sqs, sdos, cols, r_lo, r_full, q_offset,
+                                 first_c, de, pad, sq, sk, qk_scale, d_ok, True, PRECISION,
+                                 UPCAST, BLOCK_M, BLOCK_D, PACKED)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * sq,
+                                 DELTA + bh * sq, sqs, sdos, cols, r_full, r_end, q_offset,
+                                 first_c, de, pad, sq, sk, qk_scale, d_ok, False, PRECISION,
                                  UPCAST, BLOCK_M, BLOCK_D, PACKED)
     dk *= sm_scale  # d s / d k = sm_scale * q (qk_scale's log2 e belongs to exp2 only)
     tl.store(DK + split * sdk_split + b * sdkb + g * sdkh + c64 * sdks + offs_d[None, :],
@@ -420,15 +411,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, META, PAD, qk_scale, sm_scale, q_o
     lo, full_lo, full_hi, hi = _key_segments(i0, i_last, i_abs, row_ok, ds, pre, pad, sk,
                                              BLOCK_N, PACKED)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, lo, full_lo, ds,
-                   pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N, BLOCK_D,
-                   PACKED)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, full_lo, full_hi,
-                   ds, pre, pad, sk, qk_scale, d_ok, False, PRECISION, UPCAST, BLOCK_N,
-                   BLOCK_D, PACKED)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, full_hi, hi, ds,
-                   pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N, BLOCK_D,
-                   PACKED)
+    if PACKED:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, lo, hi, ds,
+                       pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N,
+                       BLOCK_D, PACKED)
+    else:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, lo, full_lo,
+                       ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N,
+                       BLOCK_D, PACKED)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, full_lo,
+                       full_hi, ds, pre, pad, sk, qk_scale, d_ok, False, PRECISION, UPCAST,
+                       BLOCK_N, BLOCK_D, PACKED)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, i_abs, full_hi, hi,
+                       ds, pre, pad, sk, qk_scale, d_ok, True, PRECISION, UPCAST, BLOCK_N,
+                       BLOCK_D, PACKED)
     dq *= sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + r64 * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=io_mask)
