@@ -149,10 +149,12 @@ def _variants(models, dtypes):
                     q = _meta(1, heads, sq, d, dtype=dt)
                     k = _meta(1, groups, n, d, dtype=dt)
                     zeros = _meta(1, dtype=torch.int32)
+                    # mask lengths (doc start, prefix, doc end) of one example per row
+                    mask = _meta(3, 1, 1, dtype=torch.int32)
                     opts = fa.Options()
-                    o, lse = fa.attention_forward(q, k, k, zeros, zeros, n - sq, opts)
+                    o, lse = fa.attention_forward(q, k, k, mask, zeros, n - sq, opts)
                     if sq > 1:
-                        fa.attention_backward(o, q, k, k, o, lse, zeros, zeros, 0, opts)
+                        fa.attention_backward(o, q, k, k, o, lse, mask, zeros, 0, opts)
                 out.append((f"attention {what} d{d} {tag}", "attention", attn))
     return out
 

@@ -160,24 +160,45 @@ def apply_rotary(x, cos, sin, mode="auto"):
     return ref.apply_rotary(x, cos, sin)
 
 
-def attention(q, k, v, prefix_lens=None, pad_lens=None, q_offset=0, mode="auto"):
+def attention(q, k, v, prefix_lens=None, pad_lens=None, q_offset=0, mode="auto",
+              doc_starts=None):
     dtype = autocast_dtype(q)
     if dtype is not None:  # e.g. an fp32 KV cache under autocast
         q, k, v = _autocast_cast(dtype, q, k, v)
     if use_triton(mode, q):
         with torch.autocast(q.device.type, enabled=False):
             return _triton("flash_attention").attention(q, k, v, prefix_lens, pad_lens,
-                                                        q_offset)
-    return ref.attention(q, k, v, prefix_lens, pad_lens, q_offset)
+                                                        q_offset, doc_starts=doc_starts)
+    return ref.attention(q, k, v, prefix_lens, pad_lens, q_offset, doc_starts)
+
+
+def at_labelled(loss_fn, hidden, labels, ignore_index=-100):
+    """Run a per-token head + loss `loss_fn(hidden [n, h], labels [n]) -> [n]` only on the
+    rows of hidden [N, h] whose label is not ignore_index, and scatter the result back into
+    a [N] fp32 loss (0 elsewhere, as the loss there would be, and with zero gradient).
+
+    A translation batch labels only its targets: the prompt rows would pay the [N, V]
+    head matmuls (forward, backward and the fused kernel's recompute) for nothing. The
+    row count is data-dependent, so on a GPU `nonzero` costs one host sync per call."""
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    if keep.numel() == labels.numel():
+        return loss_fn(hidden, labels)
+    loss = loss_fn(hidden.index_select(0, keep), labels.index_select(0, keep))
+    return loss.new_zeros(labels.shape[0]).index_copy(0, keep, loss)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, mode="auto"):
+    """Per-token loss [N] fp32; the head runs only at labelled rows (`at_labelled`)."""
     dtype = autocast_dtype(hidden)
     if dtype is not None:
         hidden, weight = _autocast_cast(dtype, hidden, weight)
     if use_triton(mode, hidden):
-        # autocast off: the backward's logits recompute must see the forward's dtypes
-        with torch.autocast(hidden.device.type, enabled=False):
-            return _triton("cross_entropy").linear_cross_entropy(hidden, weight, labels,
-                                                                 ignore_index)
-    return ref.linear_cross_entropy(hidden, weight, labels, ignore_index)
+        def fn(h, y):
+            # autocast off: the backward's logits recompute must see the forward's dtypes
+            with torch.autocast(h.device.type, enabled=False):
+                return _triton("cross_entropy").linear_cross_entropy(h, weight, y,
+                                                                     ignore_index)
+    else:
+        def fn(h, y):
+            return ref.linear_cross_entropy(h, weight, y, ignore_index)
+    return at_labelled(fn, hidden, labels, ignore_index)

@@ -69,19 +69,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2).to(x.dtype)
 
 
+def _per_query(t: torch.Tensor, sq: int, q_offset: int) -> torch.Tensor:
+    """A per-token [b, sk] tensor (absolute positions) -> the query rows' values [b, sq, 1]."""
+    return t[:, q_offset:q_offset + sq].long().unsqueeze(-1)
+
+
 def attention_mask(sq: int, sk: int, prefix_lens: torch.Tensor | None,
                    pad_lens: torch.Tensor | None, q_offset: int, batch: int,
-                   device) -> torch.Tensor:
+                   device, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [b, 1, sq, sk], True = may attend. Query row r sits at absolute index
-    q_offset + r; key column j at j. Key j is visible from query i when
-        (j < prefix or j <= i)  and  (j >= pad or i < pad)
+    i = q_offset + r; key column j at j. Key j is visible from query i when
+        (j < prefix or j <= i)  and  (j >= pad or i < pad)  and  j >= doc_start
     prefix = 0 is causal; prefix covering the prompt is prefix-LM / GLM Part A. pad counts
-    left padding (batched generation); pad queries see only pads, never a NaN row."""
+    left padding (batched generation); pad queries see only pads, never a NaN row.
+
+    Packed rows (several documents per row, each attending only to itself): doc_starts
+    [b, sk] gives each position the absolute index of its document's first token, and
+    prefix_lens is then per token too, [b, sk]: the absolute end of that document's
+    bidirectional prefix (<= its start: causal). Documents are contiguous, so "not before
+    my start, and causal or inside my prefix" never reaches another document."""
     i = torch.arange(sq, device=device).view(1, sq, 1) + q_offset
     j = torch.arange(sk, device=device).view(1, 1, sk)
-    pre = (torch.zeros(batch, dtype=torch.long, device=device) if prefix_lens is None
-           else prefix_lens.to(device).long()).view(-1, 1, 1)
+    if prefix_lens is None:
+        pre = torch.zeros(batch, 1, 1, dtype=torch.long, device=device)
+    elif prefix_lens.dim() == 2:
+        pre = _per_query(prefix_lens.to(device), sq, q_offset)
+    else:
+        pre = prefix_lens.to(device).long().view(-1, 1, 1)
     allowed = (j < pre) | (j <= i)
+    if doc_starts is not None:
+        allowed = allowed & (j >= _per_query(doc_starts.to(device), sq, q_offset))
     if pad_lens is not None:
         pad = pad_lens.to(device).long().view(-1, 1, 1)
         allowed = allowed & ((j >= pad) | (i < pad))
@@ -90,9 +107,9 @@ def attention_mask(sq: int, sk: int, prefix_lens: torch.Tensor | None,
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               prefix_lens: torch.Tensor | None = None, pad_lens: torch.Tensor | None = None,
-              q_offset: int = 0) -> torch.Tensor:
+              q_offset: int = 0, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, nh, sq, d], k/v [b, ng, sk, d] with nh % ng == 0 (query head h uses KV group
-    h // (nh // ng)). Softmax in fp32. Returns [b, nh, sq, d].
+    h // (nh // ng)). Softmax in fp32. Returns [b, nh, sq, d]. Mask: `attention_mask`.
 
     Matmuls in fp32 (the exact reference for 16-bit inputs too), except under autocast:
     there both run in autocast's dtype like any matmul, with the softmax still in fp32."""
@@ -105,7 +122,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     scores = torch.matmul(q.to(mm), k.to(mm).transpose(-1, -2)).float() / math.sqrt(d)
-    mask = attention_mask(sq, sk, prefix_lens, pad_lens, q_offset, b, q.device)
+    mask = attention_mask(sq, sk, prefix_lens, pad_lens, q_offset, b, q.device, doc_starts)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs.to(mm), v.to(mm)).to(q.dtype)

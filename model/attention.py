@@ -75,8 +75,9 @@ class SelfAttention(nn.Module):
         self.qkv, self.dense = qkv, dense
         self.num_heads, self.num_groups = num_heads, num_groups
 
-    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
-        # x [s, b, h]; cos/sin [s, b, 1, d/2]
+    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None,
+                doc_starts=None):
+        # x [s, b, h]; cos/sin [s, b, 1, d/2]; doc_starts: packed rows (model/masks.py)
         mode = self.config.kernels
         qkv = self.qkv(x)
         # sizes from the projection: a sequence-parallel qkv takes [s/tp, b, h] and returns
@@ -94,7 +95,8 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:
             q_offset = kv_cache.length
             k, v = kv_cache.update(self.layer_number, k, v)
-        ctx = ops.attention(q, k, v, prefix_lens, pad_lens, q_offset, mode)  # [b, nq, s, d]
+        ctx = ops.attention(q, k, v, prefix_lens, pad_lens, q_offset, mode,
+                            doc_starts=doc_starts)  # [b, nq, s, d]
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, nq * d)
         return self.dense(ctx)
 

@@ -47,10 +47,12 @@ class GLMBlock(nn.Module):
         # residual stream is sharded (GLM.set_dropout_rng)
         self.dropout_rng = contextlib.nullcontext
 
-    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None):
+    def forward(self, x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None,
+                doc_starts=None):
         # x [s, b, h]; pre-norm residual block
         c = self.config
-        attn = self.attention(self.input_norm(x), cos, sin, prefix_lens, pad_lens, kv_cache)
+        attn = self.attention(self.input_norm(x), cos, sin, prefix_lens, pad_lens, kv_cache,
+                              doc_starts)
         attn = dropout(attn, c.hidden_dropout, self.training, self.dropout_rng)
         # fused: x + attn, and the post-attention norm of that sum
         x, normed = ops.add_rms_norm(attn, x, self.post_attention_norm.weight,
@@ -125,10 +127,12 @@ class GLM(nn.Module):
     # ---- forward ---------------------------------------------------------------------
     def hidden(self, input_ids=None, *, hidden_states=None, position_ids=None,
                block_position_ids=None, prefix_lens=None, pad_lens=None,
-               kv_cache: KVCache | None = None) -> torch.Tensor:
+               kv_cache: KVCache | None = None, doc_starts=None) -> torch.Tensor:
         """This stage's layers: input_ids [b, s] on the first stage, hidden_states
         [s, b, h] on later ones -> hidden states [s, b, h]; on the final stage after the
-        final norm, i.e. what the head reads (`logits`, `head_loss`)."""
+        final norm, i.e. what the head reads (`logits`, `head_loss`).
+        Packed rows (several examples per row) add doc_starts [b, s] and give prefix_lens
+        per token [b, s]; see model/masks.py `pack`."""
         c = self.config
         if self.pre_process:
             b, s = input_ids.shape
@@ -142,6 +146,12 @@ class GLM(nn.Module):
         if position_ids is None:
             start = kv_cache.length if kv_cache is not None else 0
             position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
+        if prefix_lens is not None and prefix_lens.dim() == 2 and doc_starts is None:
+            raise ValueError("per-token prefix_lens [b, s] come from packed rows: pass their "
+                             "doc_starts too, or documents would attend to each other")
+        if prefix_lens is not None and prefix_lens.dim() == 2 and doc_starts is None:
+            raise ValueError("per-token prefix_lens [b, s] come from packed rows: pass their "
+                             "doc_starts too, or documents would attend to each other")
         if c.causal:
             # the layout is a property of the weights: a causal-1D model never sees a
             # bidirectional prefix or a rotated second half, whatever a batch carries
@@ -151,7 +161,7 @@ class GLM(nn.Module):
         # [b, s, d/2] -> [s, b, 1, d/2], broadcast over heads
         cos, sin = (t.transpose(0, 1).unsqueeze(2) for t in (cos, sin))
         for layer in self.layers.values():
-            x = layer(x, cos, sin, prefix_lens, pad_lens, kv_cache)
+            x = layer(x, cos, sin, prefix_lens, pad_lens, kv_cache, doc_starts)
         if kv_cache is not None:
             kv_cache.advance(s)
         return self.final_norm(x) if self.post_process else x

@@ -119,3 +119,46 @@ def collate(examples: list[GLMExample], seq_len: int, pad_id: int) -> dict:
         out["labels"][r, :n] = torch.tensor(ex.labels)
         out["prefix_lens"][r] = ex.prefix_len
     return out
+
+
+def pack(rows: list[list[GLMExample]], seq_len: int, pad_id: int) -> dict:
+    """Several examples per row, each with its own prefix-LM mask and positions, each
+    attending only to itself (document masking); the row's tail is padding.
+
+    Besides collate's keys (same shapes) the batch carries, per token [b, seq_len]:
+      doc_starts   absolute index of the first token of the token's example
+      prefix_lens  absolute end of that example's bidirectional prefix (doc start + its
+                   prefix_len), replacing collate's per-row [b]
+    Pads form one causal document of their own, so every query sees at least itself.
+    A packed example computes exactly what it would alone in a row: its keys, its
+    positions, its labels (kernels.reference.attention_mask)."""
+    b = len(rows)
+    out = {
+        "input_ids": torch.full((b, seq_len), pad_id, dtype=torch.long),
+        "position_ids": torch.zeros((b, seq_len), dtype=torch.long),
+        "block_position_ids": torch.zeros((b, seq_len), dtype=torch.long),
+        "labels": torch.full((b, seq_len), IGNORE, dtype=torch.long),
+        "prefix_lens": torch.zeros((b, seq_len), dtype=torch.long),
+        "doc_starts": torch.zeros((b, seq_len), dtype=torch.long),
+    }
+    for r, examples in enumerate(rows):
+        at = 0
+        for ex in examples:
+            n = len(ex.input_ids)
+            if at + n > seq_len:
+                raise ValueError(f"row {r}: examples of {at + n} tokens exceed "
+                                 f"seq_len={seq_len}")
+            sl = slice(at, at + n)
+            out["input_ids"][r, sl] = torch.tensor(ex.input_ids)
+            out["position_ids"][r, sl] = torch.tensor(ex.position_ids)
+            out["block_position_ids"][r, sl] = torch.tensor(ex.block_position_ids)
+            out["labels"][r, sl] = torch.tensor(ex.labels)
+            out["prefix_lens"][r, sl] = at + ex.prefix_len
+            out["doc_starts"][r, sl] = at
+            at += n
+        # pads: one causal document; positions restart so rotary angles stay in range
+        out["position_ids"][r, at:] = torch.arange(seq_len - at)
+        out["prefix_lens"][r, at:] = at
+        out["doc_starts"][r, at:] = at
+    return out
+

@@ -113,7 +113,7 @@ def main(argv=None):
         run_dir = open_out_dir(cfg, state, args.resume, args.force)
         tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
                                         cfg.model.padded_vocab_size, cfg.data.objective,
-                                        model_config=cfg.model)
+                                        model_config=cfg.model, pack=cfg.data.pack)
         s_ckpt.check_tokenizer(tok.sha256, os.path.join(cfg.data.dir, "tokenizer"))
         t_ckpt = t_params = None
         if args.teacher:

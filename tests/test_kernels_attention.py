@@ -165,6 +165,7 @@ def test_saves_no_score_matrix():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fa.attention(q, k, v, torch.tensor([5]))
-    # q, k, v, out, logsumexp [b, nh, s], prefix, pad: nothing [s, s]
-    assert sorted(shapes) == sorted([q.shape, k.shape, v.shape, q.shape, (1, 2, 37), (1,),
-                                     (1,)])
+    # q, k, v, out, logsumexp [b, nh, s], mask lengths [3, b, 1] (doc start, prefix, doc
+    # end: per row here, per position only for packed rows), pad: nothing [s, s]
+    assert sorted(shapes) == sorted([q.shape, k.shape, v.shape, q.shape, (1, 2, 37),
+                                     (3, 1, 1), (1,)])

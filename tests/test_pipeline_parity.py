@@ -20,7 +20,7 @@ from engine.pipeline.stage import build_stage
 from engine.pipeline.stats import SavedActivationMeter, ScheduleStats
 from model import GLM, GLMConfig
 from model.masks import (IGNORE, GLMExample, causal_example, collate, corrupt_spans,
-                         gmask_example)
+                         gmask_example, pack)
 
 SEQ, BATCH = 16, 2
 PAD, MASK, SOP, EOP, GMASK = 0, 1, 2, 3, 4
@@ -35,11 +35,18 @@ def config():
 
 
 def microbatches(m: int, step: int, offset: int = 0, seq: int = SEQ) -> list[dict]:
-    """m microbatches cycling prefix-LM, blank infilling (2D positions) and [gMASK]."""
+    """m microbatches cycling prefix-LM, blank infilling (2D positions) and [gMASK];
+    every 4th is packed rows ([gMASK] + blank infilling per row, document masking)."""
     out = []
     for i in range(offset, offset + m):
         g = torch.Generator().manual_seed(1000 * step + i)
         toks = lambda n: torch.randint(10, 1024, (n,), generator=g).tolist()  # noqa: E731
+        if i % 4 == 3:
+            rows = [[gmask_example(toks(6), 2 + r, GMASK, SOP, EOP),
+                     corrupt_spans(toks(4), MASK, SOP, EOP, g, ratio=0.3)]
+                    for r in range(BATCH)]
+            out.append(pack(rows, seq, PAD))
+            continue
         if i % 3 == 0:
             # prefix-LM: bidirectional prefix, causal continuation, loss after the prefix
             exs = []

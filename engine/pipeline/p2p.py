@@ -42,11 +42,15 @@ class PeerError(RuntimeError):
 @dataclass
 class Side:
     """Per-microbatch integer tensors every stage needs to rebuild rotary angles and the
-    attention mask (no dense masks cross stages): position_ids, block_position_ids
-    [b, s] (GLM 2D positions) and prefix_lens [b] (prefix-LM / blank-infilling Part A)."""
+    attention mask (no dense masks cross stages), all [b, s]: position_ids and
+    block_position_ids (GLM 2D positions), prefix_lens per token (the absolute end of the
+    token's bidirectional prefix: prefix-LM / blank-infilling Part A) and doc_starts (the
+    absolute start of the token's document: packed rows, model/masks.py `pack`; all 0
+    for one example per row). Per token always, so the message size is fixed per shape."""
     position_ids: torch.Tensor
     block_position_ids: torch.Tensor
     prefix_lens: torch.Tensor
+    doc_starts: torch.Tensor
 
     @classmethod
     def from_batch(cls, batch: dict, device) -> "Side":
@@ -54,25 +58,26 @@ class Side:
         pos = batch.get("position_ids")
         blk = batch.get("block_position_ids")
         pre = batch.get("prefix_lens")
+        doc = batch.get("doc_starts")
         pos = torch.arange(s).expand(b, s) if pos is None else pos
         blk = torch.zeros(b, s, dtype=torch.long) if blk is None else blk
         pre = torch.zeros(b, dtype=torch.long) if pre is None else pre
-        return cls(pos.to(device, torch.long), blk.to(device, torch.long),
-                   pre.to(device, torch.long))
+        pre = pre.view(b, 1).expand(b, s) if pre.dim() == 1 else pre
+        doc = torch.zeros(b, s, dtype=torch.long) if doc is None else doc
+        return cls(*(t.to(device, torch.long) for t in (pos, blk, pre, doc)))
 
     def pack(self) -> torch.Tensor:
-        # one int64 message [2 * b * s + b] instead of three
+        # one int64 message [4 * b * s] instead of four
         return torch.cat([self.position_ids.reshape(-1), self.block_position_ids.reshape(-1),
-                          self.prefix_lens.reshape(-1)])
+                          self.prefix_lens.reshape(-1), self.doc_starts.reshape(-1)])
 
     @classmethod
     def unpack(cls, flat: torch.Tensor, s: int, b: int) -> "Side":
-        n = b * s
-        return cls(flat[:n].view(b, s), flat[n:2 * n].view(b, s), flat[2 * n:])
+        return cls(*flat.view(4, b, s).unbind(0))
 
     @staticmethod
     def numel(s: int, b: int) -> int:
-        return 2 * b * s + b
+        return 4 * b * s
 
 
 # ---- failure reporting ----------------------------------------------------------------

@@ -31,4 +31,4 @@ def glm_forward_step(chunk, batch: dict, hidden_states, side: Side):
         labels = batch["labels"].to(device)
     return chunk(input_ids, hidden_states=hidden_states, position_ids=side.position_ids,
                  block_position_ids=side.block_position_ids, prefix_lens=side.prefix_lens,
-                 labels=labels)
+                 doc_starts=side.doc_starts, labels=labels)

@@ -119,7 +119,8 @@ def mean_token_loss(model, batches) -> float:
     for b in batches:
         losses = model(b["input_ids"], position_ids=b["position_ids"],
                        block_position_ids=b["block_position_ids"],
-                       prefix_lens=b["prefix_lens"], labels=b["labels"])
+                       prefix_lens=b["prefix_lens"], doc_starts=b.get("doc_starts"),
+                       labels=b["labels"])
         total += losses.sum().item()
         count += int((b["labels"] != -100).sum())
     return total / max(count, 1)

@@ -22,6 +22,7 @@ from engine.tensor_parallel.cross_entropy import vocab_parallel_linear_cross_ent
 from engine.tensor_parallel.mappings import (all_gather_sequence, copy_to_region,
                                              copy_to_replicas, gather_last_dim,
                                              reduce_from_region, reduce_scatter_sequence)
+from kernels.ops import at_labelled
 
 
 def _param(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -158,9 +159,13 @@ class VocabParallelHead(nn.Module):
 
     def loss(self, hidden, labels, ignore_index: int = -100):
         """hidden [N, h] sequence-major (N = s*b, or s/tp * b under sequence parallelism),
-        labels [N_full] -> per-token loss [N_full] fp32, 0 at ignore_index."""
-        return vocab_parallel_linear_cross_entropy(self.input_map(hidden), self.weight, labels,
-                                                   self.group, self.vocab_start, ignore_index)
+        labels [N_full] -> per-token loss [N_full] fp32, 0 at ignore_index. The head runs
+        only at labelled rows, selected after the sequence gather (labels are replicated,
+        so every rank keeps the same rows and the collectives inside agree on shapes)."""
+        def fn(h, y):
+            return vocab_parallel_linear_cross_entropy(h, self.weight, y, self.group,
+                                                       self.vocab_start, ignore_index)
+        return at_labelled(fn, self.input_map(hidden), labels, ignore_index)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, vocab={self.out_features}, "

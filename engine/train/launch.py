@@ -168,7 +168,7 @@ def run_training(cfg: RunConfig, resume: bool = False, log=print,
         run_dir = open_out_dir(cfg, state, resume, force, log)
         tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
                                         cfg.model.padded_vocab_size, cfg.data.objective,
-                                        model_config=cfg.model)
+                                        model_config=cfg.model, pack=cfg.data.pack)
         # the tokenizer travels inside every checkpoint so evaluation needs nothing else
         trainer = Trainer.from_config(cfg, train, dev, state=state,
                                       tokenizer_sha256=tok.sha256, log=log,

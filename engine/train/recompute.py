@@ -70,13 +70,13 @@ def recompute_layers(model: GLM) -> GLM:
         inner = block.forward
 
         def forward(x, cos, sin, prefix_lens=None, pad_lens=None, kv_cache=None,
-                    _inner=inner):
+                    doc_starts=None, _inner=inner):
             # x.requires_grad: reentrant checkpointing returns no parameter gradients when
             # no input needs one (a frozen embedding's output): run it plainly then
             if kv_cache is not None or not torch.is_grad_enabled() or not x.requires_grad:
-                return _inner(x, cos, sin, prefix_lens, pad_lens, kv_cache)
+                return _inner(x, cos, sin, prefix_lens, pad_lens, kv_cache, doc_starts)
             fn = _Replayable(_inner, getattr(model, "tp_rng", None))
-            return checkpoint(fn, x, cos, sin, prefix_lens, pad_lens, None,
+            return checkpoint(fn, x, cos, sin, prefix_lens, pad_lens, None, doc_starts,
                               use_reentrant=True)
         block.forward = forward
         block.recompute = True

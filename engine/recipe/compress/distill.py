@@ -285,7 +285,7 @@ class WholeTeacher:
         hidden = self.model.hidden(batch["input_ids"].to(side.position_ids.device),
                                    position_ids=side.position_ids,
                                    block_position_ids=side.block_position_ids,
-                                   prefix_lens=side.prefix_lens)
+                                   prefix_lens=side.prefix_lens, doc_starts=side.doc_starts)
         logits = self.model.logits(hidden)
         if self.tp is not None:
             logits, hidden = self.tp.vocab(logits), self.tp.sequence(hidden, dim=0)
@@ -337,7 +337,7 @@ class DistillLoss:
             return glm_forward_step(chunk, batch, hidden_states, side)
         device = side.position_ids.device
         kw = dict(position_ids=side.position_ids, block_position_ids=side.block_position_ids,
-                  prefix_lens=side.prefix_lens)
+                  prefix_lens=side.prefix_lens, doc_starts=side.doc_starts)
         input_ids = batch["input_ids"].to(device) if chunk.pre_process else None
         labels = batch["labels"].to(device)
         if not torch.is_grad_enabled():

@@ -164,7 +164,7 @@ class StagedTeacher:
         return chunk.hidden(input_ids, hidden_states=hidden_states,
                             position_ids=side.position_ids,
                             block_position_ids=side.block_position_ids,
-                            prefix_lens=side.prefix_lens)
+                            prefix_lens=side.prefix_lens, doc_starts=side.doc_starts)
 
     def outputs(self, batch: dict, side):
         hidden = self._hidden.pop(id(batch))

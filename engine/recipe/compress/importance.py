@@ -71,7 +71,8 @@ def _full_model(model: GLM):
 
 def _forward(model: GLM, batch: dict, labels: bool):
     device = next(model.parameters()).device
-    kw = {k: batch[k].to(device) for k in ("position_ids", "block_position_ids", "prefix_lens")}
+    kw = {k: batch[k].to(device) for k in ("position_ids", "block_position_ids", "prefix_lens",
+                                             "doc_starts") if k in batch}
     if labels:
         kw["labels"] = batch["labels"].to(device)
     return model(batch["input_ids"].to(device), **kw)

@@ -5,7 +5,8 @@ Sample j of the whole run is `index * batch_size + r`. Epoch e visits the data i
 permutation seeded by (seed, e); everything random inside one sample (span positions and
 lengths, the [gMASK] split, the translation direction) comes from a torch.Generator
 seeded by (seed, j). Batches come out of `model.masks.collate` at a fixed seq_len:
-input_ids, position_ids, block_position_ids, labels, prefix_lens.
+input_ids, position_ids, block_position_ids, labels, prefix_lens; packed translation rows
+come out of `model.masks.pack`, which adds doc_starts and makes prefix_lens per token.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ import torch
 
 from engine.recipe.data.corpus import read_tsv
 from engine.recipe.data.shards import Shard
+from engine.recipe.data.packing import best_fit_rows
 from model.masks import (GLMExample, blank_infilling_example, causal_example, collate,
-                         corrupt_spans, gmask_example)
+                         corrupt_spans, gmask_example, pack)
 from model.tokenizer import SpecialIds
 
 __all__ = ["PretrainDataset", "TranslationDataset", "read_tsv", "mix_seed"]
 
 # independent random streams derived from one seed
-_PERMUTE, _SAMPLE, _KINDS = 0, 1, 2
+_PERMUTE, _SAMPLE, _KINDS, _PACK = 0, 1, 2, 3
 
 
 def mix_seed(*keys: int) -> int:
@@ -225,12 +227,18 @@ class TranslationDataset:
     fmt (engine/recipe/data/prompts.py: TranslationFormat) lays a pair out for the model being
     trained: by default the native GLM layout above; for an imported ChatGLM model its
     causal 1D sequence in its chat prompt, loss on the answer and </s>.
+
+    pack: a sample is a row of several pairs (model/masks.py `pack`: each attends only to
+    itself), chosen per epoch by best fit over windows of `pack_window` pairs of the
+    epoch's order (engine/recipe/data/packing.py); with "both", each visit of a pair draws
+    its direction from a per-epoch stream. Without pack, one pair per row, right-padded.
     """
 
     DIRECTIONS = ("en-zh", "zh-en", "both")
 
     def __init__(self, source, ids, seq_len: int, direction: str = "en-zh", seed: int = 0,
-                 tokenizer=None, shuffle: bool = True, fmt=None):
+                 tokenizer=None, shuffle: bool = True, fmt=None, pack: bool = False,
+                 pack_window: int = 1024):
         from engine.recipe.data.prompts import TranslationFormat
         self.ids = _special_ids(ids if ids is not None else tokenizer)
         self.fmt = fmt if fmt is not None else TranslationFormat(self.ids)
@@ -251,6 +259,11 @@ class TranslationDataset:
         if not self.pairs:
             raise ValueError(f"translation source {source!r} holds no pairs")
         self._perm = _EpochCache(self._permutation)
+        if pack_window <= 0:
+            raise ValueError(f"pack_window={pack_window} must be positive")
+        self.pack, self.pack_window = bool(pack), pack_window
+        self._rows = _EpochCache(self._pack_layout)
+        self._epoch_rows: list[int] = []
 
     @staticmethod
     def _load(source, tokenizer, reader=None) -> list[tuple[list[int], list[int]]]:
@@ -312,17 +325,59 @@ class TranslationDataset:
         return self.fmt.part_a(src, direction), tgt, direction
 
     def example(self, j: int) -> GLMExample:
+        """Sample j unpacked: the j-th pair of the run, alone."""
         if j < 0:
             raise ValueError(f"sample index {j} must be >= 0")
-        en, zh = self.pairs[self.pair_index(j)]
-        direction = self._direction(j)
+        return self._pair_example(self.pair_index(j), self._direction(j))
+
+    def _pair_example(self, pair: int, direction: str) -> GLMExample:
+        en, zh = self.pairs[pair]
         src, tgt = (en, zh) if direction == "en-zh" else (zh, en)
         src, tgt = self.fit(src, tgt, direction)
         return self.fmt.example(src, tgt, direction)
+
+    def _length(self, pair: int, direction: str) -> int:
+        """len(input_ids) of the pair's example (its end token is a label only)."""
+        en, zh = self.pairs[pair]
+        src, tgt = self.fit(*((en, zh) if direction == "en-zh" else (zh, en)), direction)
+        return len(src) + len(tgt) + self.fmt.overhead(direction) - 1
+
+    # -- packing: rows of pairs per epoch -------------------------------------------------
+    def _pack_layout(self, epoch: int) -> list[list[tuple[int, str]]]:
+        order = self._perm(epoch)
+        if self.direction == "both":
+            flips = np.random.default_rng(mix_seed(self.seed, _PACK, epoch, 0)).random(
+                order.size) < 0.5
+            dirs = np.where(flips, "zh-en", "en-zh")
+        else:
+            dirs = np.full(order.size, self.direction)
+        lengths = [self._length(int(p), str(d)) for p, d in zip(order, dirs)]
+        rng = np.random.default_rng(mix_seed(self.seed, _PACK, epoch, 1)) if self.shuffle \
+            else None
+        rows = best_fit_rows(lengths, self.seq_len, self.pack_window, rng)
+        return [[(int(order[i]), str(dirs[i])) for i in row] for row in rows]
+
+    def rows_in_epoch(self, epoch: int) -> int:
+        while len(self._epoch_rows) <= epoch:
+            self._epoch_rows.append(len(self._rows(len(self._epoch_rows))))
+        return self._epoch_rows[epoch]
+
+    def packed_row(self, j: int) -> list[GLMExample]:
+        """Sample j packed: the examples of the run's j-th row."""
+        if j < 0:
+            raise ValueError(f"sample index {j} must be >= 0")
+        epoch = 0
+        while j >= self.rows_in_epoch(epoch):
+            j -= self.rows_in_epoch(epoch)
+            epoch += 1
+        return [self._pair_example(p, d) for p, d in self._rows(epoch)[j]]
 
     def get_batch(self, index: int, batch_size: int) -> dict:
         _check_positive("batch_size", batch_size)
         if index < 0:
             raise ValueError(f"index={index} must be >= 0")
+        if self.pack:
+            rows = [self.packed_row(index * batch_size + r) for r in range(batch_size)]
+            return pack(rows, self.seq_len, self.ids.pad)
         examples = [self.example(index * batch_size + r) for r in range(batch_size)]
         return collate(examples, self.seq_len, self.ids.pad)

@@ -18,11 +18,14 @@ def open_data_dir(data_dir: str):
 
 
 def make_datasets(data_dir: str, task: str, seq_len: int, seed: int, vocab_size: int,
-                  objective: str = "glm", direction: str = "en-zh", model_config=None):
+                  objective: str = "glm", direction: str = "en-zh", model_config=None,
+                  pack: bool = True):
     """(tokenizer, train, dev) for task "pretrain" (packed mixed-language documents) or
-    "translation" (one pair per sequence, loss on the target). model_config (GLMConfig)
+    "translation" (pairs packed several per row, loss on the target). model_config (GLMConfig)
     picks the layout the model was trained with: a causal1d model (an imported ChatGLM)
-    gets the causal objective and its own translation prompt (engine/recipe/data/prompts.py)."""
+    gets the causal objective and its own translation prompt (engine/recipe/data/prompts.py).
+    pack: translation training rows hold several pairs (document masking); the dev set
+    stays one pair per row so that its losses compare with unpacked runs."""
     tok = open_data_dir(data_dir)
     fmt = TranslationFormat(tok, model_config)
     if model_config is not None and model_config.causal:
@@ -38,7 +41,7 @@ def make_datasets(data_dir: str, task: str, seq_len: int, seed: int, vocab_size:
                               objective=objective, seed=0)
     else:
         train = TranslationDataset(os.path.join(shards, "translation_train"), tok, seq_len,
-                                   direction=direction, seed=seed, fmt=fmt)
+                                   direction=direction, seed=seed, fmt=fmt, pack=pack)
         dev = TranslationDataset(os.path.join(shards, "translation_dev"), tok, seq_len,
                                  direction=direction, seed=0, shuffle=False, fmt=fmt)
     return tok, train, dev
