@@ -94,7 +94,7 @@ def _first_failure() -> str:
     """The job's first failure from the rendezvous store (engine/p2p.FailureBoard)."""
     try:
         from engine.parallel.monitor import known_failure
-        from engine.pipeline.p2p import FailureBoard
+        from engine.parallel.failures import FailureBoard
         first = FailureBoard().report("") or known_failure()
     except Exception:  # noqa: BLE001 - best effort: the store may be gone
         return ""

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import attention_mask as dense_mask  # noqa: F401  (tests, debugging)
 
 IGNORE = -100
 

@@ -7,7 +7,7 @@ import pytest
 from safetensors import SafetensorError
 
 from engine.errors import fail, one_line, run_main
-from engine.pipeline.p2p import PeerError
+from engine.parallel.failures import PeerError
 
 
 class DivergenceError(RuntimeError):

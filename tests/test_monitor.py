@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from engine.parallel.monitor import Monitor, neighbours, step_guard
-from engine.pipeline.p2p import FailureBoard, PeerError, wait_all
+from engine.parallel.failures import FailureBoard, PeerError, wait_all
 
 
 def _name(r):

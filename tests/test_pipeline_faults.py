@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dist import run_workers, spawn_workers
-from engine.pipeline.p2p import P2P, PeerError, Side
+from engine.pipeline.p2p import P2P, Side
+from engine.parallel.failures import PeerError
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.pipeline.schedules import StepContext, forward_backward
 from engine.pipeline.stage import build_stage, glm_forward_step

@@ -52,7 +52,7 @@ def nccl_worker(path: str):
     import torch.distributed as dist
     from engine.config import build_run_config
     from engine.optim import collectives
-    from engine.pipeline.p2p import wait_all
+    from engine.parallel.failures import wait_all
     from engine.parallel.state import ParallelDims, init_distributed
     from engine.train.timing import synchronize
     from engine.train.trainer import Trainer

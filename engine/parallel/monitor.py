@@ -45,7 +45,7 @@ PREFIX = "engine/hb"
 
 
 def _where(state, rank: int) -> str:
-    from engine.pipeline.p2p import _where as where
+    from engine.parallel.failures import _where as where
     return where(state, rank)
 
 
@@ -324,7 +324,7 @@ def start_monitor(state) -> Monitor:
     groups (constant store traffic per rank at any scale; `identify` reads a failed
     group's members on demand); attached as state.monitor (wait_all and peer_error look
     for it there)."""
-    from engine.pipeline.p2p import FailureBoard
+    from engine.parallel.failures import FailureBoard
     watch = neighbours(state.rank, (state.tp_ranks, state.dp_ranks, state.pp_ranks))
     deadline = state.timeout.total_seconds()
     mon = Monitor(_store_client(deadline), state.rank, state.dims.world_size, watch=watch,
@@ -362,7 +362,7 @@ def step_guard(state, step: int, what: str | None = None):
     """Around one training step (or save): publishes "step N", turns a bare collective
     error (from a collective outside wait_all: the optimizer's dp reductions, barriers)
     into PeerError naming the culprit, and publishes this rank's own failure first."""
-    from engine.pipeline.p2p import FailureBoard, PeerError, peer_error
+    from engine.parallel.failures import FailureBoard, PeerError, peer_error
     mon = getattr(state, "monitor", None)
     if mon is not None:
         mon.status = f"busy in step {step}"

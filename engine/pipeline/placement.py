@@ -120,7 +120,8 @@ def post(comm, msgs, outputs: dict, sides: dict, in_grads: dict):
     import torch
     import torch.distributed as dist
 
-    from engine.pipeline.p2p import TAG_ACT, TAG_GRAD, TAG_SIDE, Posted, Side, peer_error
+    from engine.pipeline.p2p import TAG_ACT, TAG_GRAD, TAG_SIDE, Posted, Side
+    from engine.parallel.failures import peer_error
     if comm.shape is None:
         raise RuntimeError("placement.post before begin_step: shapes are not agreed yet")
     s, b = comm.shape

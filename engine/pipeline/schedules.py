@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from engine.parallel.state import or_single
 from engine.pipeline.executor import StageRun
-from engine.pipeline.p2p import wait_all
+from engine.parallel.failures import wait_all
 from engine.pipeline.program import cached_program
 from engine.pipeline.stage import glm_forward_step
 from engine.pipeline.stats import SavedActivationMeter, ScheduleStats

@@ -115,7 +115,7 @@ class GracefulStop:
         on every rank)."""
         signum = int(signal.Signals[self.signal_name]) if self.requested else 0
         if state.multi_rank:
-            from engine.pipeline.p2p import FailureBoard, wait_all
+            from engine.parallel.failures import FailureBoard, wait_all
             t = torch.tensor([signum], dtype=torch.int32, device=state.device)
             started = time.monotonic()
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)   # the flag is
