@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import io
 import json
 import re
 import sys
+import tokenize
 from dataclasses import dataclass, field
 
 from engine.config import parse_overrides
@@ -39,32 +41,37 @@ def field_help(cls) -> dict[str, str]:
 
 def _own_help(cls) -> dict[str, str]:
     try:
-        lines = inspect.getsource(cls).splitlines()
+        source = inspect.getsource(cls)
     except (OSError, TypeError):
-        lines = []
+        return {}
+    lines = source.splitlines()
+    comments: dict[int, str] = {}           # line index -> comment text (after "#")
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0] - 1] = tok.string[1:]
+    except (tokenize.TokenError, IndentationError):
+        return {}
     names = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, str] = {}
     above: list[str] = []
     i = 0
     while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        m = _FIELD_LINE.match(line)
-        if m and m.group(1) in names and m.group(1) not in out:
+        m = _FIELD_LINE.match(lines[i])
+        own = lines[i].lstrip().startswith("#")
+        if m and m.group(1) in names and m.group(1) not in out and not own:
             text = []
-            if "#" in line and not line.split("#", 1)[0].rstrip().endswith(("'", '"')):
-                text.append(line.split("#", 1)[1].strip())
-                # continuation lines: "#   more" right under a field's own comment
-                while i + 1 < len(lines) and lines[i + 1].strip().startswith("#") \
-                        and not _FIELD_LINE.match(lines[i + 1]):
-                    text.append(lines[i + 1].strip().lstrip("#").strip())
+            if i in comments:
+                text.append(comments[i].strip())
+                # continuation: a comment-only line whose text is indented ("#    more")
+                while i + 1 < len(lines) and lines[i + 1].lstrip().startswith("#") \
+                        and comments.get(i + 1, "").startswith("  "):
                     i += 1
-            if not text:
-                text = above
-            out[m.group(1)] = " ".join(t for t in text if t)
+                    text.append(comments[i].strip())
+            out[m.group(1)] = " ".join(t for t in (text or above) if t)
             above = []
-        elif stripped.startswith("#"):
-            above.append(stripped.lstrip("#").strip())
+        elif own:
+            above.append(comments.get(i, "").strip())
         else:
             above = []
         i += 1
@@ -111,8 +118,19 @@ class Command:
 
     def parser(self) -> argparse.ArgumentParser:
         head, _, rest = self.doc.strip().partition("\n\n")
+        if self.aliases or self.positional_alias:
+            old = [f"{k} = --{a.key}" + (" true" if a.switch else "")
+                   for k, a in self.aliases.items()]
+            if self.positional_alias:
+                old.insert(0, f"{' | '.join(self.positional_alias[1])} (positional) = "
+                              f"--{self.positional_alias[0]} ...")
+            rest += ("\n\n" if rest else "") + ("deprecated spellings (kept for one "
+                                                "release; each prints a warning):\n  "
+                                                + "\n  ".join(old))
+        usage = ("%(prog)s [--config FILE] [--section.field VALUE ...] [--print-config]"
+                 + "".join(f" [{f}]" for f in self.flags))
         p = argparse.ArgumentParser(
-            description=head, epilog=rest or None, allow_abbrev=False,
+            usage=usage, description=head, epilog=rest or None, allow_abbrev=False,
             formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", metavar="FILE", help="JSON or YAML file with the sections "
                        "below; --section.field VALUE overrides it")
@@ -124,20 +142,15 @@ class Command:
             g = p.add_argument_group(f"{name} ({cls.__name__})")
             for fname, text in self.extra_fields.get(name, {}).items():
                 g.add_argument(f"--{name}.{fname}", dest=f"{name}.{fname}", metavar="VALUE",
-                               default=argparse.SUPPRESS, help=text)
+                               default=argparse.SUPPRESS, help=text.replace("%", "%%"))
             helps = field_help(cls)
             for f in dataclasses.fields(cls):
                 d = _default(f)
                 text = helps.get(f.name, "")
                 g.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}",
                                metavar=_type_name(f).upper(), default=argparse.SUPPRESS,
-                               help=f"{text} (default: {json.dumps(d)})".lstrip())
-        if self.aliases:
-            g = p.add_argument_group("deprecated aliases (one more release; each warns)")
-            for old, a in self.aliases.items():
-                g.add_argument(old, dest=f"_alias{old}", default=argparse.SUPPRESS,
-                               action="store_true" if a.switch else "store",
-                               metavar="VALUE", help=f"= --{a.key}")
+                               help=f"{text} (default: {json.dumps(d)})".lstrip()
+                               .replace("%", "%%"))
         return p
 
     def _translate(self, argv: list[str]) -> list[str]:

@@ -32,24 +32,21 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 from datetime import timedelta
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from engine.pipeline.p2p import P2P  # noqa: E402
-from engine.parallel.state import ParallelDims, init_distributed  # noqa: E402
-from engine.pipeline.schedules import (SavedActivationMeter, ScheduleStats, build_stage,  # noqa: E402
+from engine.pipeline.p2p import P2P
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.pipeline.schedules import (SavedActivationMeter, ScheduleStats, build_stage,
                               forward_backward)
-from engine.train.timing import Clock  # noqa: E402
-from model import GLM, GLMConfig  # noqa: E402
-from engine.errors import run_main  # noqa: E402
+from engine.train.timing import Clock
+from model import GLM, GLMConfig
+from engine.errors import run_main
 
 
 def parse_args(argv=None):

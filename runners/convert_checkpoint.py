@@ -23,18 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from engine.train import checkpoint as ckpt_lib  # noqa: E402
-from engine.config import RunConfig  # noqa: E402
-from model import GLM, GLMConfig  # noqa: E402
-from model.convert import export_chatglm, load_chatglm  # noqa: E402
-from engine.errors import fail, run_main  # noqa: E402
+from engine.train import checkpoint as ckpt_lib
+from engine.config import RunConfig
+from model import GLM, GLMConfig
+from model.convert import export_chatglm, load_chatglm
+from engine.errors import fail, run_main
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER = "tokenizer.model"

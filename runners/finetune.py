@@ -1,4 +1,5 @@
-"""Mixed-language fine-tuning / continued distillation (paper Algorithm 3): engine/recipe/workflows/finetune.py.
+"""Mixed-language fine-tuning of a teacher, continued distillation of its student (paper
+Algorithm 3): engine/recipe/workflows/finetune.py.
 
     python runners/finetune.py --help      # every --section.field, its default and meaning
 """

@@ -1,4 +1,4 @@
-"""Knowledge distillation: train a (pruned) student against a frozen teacher, through the
+r"""Knowledge distillation: train a (pruned) student against a frozen teacher, through the
 same Trainer as pretraining, on the pretraining data (both languages) by default.
 
     python runners/distill.py --distill.teacher runs/teacher/checkpoint \

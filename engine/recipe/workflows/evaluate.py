@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on English -> Chinese translation: KV-cache decoding, sacrebleu
+r"""Evaluate a checkpoint on English -> Chinese translation: KV-cache decoding, sacrebleu
 BLEU (tokenize="zh") and chrF, exact match, teacher-forced loss on the whole dev split and
 on the evaluated pairs (held-out loss), parameters, size on disk, latency and tokens/s.
 Writes <eval.out_dir>/eval.json and eval.md.

@@ -1,4 +1,4 @@
-"""Mixed-language fine-tuning (paper Section 3.3, Algorithm 3): the teacher on a random
+r"""Mixed-language fine-tuning (paper Section 3.3, Algorithm 3): the teacher on a random
 mixture of the source task D_s and the target task D_d (Eq. 11-12), then continued
 distillation of the student on D_d (Eq. 13).
 

@@ -1,10 +1,10 @@
-"""Structured pruning: a trained GLM checkpoint -> a smaller student checkpoint, with the
+r"""Structured pruning: a trained GLM checkpoint -> a smaller student checkpoint, with the
 structures to keep chosen by importance over calibration batches (pretraining data by
 default; --data.task translation for a teacher fine-tuned on translation).
 
     python runners/prune.py --prune.teacher runs/teacher/checkpoint --data.dir data \
         --prune.out_dir runs/student/pruned --prune.method activation --prune.keep 0.5
-    python runners/prune.py ... --prune.paper_rule true --prune.keep 0.5   # heads kept, d', FFN*d'/d
+    python runners/prune.py ... --prune.paper_rule true --prune.keep 0.5  # the paper's rule
     python runners/prune.py ... --prune.head_dim 16 --prune.ffn 344 --prune.layers 4
     python runners/prune.py ... --prune.layers 4 --prune.keep 0.5   # depth fixed, widths searched
 
@@ -20,7 +20,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from engine.config import DataConfig
 from engine.config_cli import Alias, Command, build_section
 
 SHAPE_FIELDS = {"layers": "num_layers", "heads": "num_attention_heads",
@@ -86,9 +85,21 @@ class PruneConfig:
 
 
 @dataclass
+class CalibData:
+    dir: str = "data"              # output of runners/prepare_data.py
+    # calibration data: the pretraining mix ("pretrain"), or the translation pairs
+    # ("translation": for a teacher fine-tuned on translation, score what it does)
+    task: str = "pretrain"
+
+    def __post_init__(self):
+        if self.task not in ("pretrain", "translation"):
+            raise ValueError(f"data.task={self.task!r} must be 'pretrain' or 'translation'")
+
+
+@dataclass
 class PruneRun:
     prune: PruneConfig
-    data: DataConfig
+    data: CalibData
 
     def to_dict(self) -> dict:
         return {"prune": dataclasses.asdict(self.prune), "data": dataclasses.asdict(self.data)}
@@ -97,7 +108,7 @@ class PruneRun:
 def build(base: dict, overrides: dict) -> PruneRun:
     merged = {s: {**base.get(s, {}), **overrides.get(s, {})} for s in ("prune", "data")}
     return PruneRun(build_section(PruneConfig, "prune", merged["prune"]),
-                    build_section(DataConfig, "data", merged["data"]))
+                    build_section(CalibData, "data", merged["data"]))
 
 
 _ALIASES = {"--teacher": Alias("prune.teacher"), "--out": Alias("prune.out_dir"),
@@ -107,7 +118,7 @@ _ALIASES = {"--teacher": Alias("prune.teacher"), "--out": Alias("prune.out_dir")
 for _f in ("method", "layer_metric", "calib_batches", "seq_len", "seed", "keep",
            "search_axes", "search_batches", "rotary", "threads", *SHAPE_FIELDS):
     _ALIASES["--" + _f.replace("_", "-")] = Alias(f"prune.{_f}")
-COMMAND = Command(__doc__, {"prune": PruneConfig, "data": DataConfig}, build,
+COMMAND = Command(__doc__, {"prune": PruneConfig, "data": CalibData}, build,
                   aliases=_ALIASES)
 
 
