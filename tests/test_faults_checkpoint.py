@@ -388,7 +388,7 @@ def test_swapped_tokenizer_is_refused_by_evaluate_and_convert(data, other_data, 
     assert_kept(before, out)
     # a checkpoint from before tokenizers were hashed (copied in afterwards): the
     # converter checks it against tokenizer_sha256 before shipping it
-    from runners.convert_checkpoint import main as convert
+    from engine.train.convert import main as convert
     legacy = tmp_path / "legacy"
     model = ckpt_lib.Checkpoint(_newest(out)).load("model")
     meta = {k: v for k, v in json.load(open(ck / "meta.json")).items()

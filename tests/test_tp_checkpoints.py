@@ -142,7 +142,7 @@ def _first_loss(cfg) -> float:
 
 
 def test_chatglm_round_trip_is_bitwise(saved, tmp_path):
-    from runners.convert_checkpoint import main
+    from engine.train.convert import main
     _, ref_params, ckpt, _ = saved
     hf, back = tmp_path / "chatglm", tmp_path / "native"
     main(["--to-chatglm", ckpt, str(hf)])
@@ -168,7 +168,7 @@ def test_chatglm_round_trip_is_bitwise(saved, tmp_path):
 
 
 def test_convert_errors_are_one_line(saved, tmp_path):
-    from runners.convert_checkpoint import main
+    from engine.train.convert import main
     _, _, ckpt, _ = saved
     cases = [
         (["--to-chatglm", str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
