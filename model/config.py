@@ -21,7 +21,7 @@ class GLMConfig:
     ffn_hidden_size: int = 172          # SwiGLU inner width
     padded_vocab_size: int = 512        # embedding / output rows (the tokenizer's, padded)
     seq_length: int = 128               # longest sequence the rotary cache is built for
-    rope_ratio: float = 1.0             # how it applies: rope_scaling
+    rope_ratio: float = 1.0             # rotary scale factor; how it applies: rope_scaling
     # what rope_ratio scales, as each published model's own code reads it: "base" (rotary
     # base 10000 * rope_ratio: native models, GLM-4, chatglm3-6b-32k), "position"
     # (positions / rope_ratio, base 10000: chatglm2-6b-32k), "none" (ignored: chatglm3-6b)

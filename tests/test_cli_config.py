@@ -91,3 +91,19 @@ def test_bad_command_lines_are_one_line_value_errors(argv, needle):
 def test_distill_refuses_a_model_section():
     with pytest.raises(ValueError, match="student's shape"):
         distill.COMMAND.parse(["--distill.student", "s", "--model.num_layers", "2"])
+
+
+def test_runners_are_entry_points_only():
+    """No runner edits sys.path (the package is installed editable) and nothing in the
+    library or the tests imports a runner: the workflows live in engine/."""
+    import glob
+    import re
+    for path in glob.glob(os.path.join(ROOT, "runners", "*.py")):
+        assert "sys.path" not in open(path, encoding="utf-8").read(), path
+    pattern = re.compile(r"^\s*(from runners\b|import runners\b|.*spec_from_file_location)",
+                         re.M)
+    for path in glob.glob(os.path.join(ROOT, "engine", "**", "*.py"), recursive=True) + \
+            glob.glob(os.path.join(ROOT, "tests", "*.py")):
+        if path.endswith("test_cli_config.py"):
+            continue
+        assert not pattern.search(open(path, encoding="utf-8").read()), path

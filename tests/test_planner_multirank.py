@@ -189,7 +189,7 @@ def test_sequence_parallel_only_where_tp_divides_the_sequence():
 
 
 def _auto_worker(rank, world):
-    """What run_training does under torchrun: resolve, then build the groups and the
+    """What the pretrain workflow does under torchrun: resolve, then build the groups and the
     trainer from the resolved config, then train one step."""
     logged = []
     cfg = build_run_config({
