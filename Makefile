@@ -43,24 +43,25 @@ demo: data $(PRETRAINED)
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
 	    --train.init_from $(RUNS)/pretrain/checkpoint
 	$(STAGE) 4/7 "evaluate the teacher (BLEU, chrF, losses, speed)" -- \
-	    $(PY) runners/evaluate.py --checkpoint $(RUNS)/translate/checkpoint --name teacher \
-	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval \
-	    --save-hyps $(RUNS)/eval/hyps.tsv
+	    $(PY) runners/evaluate.py --eval.checkpoint $(RUNS)/translate/checkpoint \
+	    --eval.name teacher --data.dir $(DATA) --eval.input $(DATA)/pairs/test.tsv \
+	    --eval.out_dir $(RUNS)/eval --eval.save_hyps $(RUNS)/eval/hyps.tsv
 	# compression: prune the teacher to 50% of its non-embedding weights, then distil.
 	# Width and depth (4 of 6 layers, hidden 256 -> 192): depth alone (3 layers) decodes
 	# faster but leaves importance only the choice of layers (README, "Compression")
 	$(STAGE) 5/7 "prune the teacher into the student" -- \
-	    $(PY) runners/prune.py --teacher $(RUNS)/translate/checkpoint --data-dir $(DATA) \
-	    --out $(RUNS)/student/pruned --method activation --layer-metric loss \
-	    --calib-task translation --seq-len 48 --layers 4 --hidden 192 --threads $(THREADS)
+	    $(PY) runners/prune.py --prune.teacher $(RUNS)/translate/checkpoint --data.dir $(DATA) \
+	    --prune.out_dir $(RUNS)/student/pruned --prune.method activation \
+	    --prune.layer_metric loss --data.task translation --prune.seq_len 48 \
+	    --prune.layers 4 --prune.hidden 192 --prune.threads $(THREADS)
 	$(STAGE) 6/7 "distil the teacher into the student" -- \
-	    $(PY) runners/distill.py --teacher $(RUNS)/translate/checkpoint --force \
-	    --student $(RUNS)/student/pruned --config configs/demo_distill.json \
+	    $(PY) runners/distill.py --distill.teacher $(RUNS)/translate/checkpoint --force \
+	    --distill.student $(RUNS)/student/pruned --config configs/demo_distill.json \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/student/kd --train.threads $(THREADS)
 	$(STAGE) 7/7 "evaluate the student" -- \
-	    $(PY) runners/evaluate.py --checkpoint $(RUNS)/student/kd/checkpoint --name student \
-	    --data-dir $(DATA) --input $(DATA)/pairs/test.tsv --out $(RUNS)/eval_student \
-	    --save-hyps $(RUNS)/eval_student/hyps.tsv
+	    $(PY) runners/evaluate.py --eval.checkpoint $(RUNS)/student/kd/checkpoint \
+	    --eval.name student --data.dir $(DATA) --eval.input $(DATA)/pairs/test.tsv \
+	    --eval.out_dir $(RUNS)/eval_student --eval.save_hyps $(RUNS)/eval_student/hyps.tsv
 	@echo; echo "teacher vs student (held-out catalogues: wget, tar, sed, grep)"
 	@cat $(RUNS)/eval/eval.md; tail -n 1 $(RUNS)/eval_student/eval.md
 	@$(STAGE) --since $(T0) "make demo"

@@ -17,25 +17,25 @@ from model.config import GLMConfig
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    micro_batch_size: int = 8
+    steps: int = 100              # optimizer steps
+    micro_batch_size: int = 8     # sequences per microbatch
     num_microbatches: int = 1         # per data-parallel rank and optimizer step
-    seq_len: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    seq_len: int = 128            # tokens per sequence
+    lr: float = 1e-3              # peak learning rate (after warmup; cosine decay to min_lr)
+    min_lr: float = 1e-4          # learning rate at the last step
+    warmup_steps: int = 10        # linear warmup steps
+    weight_decay: float = 0.1     # AdamW decoupled weight decay
+    beta1: float = 0.9            # AdamW beta1
+    beta2: float = 0.95           # AdamW beta2
+    eps: float = 1e-8             # AdamW epsilon
     grad_clip: float = 1.0            # 0 disables clipping
     precision: str = "auto"           # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 1234
-    log_every: int = 10
+    seed: int = 1234              # init, data order and dropout seed
+    log_every: int = 10           # steps between log lines
     eval_every: int = 50              # 0 disables periodic eval
-    eval_batches: int = 4
+    eval_batches: int = 4         # dev batches per evaluation
     save_every: int = 0               # 0: save only at the end
-    out_dir: str = "runs/pretrain"
+    out_dir: str = "runs/pretrain"  # run folder: checkpoints/, metrics.jsonl, lock
     init_from: str = ""               # checkpoint dir whose model weights start this run
     threads: int = 0                  # torch intra-op threads; 0 leaves torch's default
     recompute: bool = False           # full activation recompute: layers keep only their
@@ -103,13 +103,13 @@ AUTO_DEVICES = ("measure", "cpu", "h100", "a100")
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1                   # tensor-parallel ranks
+    pp: int = 1                   # pipeline stages
     dp: int = 0                       # 0: whatever the world size leaves after tp * pp
-    vpp: int = 1
+    vpp: int = 1                  # model chunks per pipeline stage (interleaved)
     sequence_parallel: bool = False   # with tp > 1: norms / residual sharded along seq
     schedule: str = "1f1b"            # engine.pipeline.names.SCHEDULES
-    zero_stage: int = 0
+    zero_stage: int = 0           # 0, 1 (optimizer state) or 2 (and grads) sharded over dp
     timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then
     # auto (`--parallel auto`): engine.planner chooses tp, pp, dp, vpp, schedule, zero_stage,
     # sequence_parallel and train.micro_batch_size / num_microbatches / recompute for the

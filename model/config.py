@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 @dataclass
 class GLMConfig:
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
+    num_layers: int = 2                 # transformer blocks
+    hidden_size: int = 64               # width of the residual stream
+    num_attention_heads: int = 4        # query heads per layer
     multi_query_group_num: int = 2      # KV groups; == heads is plain MHA, 1 is MQA
     kv_channels: int = 16               # head dim
-    ffn_hidden_size: int = 172
-    padded_vocab_size: int = 512
+    ffn_hidden_size: int = 172          # SwiGLU inner width
+    padded_vocab_size: int = 512        # embedding / output rows (the tokenizer's, padded)
     seq_length: int = 128               # longest sequence the rotary cache is built for
-    rope_ratio: float = 1.0             # how it applies: rope_scaling
+    rope_ratio: float = 1.0             # rotary scale factor; how it applies: rope_scaling
     # what rope_ratio scales, as each published model's own code reads it: "base" (rotary
     # base 10000 * rope_ratio: native models, GLM-4, chatglm3-6b-32k), "position"
     # (positions / rope_ratio, base 10000: chatglm2-6b-32k), "none" (ignored: chatglm3-6b)
@@ -34,12 +34,12 @@ class GLMConfig:
     # prompt format of an imported chat model ("chatglm3": <|user|> ... <|assistant|>, also
     # GLM-4's; "chatglm2": [Round 1] 问：... 答：); "" for native and base models
     chat_format: str = ""
-    layernorm_epsilon: float = 1e-5
-    add_qkv_bias: bool = True
-    add_bias_linear: bool = False
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_std: float = 0.02
+    layernorm_epsilon: float = 1e-5     # RMSNorm epsilon
+    add_qkv_bias: bool = True           # bias on the fused QKV projection (ChatGLM has one)
+    add_bias_linear: bool = False       # bias on the other linear layers
+    hidden_dropout: float = 0.0         # residual dropout (embedding, attention, MLP), [0, 1)
+    attention_dropout: float = 0.0      # kept for ChatGLM configs; only 0.0 is supported
+    init_std: float = 0.02              # std of the normal weight init
     kernels: str = "auto"               # "auto" | "triton" | "torch": see kernels/ops.py
 
     def __post_init__(self):

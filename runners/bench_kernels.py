@@ -21,16 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from engine.errors import run_main  # noqa: E402
+from engine.errors import run_main
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must happen before anything imports triton

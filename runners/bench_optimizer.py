@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from datetime import timedelta
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from engine.optim import DistributedOptimizer, OptimConfig  # noqa: E402
-from model import GLM, GLMConfig  # noqa: E402
-from engine.errors import run_main  # noqa: E402
+from engine.optim import DistributedOptimizer, OptimConfig
+from model import GLM, GLMConfig
+from engine.errors import run_main
 
 
 def time_steps(model, opt, cfg: GLMConfig, batch: int, seq_len: int, steps: int):

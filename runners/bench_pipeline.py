@@ -35,25 +35,22 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 from datetime import timedelta
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from engine.parallel.spawn import run_workers  # noqa: E402
-from engine.pipeline.p2p import P2P  # noqa: E402
-from engine.parallel.state import ParallelDims, init_distributed  # noqa: E402
-from engine.pipeline.schedules import StepContext, forward_backward  # noqa: E402
-from engine.pipeline.stage import build_stage  # noqa: E402
-from engine.pipeline.stats import SavedActivationMeter, ScheduleStats  # noqa: E402
-from engine.train.timing import Clock  # noqa: E402
-from model import GLM, GLMConfig  # noqa: E402
-from engine.errors import run_main  # noqa: E402
+from engine.parallel.spawn import run_workers
+from engine.pipeline.p2p import P2P
+from engine.parallel.state import ParallelDims, init_distributed
+from engine.pipeline.schedules import StepContext, forward_backward
+from engine.pipeline.stage import build_stage
+from engine.pipeline.stats import SavedActivationMeter, ScheduleStats
+from engine.train.timing import Clock
+from model import GLM, GLMConfig
+from engine.errors import run_main
 
 
 def parse_args(argv=None):

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from engine.train.flops import train_flops_per_token  # noqa: E402
-from engine.train.timing import Clock, peak_flops, time_fn  # noqa: E402
-from model import GLM, GLMConfig  # noqa: E402
-from engine.errors import run_main  # noqa: E402
+from engine.train.flops import train_flops_per_token
+from engine.train.timing import Clock, peak_flops, time_fn
+from model import GLM, GLMConfig
+from engine.errors import run_main
 
 
 def matmul_flops(n: int, reps: int, device, dtype=torch.float32) -> float:

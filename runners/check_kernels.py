@@ -14,7 +14,6 @@ import os
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT kernels: must precede importing triton
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels import aot_check  # noqa: E402
 

@@ -10,12 +10,9 @@ one markdown file; each section is guarded, so one failure is recorded and the r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.gpu_check import SECTIONS, Plan, describe, run  # noqa: E402
+from engine.gpu_check import SECTIONS, Plan, describe, run
 
 
 def main(argv=None) -> int:

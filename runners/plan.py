@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.planner import PlanRequest, best, device_profile, format_table, plan  # noqa: E402
-from engine.planner.explain import LEGEND, launch_flags  # noqa: E402
-from engine.errors import fail, run_main  # noqa: E402
+from engine.planner import PlanRequest, best, device_profile, format_table, plan
+from engine.planner.explain import LEGEND, launch_flags
+from engine.errors import fail, run_main
 
 GB = 1e9
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.recipe.data.prepare import PrepareConfig, prepare  # noqa: E402
-from engine.errors import fail, run_main  # noqa: E402
+from engine.recipe.data.prepare import PrepareConfig, prepare
+from engine.errors import fail, run_main
 
 
 def parse_args(argv=None):

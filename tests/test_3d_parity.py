@@ -6,7 +6,7 @@ import pytest
 
 from dist import run_workers
 from engine.config import build_run_config
-from engine.train.launch import model_parallel_group
+from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.tensor_parallel import gather_full_tensors
 from engine.train.trainer import Trainer

@@ -1,4 +1,4 @@
-"""runners/bench_decode.py: every model decodes exactly the requested tokens (no early
+"""runners/bench_decode.py (engine/recipe/decode_bench.py): every model decodes exactly the requested tokens (no early
 stop), the models are timed in turns, and ratios are to the first model."""
 import os
 import subprocess
@@ -8,9 +8,9 @@ import torch
 
 from model import GLM, GLMConfig
 
+from engine.recipe import decode_bench as bench_decode
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "runners"))
-import bench_decode  # noqa: E402
 
 
 def _model(layers: int) -> GLM:

@@ -155,7 +155,7 @@ def test_tokenizer_special_ids_and_round_trip(sp_model):
 def test_native_tokenizer_still_native_and_tiktoken_refused(tmp_path):
     native = Tokenizer.train(["hello world 你好"] * 50, tmp_path / "native", vocab_size=300)
     assert isinstance(load_tokenizer(native.path), Tokenizer)
-    from runners.convert_checkpoint import source_tokenizer
+    from engine.train.convert import source_tokenizer
     # a native model exported with its tokenizer re-imports with it
     assert source_tokenizer(str(native.path.parent), 1024) == str(native.path)
     tik = tmp_path / "tokenizer.model"
@@ -202,7 +202,7 @@ def test_chat_prompt_and_causal_examples(sp_model):
 
 # ---- import -> fine-tune -> export -> import -------------------------------------------
 def test_import_finetune_export_import(tmp_path, sp_model):
-    from runners.convert_checkpoint import from_chatglm, native_model, to_chatglm
+    from engine.train.convert import from_chatglm, native_model, to_chatglm
     src = make_chatglm_dir(str(tmp_path / "published"), "base", 2.0, tokenizer=sp_model)
     native = str(tmp_path / "native")
     from_chatglm(src, native, log=lambda *_: None)

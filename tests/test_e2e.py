@@ -41,9 +41,10 @@ def test_pretrain_finetune_evaluate(data_dir, tmp_path):
     run("runners/pretrain.py", *TINY, "--data.dir", str(data_dir), "--data.task",
         "translation", "--train.steps", "2", "--train.out_dir", str(ft),
         "--train.init_from", str(pre / "checkpoint"))
-    out = run("runners/evaluate.py", "--checkpoint", str(ft / "checkpoint"), "--input",
-              str(data_dir / "pairs" / "test.tsv"), "--data-dir", str(data_dir), "--limit", "6",
-              "--max-new-tokens", "8", "--latency-samples", "2", "--out", str(ev)).stdout
+    out = run("runners/evaluate.py", "--eval.checkpoint", str(ft / "checkpoint"),
+              "--eval.input", str(data_dir / "pairs" / "test.tsv"), "--data.dir", str(data_dir),
+              "--eval.limit", "6", "--eval.max_new_tokens", "8", "--eval.latency_samples", "2",
+              "--eval.out_dir", str(ev)).stdout
     assert "| BLEU |" in out
     result = json.load(open(ev / "eval.json"))
     assert result["n_sentences"] == 6 and result["params"] > 0
@@ -53,17 +54,19 @@ def test_pretrain_finetune_evaluate(data_dir, tmp_path):
 
     # compression: prune the fine-tuned model to ~half its layers, distil, evaluate
     st = tmp_path / "student"
-    out = run("runners/prune.py", "--teacher", str(ft / "checkpoint"), "--data-dir",
-              str(data_dir), "--out", str(st / "pruned"), "--layers", "2", "--keep", "0.5",
-              "--calib-batches", "2", "--batch-size", "2", "--seq-len", "48").stdout
+    out = run("runners/prune.py", "--prune.teacher", str(ft / "checkpoint"), "--data.dir",
+              str(data_dir), "--prune.out_dir", str(st / "pruned"), "--prune.layers", "2",
+              "--prune.keep", "0.5", "--prune.calib_batches", "2",
+              "--prune.micro_batch_size", "2", "--prune.seq_len", "48").stdout
     assert "adjusted rope_ratio" in out and "{" not in out    # every printed value labelled
-    run("runners/distill.py", "--teacher", str(ft / "checkpoint"), "--student",
+    run("runners/distill.py", "--distill.teacher", str(ft / "checkpoint"), "--distill.student",
         str(st / "pruned"), "--data.dir", str(data_dir), "--train.steps", "2",
         "--train.micro_batch_size", "4", "--train.seq_len", "48", "--train.eval_batches", "1",
         "--train.out_dir", str(st / "kd"))
-    out = run("runners/evaluate.py", "--checkpoint", str(st / "kd" / "checkpoint"), "--input",
-              str(data_dir / "pairs" / "test.tsv"), "--limit", "4", "--max-new-tokens", "4",
-              "--latency-samples", "1", "--name", "student").stdout
+    out = run("runners/evaluate.py", "--eval.checkpoint", str(st / "kd" / "checkpoint"),
+              "--eval.input", str(data_dir / "pairs" / "test.tsv"), "--eval.limit", "4",
+              "--eval.max_new_tokens", "4", "--eval.latency_samples", "1",
+              "--eval.name", "student").stdout
     student = json.load(open(st / "kd" / "checkpoint" / "meta.json"))
     assert student["config"]["model"]["num_layers"] == 2 and "| student |" in out
 
@@ -96,22 +99,22 @@ def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
     ck = tmp_path / "pre"
     run("runners/pretrain.py", *TINY, "--data.dir", str(data_dir), "--train.steps", "1",
         "--train.out_dir", str(ck))
-    _one_line_error(run("runners/evaluate.py", "--checkpoint", str(ck / "checkpoint"),
-                        "--input", str(bad), check=False), "bad.tsv", "2")
+    _one_line_error(run("runners/evaluate.py", "--eval.checkpoint", str(ck / "checkpoint"),
+                        "--eval.input", str(bad), check=False), "bad.tsv", "2")
     # a tokenizer that does not belong to the checkpoint
     from model.tokenizer import Tokenizer
     other = Tokenizer.train([f"line {i} 文件 {i * 7} word{i % 50}" for i in range(500)],
                             tmp_path / "other",
                             vocab_size=300)
-    _one_line_error(run("runners/evaluate.py", "--checkpoint", str(ck / "checkpoint"),
-                        "--input", str(data_dir / "pairs" / "test.tsv"), "--tokenizer",
-                        str(other.path), check=False),
+    _one_line_error(run("runners/evaluate.py", "--eval.checkpoint", str(ck / "checkpoint"),
+                        "--eval.input", str(data_dir / "pairs" / "test.tsv"),
+                        "--eval.tokenizer", str(other.path), check=False),
                     "does not match")
     # a truncated checkpoint file; the checkpoint folder is left as it was
     f = ck / "checkpoint" / "model" / "stage0.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     before = sorted(os.listdir(ck / "checkpoint"))
-    _one_line_error(run("runners/evaluate.py", "--checkpoint", str(ck / "checkpoint"),
-                        "--input", str(data_dir / "pairs" / "test.tsv"), check=False),
+    _one_line_error(run("runners/evaluate.py", "--eval.checkpoint", str(ck / "checkpoint"),
+                        "--eval.input", str(data_dir / "pairs" / "test.tsv"), check=False),
                     "truncated")
     assert sorted(os.listdir(ck / "checkpoint")) == before

@@ -61,11 +61,12 @@ def other_data(tmp_path_factory):
 
 
 def pretrain(data, out, *extra, steps=4):
-    """runners/pretrain.py in-process: (exit code, stdout+stderr lines, seconds)."""
+    """The pretrain workflow's command line (runners/pretrain.py) in-process: (exit code,
+    stdout+stderr lines, seconds)."""
     import contextlib
     import io
 
-    from runners.pretrain import main
+    from engine.recipe.workflows.pretrain import main
     buf = io.StringIO()
     t0 = time.perf_counter()
     code = 0
@@ -378,17 +379,17 @@ def test_swapped_tokenizer_is_refused_by_evaluate_and_convert(data, other_data, 
     before = snapshot(out)
     tsv = tmp_path / "t.tsv"
     tsv.write_text("open file\t打开 文件\n", encoding="utf-8")
-    from runners.evaluate import main as evaluate
+    from engine.recipe.workflows.evaluate import main as evaluate
     # evaluate with another data dir's shards: refused, it would be a meaningless loss
     with pytest.raises(SystemExit) as e:
-        evaluate(["--checkpoint", str(ck), "--input", str(tsv), "--data-dir",
-                  str(other_data), "--limit", "1", "--max-new-tokens", "2",
-                  "--latency-samples", "1"])
+        evaluate(["--eval.checkpoint", str(ck), "--eval.input", str(tsv), "--data.dir",
+                  str(other_data), "--eval.limit", "1", "--eval.max_new_tokens", "2",
+                  "--eval.latency_samples", "1"])
     assert "written with tokenizer" in str(e.value.code)
     assert_kept(before, out)
     # a checkpoint from before tokenizers were hashed (copied in afterwards): the
     # converter checks it against tokenizer_sha256 before shipping it
-    from runners.convert_checkpoint import main as convert
+    from engine.train.convert import main as convert
     legacy = tmp_path / "legacy"
     model = ckpt_lib.Checkpoint(_newest(out)).load("model")
     meta = {k: v for k, v in json.load(open(ck / "meta.json")).items()
@@ -402,7 +403,7 @@ def test_swapped_tokenizer_is_refused_by_evaluate_and_convert(data, other_data, 
     # a tokenizer.model swapped inside a checkpoint fails its sha256
     shutil.copy(other_data / "tokenizer" / "tokenizer.model", ck / "tokenizer.model")
     with pytest.raises(SystemExit) as e:
-        evaluate(["--checkpoint", str(ck), "--input", str(tsv)])
+        evaluate(["--eval.checkpoint", str(ck), "--eval.input", str(tsv)])
     assert "tokenizer.model is corrupt" in str(e.value.code)
 
 

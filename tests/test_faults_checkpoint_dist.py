@@ -11,7 +11,7 @@ from dist import run_workers
 def _worker(rank, world, out_dir):
     from engine.train import checkpoint as ckpt_lib
     from engine.config import build_run_config
-    from engine.train.launch import model_parallel_group
+    from engine.parallel.state import model_parallel_group
     from engine.parallel.state import ParallelDims, init_distributed
     from engine.train.run_dir import open_run_dir
     from engine.train.trainer import Trainer

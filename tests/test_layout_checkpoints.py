@@ -4,7 +4,7 @@ import torch
 
 from dist import run_workers
 from engine.config import build_run_config
-from engine.train.launch import model_parallel_group
+from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, ParallelState, init_distributed
 from engine.train.trainer import Trainer
 from test_trainer import RandomTokens

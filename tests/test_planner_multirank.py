@@ -17,13 +17,14 @@ import torch
 
 from dist import run_workers
 from engine.config import RunConfig, build_run_config, parse_overrides
-from engine.train.launch import model_parallel_group, parallel_state, plan_parallel, resolve_parallel
+from engine.parallel.state import model_parallel_group
+from engine.train.launch import parallel_state, plan_parallel, resolve_parallel
 from engine.planner import Layout, PlanRequest, best, device_profile, plan, predict_memory
 from engine.planner.measure import measure_trainer
 from engine.train.trainer import Trainer
 from model import GLMConfig
-from runners.validate_planner import (HEADER, LAYOUTS, format_row, ranking_pairs, spearman,
-                                      summary, validate)
+from engine.planner.validate import (HEADER, LAYOUTS, format_row, ranking_pairs, spearman,
+                                     summary, validate)
 from test_trainer import RandomTokens
 
 SEQ, BATCH, ROUNDS = 64, 4, 5
@@ -80,7 +81,7 @@ def test_the_two_activation_meters_agree(rows):
 def test_step_time_ranking_matches_measured(rows):
     """A pair counts as measured in the planner's order when the medians agree, or as a
     tie when they are reversed by no more than the larger of the two layouts' median
-    absolute deviation over the rounds (runners/validate_planner.ranking_pairs). Pairs
+    absolute deviation over the rounds (engine/planner/validate.ranking_pairs). Pairs
     the planner separates by >= 50% must all be in order (or tied); of those it
     separates by >= 25%, at least 75% must be in order or tied and at most one
     reversed beyond noise. Closer pairs are not ranked. Why one: on this shared 2-core
@@ -189,7 +190,7 @@ def test_sequence_parallel_only_where_tp_divides_the_sequence():
 
 
 def _auto_worker(rank, world):
-    """What run_training does under torchrun: resolve, then build the groups and the
+    """What the pretrain workflow does under torchrun: resolve, then build the groups and the
     trainer from the resolved config, then train one step."""
     logged = []
     cfg = build_run_config({

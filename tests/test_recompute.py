@@ -12,7 +12,7 @@ import torch
 import engine.train.recompute
 from dist import run_workers
 from engine.config import build_run_config, parse_overrides
-from engine.train.launch import model_parallel_group
+from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.planner.measure import schedule_meter_peak
 from engine.tensor_parallel import gather_full_tensors

@@ -15,7 +15,7 @@ import torch
 from dist import run_workers
 from engine.train import checkpoint as ckpt_lib
 from engine.config import build_run_config
-from engine.train.launch import model_parallel_group
+from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, ParallelState, init_distributed
 from engine.tensor_parallel import gather_full_tensors
 from engine.train.trainer import Trainer
@@ -135,7 +135,7 @@ def _first_loss(cfg) -> float:
 
 
 def test_chatglm_round_trip_is_bitwise(saved, tmp_path):
-    from runners.convert_checkpoint import main
+    from engine.train.convert import main
     _, ref_params, ckpt, _ = saved
     hf, back = tmp_path / "chatglm", tmp_path / "native"
     main(["--to-chatglm", ckpt, str(hf)])
@@ -161,7 +161,7 @@ def test_chatglm_round_trip_is_bitwise(saved, tmp_path):
 
 
 def test_convert_errors_are_one_line(saved, tmp_path):
-    from runners.convert_checkpoint import main
+    from engine.train.convert import main
     _, _, ckpt, _ = saved
     cases = [
         (["--to-chatglm", str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),

@@ -5,7 +5,7 @@ import torch
 
 from dist import run_workers
 from engine.config import build_run_config
-from engine.train.launch import model_parallel_group
+from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.train.trainer import Trainer, lr_at
 from model.masks import causal_example, collate, corrupt_spans, gmask_example

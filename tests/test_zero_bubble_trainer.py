@@ -4,7 +4,7 @@ fill during B and W, clipping and the inf check before the step) matches one pro
 continues under a single process with the same losses."""
 from dist import run_workers
 from engine.config import build_run_config
-from engine.train.launch import model_parallel_group
+from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.train.trainer import Trainer
 from test_trainer_parity import PARAM_ATOL, MixedBatches, _close, manual_steps

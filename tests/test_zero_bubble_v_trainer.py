@@ -4,7 +4,7 @@ matches one process (losses, grad norms, reduced gradients, updated parameters),
 checkpoint (parameters by their global names, wherever the V put them) continues under a
 single process with the same losses."""
 from dist import run_workers
-from engine.train.launch import model_parallel_group
+from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.train.trainer import Trainer
 from test_trainer_parity import PARAM_ATOL, MixedBatches, _close, manual_steps

@@ -72,14 +72,14 @@ def hybrid_loss(loss_s: torch.Tensor, loss_d: torch.Tensor, alpha: float) -> tor
 class FinetuneConfig:
     strategy: str = "mixed"        # source | target | mixed (paper Fig. 5)
     alpha: float = -1.0            # < 0: from Eq. 11 with the weights and dataset sizes
-    w_s: float = 1.0
-    w_d: float = 1.0
+    w_s: float = 1.0               # Eq. 11 weight of the source task
+    w_d: float = 1.0               # Eq. 11 weight of the target task
     mixing: str = "sample"         # sample: draw with p = alpha; weight: p = 1/2, weighted
     lam: float = 0.65              # Eq. 13 lambda (teacher share of the student's loss)
-    temperature: float = 1.0
+    temperature: float = 1.0       # student stage: KD temperature T
     teacher_layout: str = "same"   # student stage: distill.teacher_layout (same | last)
-    source_direction: str = "en-zh"
-    target_direction: str = "zh-en"
+    source_direction: str = "en-zh"  # D_s: en-zh | zh-en
+    target_direction: str = "zh-en"  # D_d: en-zh | zh-en
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

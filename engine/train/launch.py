@@ -1,5 +1,6 @@
-"""Glue between a RunConfig and the Trainer: the process groups (under torchrun), the
-out_dir (lock, resume or refuse: engine/train/run_dir.py), data, tokenizer check, final save."""
+"""Glue between a RunConfig and the Trainer: the layout (`--parallel auto`), the process
+groups (under torchrun), the out_dir (lock, resume or refuse: engine/train/run_dir.py).
+The lifecycle that uses them is engine/train/lifecycle.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from engine.train import checkpoint as ckpt_lib
-from engine.train.checkpoint import TOKENIZER_FILE
 from engine.config import RunConfig
-from engine.parallel.state import model_parallel_group
-from engine.recipe.data.loaders import make_datasets
-from engine.train.trainer import Trainer
-from model.config import with_layout_of
 
 
 def world_size() -> int:
@@ -151,46 +146,3 @@ def open_out_dir(cfg: RunConfig, state, resume: bool, force: bool, log=print):
     return open_run_dir(cfg.train.out_dir, resume=resume, force=force,
                         keep=cfg.train.keep_checkpoints, state=state, log=log,
                         command=" ".join(sys.argv))
-
-
-def run_training(cfg: RunConfig, resume: bool = False, log=print,
-                 force: bool = False) -> Trainer:
-    """force: start over in an out_dir that holds checkpoints (they are set aside)."""
-    cfg = resolve_parallel(cfg, log)
-    tc = cfg.train
-    if tc.init_from:
-        # an imported ChatGLM keeps its causal 1D layout and rope (model/config.py)
-        cfg.model = with_layout_of(cfg.model, ckpt_lib.Checkpoint(tc.init_from)
-                                   .meta.get("config", {}).get("model", {}))
-    state = parallel_state(cfg)
-    run_dir = None
-    try:
-        run_dir = open_out_dir(cfg, state, resume, force, log)
-        tok, train, dev = make_datasets(cfg.data.dir, cfg.data.task, tc.seq_len, tc.seed,
-                                        cfg.model.padded_vocab_size, cfg.data.objective,
-                                        model_config=cfg.model, pack=cfg.data.pack)
-        # the tokenizer travels inside every checkpoint so evaluation needs nothing else
-        trainer = Trainer.from_config(cfg, train, dev, state=state,
-                                      tokenizer_sha256=tok.sha256, log=log,
-                                      mp_group=model_parallel_group(state),
-                                      extra_files={TOKENIZER_FILE: str(tok.path)})
-        if run_dir.resume_path:
-            trainer.resume(run_dir.resume_path)
-            trainer.log(f"resumed from {run_dir.resume_path} at step {trainer.step}")
-        from engine.train.metrics import params_line
-        params = params_line(cfg.model, trainer.named_trained_parameters(), state)
-        layout = (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
-                  f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state.distributed
-                  else "single process") + (" | activation recompute" if tc.recompute else "")
-        trainer.log(f"model: {params} | {layout} | task "
-                    f"{cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
-                    f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")
-        trainer.fit()
-        path = trainer.save()
-        trainer.log(stopped_line(trainer, path) if trainer.stopped_by else f"saved {path}")
-        return trainer
-    finally:
-        if run_dir is not None:
-            run_dir.close()
-        if state.distributed and dist.is_initialized():
-            dist.destroy_process_group()

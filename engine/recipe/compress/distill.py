@@ -76,9 +76,9 @@ class DistillConfig:
               under TP each rank keeps its own vocabulary (and sequence) rows. For any
               teacher shape; memory and time of the whole teacher on the last stage.
     With one stage and no TP both are the same thing: the whole teacher on every rank."""
-    ce_weight: float = 1.0
-    kl_weight: float = 1.0
-    hidden_weight: float = 1.0
+    ce_weight: float = 1.0         # weight of the label cross-entropy
+    kl_weight: float = 1.0         # weight of the T^2 KL to the teacher's logits
+    hidden_weight: float = 1.0     # weight of the final-hidden-state loss
     hidden_loss: str = "mse"       # "sum_sq" (Eq. 10) | "mse"
     temperature: float = 1.0       # the paper's "smoothed logits", T = 1
     teacher_layout: str = "same"   # "same" | "last"

@@ -136,7 +136,7 @@ def exact_rope_ratio(config: GLMConfig, new_head_dim: int, stride: int) -> float
         # base' would have to change while positions stay divided: not one rope_ratio
         raise ValueError("head-dim pruning with rotary='exact' needs a base-scaled rope; this "
                          "model divides positions by rope_ratio (rope_scaling='position'): "
-                         "keep --head-dim or use --rotary free")
+                         "keep the head dim or use --prune.rotary free")
     return config.rope_base ** (stride * new_head_dim / config.kv_channels) / 10000.0
 
 

@@ -64,7 +64,8 @@ class Recipe:
                 "--parallel.pp", str(pp), "--finetune.lam", str(rc.lam),
                 # a stage not reused is redone from its start, over a crashed attempt
                 "--force",
-                "--source-tsv", self.train_tsv, "--target-tsv", self.train_tsv]
+                "--finetune.source_tsv", self.train_tsv,
+                "--finetune.target_tsv", self.train_tsv]
 
     def _timed(self, name: str, fn):
         t0 = time.perf_counter()
@@ -95,7 +96,7 @@ class Recipe:
     def teacher(self, name: str, strategy: str, steps: int, init: str = "", pp: int = 1,
                 alpha: float | None = None):
         out = os.path.join(self.work, name)
-        argv = ["teacher", *self._common(steps, out, pp), "--model.preset", self.rc.preset,
+        argv = ["--finetune.stage", "teacher", *self._common(steps, out, pp), "--model.preset", self.rc.preset,
                 "--model.padded_vocab_size", str(self.rc.vocab),
                 "--finetune.strategy", strategy,
                 "--finetune.alpha", str(self.rc.alpha if alpha is None else alpha)]
@@ -109,19 +110,19 @@ class Recipe:
     def prune(self, name: str, teacher: str, keep: float, method: str = "activation"):
         out = os.path.join(self.work, name)
         rc = self.rc
-        argv = ["--teacher", teacher, "--data-dir", rc.data_dir, "--out", out,
-                "--method", method, "--keep", str(keep), "--paper-rule",
-                "--calib-batches", str(rc.calib_batches), "--batch-size", "8",
-                "--seq-len", str(rc.seq_len), "--seed", str(rc.seed),
-                "--threads", str(rc.threads)]
+        argv = ["--prune.teacher", teacher, "--data.dir", rc.data_dir, "--prune.out_dir", out,
+                "--prune.method", method, "--prune.keep", str(keep),
+                "--prune.paper_rule", "true", "--prune.calib_batches", str(rc.calib_batches),
+                "--prune.micro_batch_size", "8", "--prune.seq_len", str(rc.seq_len),
+                "--prune.seed", str(rc.seed), "--prune.threads", str(rc.threads)]
         if not self._reuse(name, os.path.join(out, "meta.json")):
             self._timed(name, lambda: run_stage("prune", argv, out + ".log"))
         return out
 
     def student(self, name: str, teacher: str, pruned: str, pp: int = 1):
         out = os.path.join(self.work, name)
-        argv = ["student", *self._common(self.rc.distill_steps, out, pp),
-                "--teacher", teacher, "--student", pruned]
+        argv = ["--finetune.stage", "student", *self._common(self.rc.distill_steps, out, pp),
+                "--finetune.teacher", teacher, "--finetune.student", pruned]
         if not self._reuse(name, os.path.join(out, "finetune.json")):
             self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
         self._record(name, out)

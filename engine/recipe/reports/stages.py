@@ -1,31 +1,26 @@
-"""One recipe stage = one of the project's runners, so the report exercises exactly what a
-user runs. Single-process stages run in this process (no interpreter + torch start-up per
-stage); pipeline stages (pp > 1) run under torchrun, one process per stage, 1 thread each."""
+"""One recipe stage = one workflow (engine/recipe/workflows) with the command line a user
+gives its runner, so the report exercises exactly what a user runs. Single-process stages
+call the workflow's main(argv) in this process (no interpreter + torch start-up per
+stage); pipeline stages (pp > 1) run runners/<name>.py under torchrun, one process per
+stage, 1 thread each: that launch is the library's only use of a runner file."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-_MODULES: dict = {}
 
 
 class StageError(RuntimeError):
     pass
 
 
-def _runner(name: str):
-    if name not in _MODULES:
-        path = os.path.join(ROOT, "runners", f"{name}.py")
-        spec = importlib.util.spec_from_file_location(f"_report_runner_{name}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _MODULES[name] = mod
-    return _MODULES[name]
+def _workflow(name: str):
+    return importlib.import_module(f"engine.recipe.workflows.{name}")
 
 
 def _tail(path: str, n: int = 15) -> str:
@@ -34,8 +29,8 @@ def _tail(path: str, n: int = 15) -> str:
 
 
 def run_stage(name: str, argv: list[str], log_path: str, nproc: int = 1) -> None:
-    """Run runners/<name>.py with argv; its output goes to log_path. Raises StageError
-    with the log's tail when the stage fails."""
+    """Run workflow <name> with the command line argv; its output goes to log_path.
+    Raises StageError with the log's tail when the stage fails."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     if nproc == 1:
         import torch
@@ -43,14 +38,14 @@ def run_stage(name: str, argv: list[str], log_path: str, nproc: int = 1) -> None
         with open(log_path, "w", encoding="utf-8") as log, \
                 contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
-                _runner(name).main(argv)
+                _workflow(name).main(argv)
                 code = 0
-            except SystemExit as e:       # runners exit with "error: ..." on bad input
+            except SystemExit as e:       # workflows exit with "error: ..." on bad input
                 code = e.code
                 if code not in (0, None):
                     print(code)
             finally:
-                torch.set_num_threads(threads)   # a runner may have changed it
+                torch.set_num_threads(threads)   # a workflow may have changed it
         if code not in (0, None):
             raise StageError(f"stage {name} failed:\n{_tail(log_path)}")
         return

@@ -1,0 +1,225 @@
+"""One command line for every workflow runner: `--config FILE` plus `--section.field VALUE`
+overrides of the workflow's dataclasses, `--help` generated from those dataclasses (every
+field, its default, one line of help), `--print-config` (print the resolved config as
+JSON and exit).
+
+A field's help is its `metadata["help"]`, else the comment on its line (and the
+`#   ...` continuation lines under it), else the comment block just above it: the
+dataclass source is the one place it is written, so the listing cannot drift from it.
+
+Old dash flags of a runner stay as aliases for one release: each maps to one field (or
+a switch) and prints a one-line deprecation warning naming the new spelling."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import io
+import json
+import re
+import sys
+import tokenize
+from dataclasses import dataclass, field
+
+from engine.config import parse_overrides
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:")
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: one line of help} from metadata or the class source's comments (a
+    subclass's fields from its own source, inherited ones from its bases')."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            out.update(_own_help(base))
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            out[f.name] = f.metadata["help"]
+    return out
+
+
+def _own_help(cls) -> dict[str, str]:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    comments: dict[int, str] = {}           # line index -> comment text (after "#")
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0] - 1] = tok.string[1:]
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    i = 0
+    while i < len(lines):
+        m = _FIELD_LINE.match(lines[i])
+        own = lines[i].lstrip().startswith("#")
+        if m and m.group(1) in names and m.group(1) not in out and not own:
+            text = []
+            if i in comments:
+                text.append(comments[i].strip())
+                # continuation: a comment-only line whose text is indented ("#    more")
+                while i + 1 < len(lines) and lines[i + 1].lstrip().startswith("#") \
+                        and comments.get(i + 1, "").startswith("  "):
+                    i += 1
+                    text.append(comments[i].strip())
+            out[m.group(1)] = " ".join(t for t in (text or above) if t)
+            above = []
+        elif own:
+            above.append(comments.get(i, "").strip())
+        else:
+            above = []
+        i += 1
+    return out
+
+
+def _type_name(f) -> str:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return t.replace("typing.", "").replace("Optional[", "").rstrip("]").replace(" | None", "")
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+@dataclass
+class Alias:
+    """An old flag: `--data-dir X` is `--data.dir X`; a switch (`--paper-rule`) sets the
+    field to `value`; positional=True: a bare word at argv[0] (finetune's old stage)."""
+    key: str
+    switch: bool = False
+    value: object = True
+
+
+@dataclass
+class Command:
+    """A runner's command line. sections: {name: dataclass} listed in --help; build(base,
+    overrides) -> the resolved config (with .to_dict()); flags: {--name: help} switches
+    that say how to run (--resume, --force), not what; aliases: {old flag: Alias};
+    extra_fields: {section: {name: help}} listed options that are not dataclass fields
+    (model.preset)."""
+    doc: str
+    sections: dict
+    build: object
+    flags: dict = field(default_factory=dict)
+    aliases: dict = field(default_factory=dict)
+    extra_fields: dict = field(default_factory=dict)
+    positional_alias: tuple = ()     # (section.field, choices): an old positional word
+    refused_sections: tuple = ()     # build() refuses these itself, with a better message
+
+    def parser(self) -> argparse.ArgumentParser:
+        head, _, rest = self.doc.strip().partition("\n\n")
+        if self.aliases or self.positional_alias:
+            old = [f"{k} = --{a.key}" + (" true" if a.switch else "")
+                   for k, a in self.aliases.items()]
+            if self.positional_alias:
+                old.insert(0, f"{' | '.join(self.positional_alias[1])} (positional) = "
+                              f"--{self.positional_alias[0]} ...")
+            rest += ("\n\n" if rest else "") + ("deprecated spellings (kept for one "
+                                                "release; each prints a warning):\n  "
+                                                + "\n  ".join(old))
+        usage = ("%(prog)s [--config FILE] [--section.field VALUE ...] [--print-config]"
+                 + "".join(f" [{f}]" for f in self.flags))
+        p = argparse.ArgumentParser(
+            usage=usage, description=head, epilog=rest or None, allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", metavar="FILE", help="JSON or YAML file with the sections "
+                       "below; --section.field VALUE overrides it")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as JSON and exit (runs nothing)")
+        for flag, text in self.flags.items():
+            p.add_argument(flag, action="store_true", help=text)
+        for name, cls in self.sections.items():
+            g = p.add_argument_group(f"{name} ({cls.__name__})")
+            for fname, text in self.extra_fields.get(name, {}).items():
+                g.add_argument(f"--{name}.{fname}", dest=f"{name}.{fname}", metavar="VALUE",
+                               default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+            helps = field_help(cls)
+            for f in dataclasses.fields(cls):
+                d = _default(f)
+                text = helps.get(f.name, "")
+                g.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}",
+                               metavar=_type_name(f).upper(), default=argparse.SUPPRESS,
+                               help=f"{text} (default: {json.dumps(d)})".lstrip()
+                               .replace("%", "%%"))
+        return p
+
+    def _translate(self, argv: list[str]) -> list[str]:
+        """Old spellings -> --section.field VALUE, one warning each."""
+        out, i = [], 0
+        if self.positional_alias and argv and argv[0] in self.positional_alias[1]:
+            key = self.positional_alias[0]
+            _warn(f"the positional {argv[0]!r}", f"--{key} {argv[0]}")
+            out += [f"--{key}", argv[0]]
+            i = 1
+        while i < len(argv):
+            arg = argv[i]
+            name, eq, val = arg.partition("=")
+            a = self.aliases.get(name)
+            if a is None:
+                out.append(arg)
+                i += 1
+                continue
+            if a.switch:
+                new = [f"--{a.key}", json.dumps(a.value)]
+                i += 1
+            else:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise ValueError(f"{name} has no value")
+                    val = argv[i + 1]
+                new = [f"--{a.key}", val]
+                i += 1 if eq else 2
+            _warn(name, " ".join(new) if a.switch else new[0])
+            out += new
+        return out
+
+    def parse(self, argv: list[str] | None):
+        """-> (config, flags) or (None, None) after --print-config."""
+        from engine.config import load_file
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "-h" in argv or "--help" in argv:
+            self.parser().print_help()
+            raise SystemExit(0)
+        argv = self._translate(argv)
+        p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        p.add_argument("--config")
+        p.add_argument("--print-config", action="store_true")
+        for flag in self.flags:
+            p.add_argument(flag, action="store_true")
+        args, rest = p.parse_known_args(argv)
+        overrides = parse_overrides(rest)
+        base = load_file(args.config) if args.config else {}
+        unknown = sorted((set(base) | set(overrides)) - set(self.sections)
+                         - set(self.refused_sections))
+        if unknown:
+            raise ValueError(f"unknown config section(s) {', '.join(unknown)}; this command "
+                             f"takes {', '.join(self.sections)}")
+        config = self.build(base, overrides)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=1))
+            return None, args
+        return config, args
+
+
+def _warn(old: str, new: str) -> None:
+    print(f"warning: {old} is deprecated; use {new}", file=sys.stderr, flush=True)
+
+
+def build_section(cls, section: str, values: dict):
+    """One dataclass from its merged file + override values, unknown fields refused."""
+    from engine.config_check import check_fields
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(values) - known)
+    if bad:
+        raise ValueError(f"unknown {section} field(s): {', '.join(bad)}")
+    return cls(**check_fields(cls, values, section))
