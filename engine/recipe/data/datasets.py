@@ -21,7 +21,7 @@ import torch
 from engine.recipe.data.corpus import read_tsv
 from engine.recipe.data.shards import Shard
 from engine.recipe.data.packing import best_fit_rows
-from model.masks import (GLMExample, blank_infilling_example, causal_example, collate,
+from model.masks import (GLMExample, causal_example, collate,
                          corrupt_spans, gmask_example, pack)
 from model.tokenizer import SpecialIds
 
