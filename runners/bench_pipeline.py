@@ -48,7 +48,7 @@ from engine.parallel.state import ParallelDims, init_distributed
 from engine.pipeline.schedules import StepContext, forward_backward
 from engine.pipeline.stage import build_stage
 from engine.pipeline.stats import SavedActivationMeter, ScheduleStats
-from engine.train.timing import Clock
+from engine.timing import Clock
 from model import GLM, GLMConfig
 from engine.errors import run_main
 

@@ -4,7 +4,7 @@ matmul peak rather than a datasheet number).
 
     python runners/bench_train.py --preset small --seq-len 128 --batch 16 --steps 5
     python runners/bench_train.py --device cuda --dtype bf16 --preset base
-Times are device-true (engine.train.timing: CUDA events on CUDA).
+Times are device-true (engine.timing: CUDA events on CUDA).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from engine.train.flops import train_flops_per_token
-from engine.train.timing import Clock, peak_flops, time_fn
+from engine.timing import Clock, peak_flops, time_fn
 from model import GLM, GLMConfig
 from engine.errors import run_main
 

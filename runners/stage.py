@@ -10,14 +10,11 @@ prints `[3/7] fine-tune the teacher ...` (with the clock time) before the comman
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.progress import format_duration  # noqa: E402
+from engine.progress import format_duration
 
 
 def parse_args(argv=None):

@@ -13,12 +13,8 @@ in batches on the KV cache; the Chinese goes to stdout, load and speed notes to 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.errors import fail, run_main  # noqa: E402
+from engine.errors import fail, run_main
 
 
 def parse_args(argv=None):

@@ -1,4 +1,4 @@
-"""engine.train.timing: host clock with a sync at the marks on CPU, CUDA events on CUDA (mocked
+"""engine.timing: host clock with a sync at the marks on CPU, CUDA events on CUDA (mocked
 here: events are recorded at the marks and read, with one synchronize, only when the
 interval is asked for), and the peaks MFU is measured against."""
 import time
@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 import torch
 
-from engine.train import timing
+from engine import timing
 from engine.pipeline.stats import ScheduleStats
 
 

@@ -99,7 +99,7 @@ def _env() -> dict:
 
 def _peaks(device) -> dict:
     from engine.planner.devices import PROFILES
-    from engine.train.timing import peak_flops
+    from engine.timing import peak_flops
     flops, source = peak_flops(device)
     name = source.split()[0] if flops else None
     return {"flops": flops, "source": source,

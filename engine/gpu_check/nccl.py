@@ -54,7 +54,7 @@ def nccl_worker(path: str):
     from engine.optim import collectives
     from engine.parallel.failures import wait_all
     from engine.parallel.state import ParallelDims, init_distributed
-    from engine.train.timing import synchronize
+    from engine.timing import synchronize
     from engine.train.trainer import Trainer
     result = {}
     state = init_distributed(ParallelDims(), timeout=120, num_layers=2)

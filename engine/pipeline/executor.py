@@ -18,7 +18,7 @@ from torch.profiler import record_function
 
 from engine.pipeline.names import SPLIT_BACKWARD
 from engine.pipeline.p2p import Side
-from engine.train.timing import Clock
+from engine.timing import Clock
 
 if TYPE_CHECKING:
     from engine.pipeline.schedules import StepContext

@@ -20,7 +20,7 @@ class ScheduleStats:
     timeline: list[tuple[str, str, float, float]] = field(default_factory=list)
 
     def record(self, clock, marks):
-        """Add the ops measured by an engine.train.timing.Clock as (op, is an exchange, start
+        """Add the ops measured by an engine.timing.Clock as (op, is an exchange, start
         mark, end mark, (start, end) marks of a receive waited on inside the op, or None);
         resolving them is this step's one synchronisation (CUDA events)."""
         if not marks:

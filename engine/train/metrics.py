@@ -32,7 +32,7 @@ import time
 import torch
 
 from engine.progress import eta_seconds, format_duration
-from engine.train.timing import peak_flops
+from engine.timing import peak_flops
 
 TENSORBOARD_DIR = "tensorboard"
 

@@ -35,7 +35,7 @@ from engine.train.profiling import StepProfiler
 from engine.pipeline.schedules import StepContext, forward_backward
 from engine.pipeline.stage import glm_forward_step
 from engine.train.stop import active as active_stop
-from engine.train.timing import Clock
+from engine.timing import Clock
 
 
 def lr_at(step: int, cfg) -> float:
@@ -65,7 +65,7 @@ class StepStats:
     lr: float
     grad_norm: float
     tokens: int       # real (non-padding) input tokens of the whole job this step
-    seconds: float    # device time (engine.train.timing.Clock)
+    seconds: float    # device time (engine.timing.Clock)
     skipped: bool = False
     backoff: bool = False   # skipped as an fp16 loss-scale back-off (not divergence)
 
