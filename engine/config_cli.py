@@ -183,6 +183,23 @@ class Command:
             out += new
         return out
 
+    def main(self, run, argv: list[str] | None = None, training: bool = False):
+        """A workflow runner's whole command line: parse argv, then run(config) (training
+        workflows: run(config, resume=, force=)); bad input, and a diverged training run,
+        end as one line (engine/errors.py), never a traceback."""
+        from engine.errors import fail
+        from engine.train.divergence import DivergenceError
+        try:
+            config, flags = self.parse(argv)
+            if config is None:   # --help / --print-config
+                return
+            if training:
+                run(config, resume=flags.resume, force=flags.force)
+            else:
+                run(config)
+        except (ValueError, DivergenceError) as e:
+            fail(e)
+
     def parse(self, argv: list[str] | None):
         """-> (config, flags) or (None, None) after --print-config."""
         from engine.config import load_file

@@ -142,10 +142,4 @@ def run(config: EvalRun, log=print):
 
 
 def main(argv=None):
-    from engine.errors import fail
-    try:
-        config, _ = COMMAND.parse(argv)
-        if config is not None:
-            run(config)
-    except ValueError as e:
-        fail(e)
+    COMMAND.main(run, argv)

@@ -168,11 +168,4 @@ def run(config: FinetuneRun, resume: bool = False, force: bool = False, log=prin
 
 
 def main(argv=None):
-    from engine.errors import fail
-    from engine.train.divergence import DivergenceError
-    try:
-        config, flags = COMMAND.parse(argv)
-        if config is not None:
-            run(config, resume=flags.resume, force=flags.force)
-    except (ValueError, DivergenceError) as e:
-        fail(e)
+    COMMAND.main(run, argv, training=True)

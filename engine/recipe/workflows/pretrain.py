@@ -71,11 +71,4 @@ def run(cfg: RunConfig, resume: bool = False, force: bool = False, log=print) ->
 
 
 def main(argv=None):
-    from engine.errors import fail
-    from engine.train.divergence import DivergenceError
-    try:
-        cfg, flags = COMMAND.parse(argv)
-        if cfg is not None:
-            run(cfg, resume=flags.resume, force=flags.force)
-    except (ValueError, DivergenceError) as e:  # bad input, divergence: one line
-        fail(e)
+    COMMAND.main(run, argv, training=True)

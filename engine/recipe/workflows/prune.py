@@ -201,10 +201,4 @@ def run(config: PruneRun, log=print) -> str:
 
 
 def main(argv=None):
-    from engine.errors import fail
-    try:
-        config, _ = COMMAND.parse(argv)
-        if config is not None:
-            run(config)
-    except ValueError as e:
-        fail(e)
+    COMMAND.main(run, argv)
