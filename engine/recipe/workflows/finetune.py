@@ -14,7 +14,10 @@ distillation of the student on D_d (Eq. 13).
 
 D_s / D_d default to the prepared translation pairs read English-input (en-zh) and
 Chinese-input (zh-en); --finetune.source_tsv / --finetune.target_tsv replace them with
-any TSV task files. The config holds the run sections of runners/pretrain.py plus
+any TSV task files. With data.pack (the default) both stages train on rows of several
+examples, each attending only to itself (engine/recipe/finetune.py: MixedDataset;
+the student's D_d as any packed translation set); dev sets stay one example per row.
+The config holds the run sections of runners/pretrain.py plus
 "finetune" (engine/recipe/finetune.py: FinetuneConfig, and the stage and its
 checkpoints). Writes <out_dir>/checkpoint and <out_dir>/finetune.json (alpha, sampling p,
 losses, seconds)."""
