@@ -225,9 +225,9 @@ class MixedDataset:
 class HybridLoss:
     """Eq. 12 as the trainer's forward_step: the last stage scales each token's loss by
     its example's task weight (1 and 1 with mixing "sample"; "task" per row [b], or per
-    token [b, s] in packed rows); batches without "task"
-    (dev sets) are unweighted. Works on every stage of any pipeline layout: the weights
-    come from the batch, which every rank builds itself."""
+    token [b, s] in packed rows); batches without "task" (dev sets) are unweighted.
+    Works on every stage of any pipeline layout: the weights come from the batch, which
+    every rank builds itself."""
 
     def __init__(self, alpha: float, p: float):
         if not 0.0 <= alpha <= 1.0 or not 0.0 <= p <= 1.0:

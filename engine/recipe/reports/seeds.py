@@ -91,9 +91,15 @@ def table(res: dict, title: str, rows, metrics) -> str:
                 verdicts.append(f"{m[2]}: " + {True: "yes", False: "no", None: "n/a"}[b])
         cells.append("reference" if name == ref_name else "; ".join(verdicts))
         lines.append("| " + " | ".join(cells) + " |")
-    return (f"## Over {len(seeds)} seeds: {title}\n\nMean (min..max) over seeds "
-            f"{', '.join(map(str, seeds))}; \"yes\" = the row's min..max does not overlap "
-            f"the reference's (the difference exceeds the seed spread).\n\n"
+    if len(seeds) == 1:
+        intro = (f"One seed ({seeds[0]}): no spread to compare a difference with (n/a); "
+                 "run with --seeds 2 or more.")
+    else:
+        intro = (f"Mean (min..max) over seeds {', '.join(map(str, seeds))}; \"yes\" = the "
+                 "row's min..max does not overlap the reference's (the difference exceeds "
+                 "the seed spread).")
+    plural = "s" if len(seeds) > 1 else ""
+    return (f"## Over {len(seeds)} seed{plural}: {title}\n\n{intro}\n\n"
             + "\n".join(lines) + "\n")
 
 
