@@ -156,6 +156,18 @@ def _variants(models, dtypes):
                     if sq > 1:
                         fa.attention_backward(o, q, k, k, o, lse, mask, zeros, 0, opts)
                 out.append((f"attention {what} d{d} {tag}", "attention", attn))
+
+            def packed(dt=dt, heads=heads, groups=groups, d=d):
+                # packed rows (several documents per row): per-position mask data [3, 1, n]
+                # selects the PACKED=True path, a separate specialisation of each kernel
+                q = _meta(1, heads, n, d, dtype=dt)
+                k = _meta(1, groups, n, d, dtype=dt)
+                zeros = _meta(1, dtype=torch.int32)
+                mask = _meta(3, 1, n, dtype=torch.int32)
+                opts = fa.Options()
+                o, lse = fa.attention_forward(q, k, k, mask, zeros, 0, opts)
+                fa.attention_backward(o, q, k, k, o, lse, mask, zeros, 0, opts)
+            out.append((f"attention packed d{d} {tag}", "attention", packed))
     return out
 
 

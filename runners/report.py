@@ -6,6 +6,7 @@ continued distillation, schedule timing), then writes reports/*.md and PNG plots
     python runners/report.py --pretrained runs/demo/pretrain/checkpoint
     python runners/report.py --quick          # smoke run (tiny, from scratch), about a minute
     python runners/report.py --scale 0.5 ...  # half the training steps of either
+    python runners/report.py --seeds 1 ...    # the claims' runs once (default 3 seeds)
     make paper                                # pretrains first if make demo has not
 
 Plots need matplotlib (pip install -e ".[report]"); without it the markdown tables are
@@ -35,6 +36,11 @@ def parse_args(argv=None):
                         "scratch, which at the full size's budget does not learn to "
                         "translate")
     p.add_argument("--threads", type=int, default=2, help="torch threads, one process")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="run the comparisons behind the paper's claims (pruning method, "
+                        "fine-tuning strategy, student vs teacher) with this many seeds; "
+                        "their tables show mean (min..max) and whether each difference "
+                        "exceeds the seed spread")
     p.add_argument("--resume", action="store_true",
                    help="reuse the stages a previous run with the same settings finished "
                         "in --work-dir (evaluation and Figure 3 run again)")
@@ -52,7 +58,7 @@ def main(argv=None):
 
     try:
         kw = dict(out_dir=args.out, work_dir=args.work_dir, data_dir=args.data_dir,
-                  threads=args.threads, pretrained=args.pretrained)
+                  threads=args.threads, pretrained=args.pretrained, seeds=args.seeds)
         rc = ReportConfig.quick(**kw) if args.quick else ReportConfig(**kw)
         rc = rc.scaled(args.scale) if args.scale != 1.0 else rc
         if not os.path.isfile(os.path.join(rc.data_dir, "manifest.json")):

@@ -1,6 +1,6 @@
 """The ahead-of-time kernel check (runners/check_kernels.py, kernels/aot_check.py) on a
 representative subset: the launches that used to spill (dK/dV at head_dim 128 on sm_80,
-fp32 attention tiles), the fused FFN GEMM on both targets, compiled for real (triton +
+unpacked and packed rows, fp32 attention tiles), the fused FFN GEMM on both targets, compiled for real (triton +
 ptxas, no GPU). `make check-kernels` runs the whole sweep.
 
 The check must run without the interpreter, so everything here is a subprocess."""
@@ -46,6 +46,10 @@ def test_picked_tiles_pass_on_both_targets():
         assert r["tensor cores"] in ("mma.sync", "wgmma"), r
         shared, limit = r["shared B (limit)"].replace(",", "").replace(")", "").split(" (")
         assert 0 < int(shared) <= int(limit), r
+    # packed rows (document masking, PACKED=True) are a separate specialisation: swept too
+    packed = {r["target"] for r in rows
+              if r["kernel"] == "_attn_bwd_dkdv" and r["config"].endswith(" PACKED")}
+    assert packed == {"sm_80", "sm_90"}, rows
     # the fused FFN's GEMM at bf16 on H100/H200 is a warpgroup MMA
     assert any(r["kernel"] == "_swiglu_matmul" and r["target"] == "sm_90"
                and r["tensor cores"] == "wgmma" for r in rows)
@@ -56,7 +60,8 @@ def test_fp32_attention_tiles_do_not_spill():
                 "--kernels", "_attn_fwd"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = _rows(res.stdout)
-    assert len(rows) == 2  # training (sq 4096) and decoding (sq 1) tiles
+    # training (sq 4096), decoding (sq 1) and packed-row training tiles
+    assert len(rows) == 3 and sum(r["config"].endswith(" PACKED") for r in rows) == 1, rows
     assert all(r["spill B"] == "0" and r["tensor cores"] == "-" for r in rows), rows
 
 

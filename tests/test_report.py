@@ -41,7 +41,8 @@ def quick_report(tmp_path_factory):
          "--train.seq_len", "32", "--train.eval_every", "0", "--train.out_dir", str(lm))
     out = tmp / "reports"
     p = _run("runners/report.py", "--quick", "--out", str(out), "--work-dir",
-             str(tmp / "work"), "--data-dir", data, "--pretrained", str(lm / "checkpoint"))
+             str(tmp / "work"), "--data-dir", data, "--pretrained", str(lm / "checkpoint"),
+             "--seeds", "2")
     return SimpleNamespace(out=out, stdout=p.stdout, lm=str(lm / "checkpoint"), data=data,
                            work=str(tmp / "work"))
 
@@ -132,13 +133,14 @@ def test_resume_reuses_finished_stages_and_refuses_other_settings(quick_report, 
     records; with other settings it refuses in one line instead of mixing runs."""
     q = quick_report
     args = ("runners/report.py", "--quick", "--work-dir", q.work, "--data-dir", q.data,
-            "--pretrained", q.lm, "--resume")
+            "--pretrained", q.lm, "--resume", "--seeds", "2")
     p = _run(*args, "--out", str(tmp_path / "r"))
     # a stage that ran logs "  <name>: <seconds> s"; a reused one "  <name>: reused from"
     ran = [ln for ln in p.stdout.splitlines()
            if re.fullmatch(r"  (base|ft_|pruned_|st_)\S*: [\d.]+ s", ln)]
     assert ran == [], ran
     assert "base: reused" in p.stdout and "st_random_0.5: reused" in p.stdout
+    assert "ft_mixed@seed1235: reused" in p.stdout
     first = json.loads((q.out / "results.json").read_text(encoding="utf-8"))
     again = json.loads((tmp_path / "r" / "results.json").read_text(encoding="utf-8"))
     assert again["runs"] == first["runs"]
@@ -151,3 +153,51 @@ def test_resume_reuses_finished_stages_and_refuses_other_settings(quick_report, 
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "other settings (base_steps" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_claims_run_per_seed_with_mean_and_spread(quick_report, tmp_path):
+    """The comparisons behind the paper's claims run once per seed (the base shared);
+    their tables give mean (min..max) and say whether a row's range clears the
+    reference's; --resume with another seed count keeps the finished seeds."""
+    from engine.recipe.reports import seeds
+    from engine.recipe.reports.budget import ReportConfig
+    from engine.recipe.reports.recipe import Recipe
+    q = quick_report
+    res = json.loads((q.out / "results.json").read_text(encoding="utf-8"))
+    runs, quality = res["runs"], res["quality"]
+    assert res["config"]["seeds"] == 2
+    s1 = res["config"]["seed"] + 1
+    claims = ["ft_source", "ft_target", "ft_mixed", "st_mixed_0.5", "st_random_0.5"]
+    for name in claims:
+        again = f"{name}@seed{s1}"
+        assert again in runs and again in quality, again
+        # another seed is another data order: the same stage ends elsewhere
+        assert runs[again]["dev_loss_target"] != runs[name]["dev_loss_target"], name
+    assert not any("@seed" in n for n in runs if n.startswith(("base", "ft_source_pp")))
+    assert os.path.isdir(os.path.join(q.work, f"seed{s1}", "ft_mixed", "checkpoint"))
+    # every claim's table carries its seed rows: mean (min..max) from results.json
+    f4 = (q.out / "figure4_compression_vs_random.md").read_text(encoding="utf-8")
+    assert "## Over 2 seeds" in f4
+    row = next(ln for ln in f4.splitlines() if ln.startswith("| random pruning + KD"))
+    v = [runs["st_random_0.5"]["dev_loss_target"], runs[f"st_random_0.5@seed{s1}"]
+         ["dev_loss_target"]]
+    assert f"{sum(v) / 2:.3f} ({min(v):.3f}..{max(v):.3f})" in row
+    verdict = "yes" if seeds.beyond_spread(
+        v, [runs["st_mixed_0.5"]["dev_loss_target"],
+            runs[f"st_mixed_0.5@seed{s1}"]["dev_loss_target"]]) else "no"
+    assert f"dev loss D_d: {verdict}" in row
+    f5 = (q.out / "figure5_finetuning.md").read_text(encoding="utf-8")
+    assert sum(ln.startswith(("| source-only", "| target-only")) and "BLEU zh→en: " in ln
+               for ln in f5.splitlines()) == 2
+    t4 = (q.out / "table4_compression.md").read_text(encoding="utf-8")
+    assert "| teacher (hybrid fine-tuned) |" in t4 and "reference |" in t4
+    # the verdict: disjoint min..max ranges only
+    assert seeds.beyond_spread([1.0, 1.1], [1.2, 1.3]) is True
+    assert seeds.beyond_spread([1.0, 1.25], [1.2, 1.3]) is False
+    assert seeds.beyond_spread([1.0], [2.0]) is None
+    # seeds are not a setting --resume refuses: each seed's stages stand alone
+    rc = ReportConfig.quick(out_dir=str(tmp_path / "r"), work_dir=q.work, data_dir=q.data,
+                            threads=2, pretrained=q.lm, seeds=3)
+    Recipe(rc, resume=True)._check_resume()
+    with pytest.raises(ValueError, match="report.seeds"):
+        ReportConfig.quick(seeds=0)

@@ -18,9 +18,12 @@ are exactly 1: the mixture proportions alone carry alpha and the loss is the pla
 token-mean cross-entropy. Multiplying by alpha as well would optimise
 alpha^2 : (1-alpha)^2 instead of alpha : (1-alpha). Mixing "weight" draws p = 1/2 and
 puts alpha into the weights instead (importance weighting: lower variance for the rare
-task when alpha is extreme, same expectation). Weights are per example and the trainer
-divides by the label-token count, so L_s and L_d are token means (a task with longer
-targets does not get extra weight from its length beyond what the token mean gives).
+task when alpha is extreme, same expectation). Weights are per token (each token carries
+its example's task weight) and the trainer divides by the label-token count, so L_s and
+L_d are token means (a task with longer targets does not get extra weight from its length
+beyond what the token mean gives). Packed rows (data.pack: several examples per row, each
+attending only to itself) therefore give exactly the loss and gradients of the same
+examples one per row: the weights follow the tokens, not the rows.
 
 Student (Eq. 13): continued distillation on D_d only. Read literally, Eq. 13,
     -1/M sum_j ( lambda*log f_teacher(D_d(j)) + (1-lambda)*log f_student(D_d(j)) ),
@@ -38,6 +41,8 @@ hidden_weight = 0, so the student runs through the same DistillLoss / pipeline w
 """
 from __future__ import annotations
 
+import bisect
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,11 +50,13 @@ import torch
 
 from engine.recipe.compress.distill import TEACHER_LAYOUTS, DistillConfig
 from engine.recipe.data.datasets import mix_seed
-from model.masks import collate
+from engine.recipe.data.packing import best_fit_rows
+from model.masks import collate, pack
 
 STRATEGIES = ("source", "target", "mixed")
 MIXINGS = ("sample", "weight")
 _CHOOSE = 7          # the random stream that picks D_s / D_d for sample j
+_PACK_ROWS = 8       # the random stream that orders a window's packed rows
 
 
 def mixing_alpha(w_s: float, n_s: int, w_d: float, n_d: int) -> float:
@@ -134,9 +141,17 @@ class MixedDataset:
     Sample j comes from D_s when u_j < p (u_j uniform from a generator seeded by
     (seed, j)), and is then that dataset's own sample j: each component keeps its own
     epoch permutation, so the selected examples are a random thinning of its sequence.
-    Batches carry "task" [b] (1 = D_s, 0 = D_d) for HybridLoss."""
+    Batches carry "task" (1 = D_s, 0 = D_d) for HybridLoss: [b], one example per row.
 
-    def __init__(self, source, target, p: float, seed: int = 0):
+    pack: row r holds several consecutive examples of that stream (model/masks.py `pack`,
+    document masking): the stream is cut into windows of `pack_window` examples, each
+    window packed by best fit (engine/recipe/data/packing.py) and its rows shuffled.
+    Every example of the stream is used once, in its window, so the mixture proportion
+    stays p; "task" is then per token [b, s] (pads 0, they carry no label). Still a pure
+    function of (seed, index): a resumed run rebuilds the same rows from the step."""
+
+    def __init__(self, source, target, p: float, seed: int = 0, pack: bool = False,
+                 pack_window: int = 1024):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p={p} (probability of D_s) must be in [0, 1]")
         if seed < 0:
@@ -147,6 +162,11 @@ class MixedDataset:
         if target.seq_len != self.seq_len:
             raise ValueError(f"source seq_len {source.seq_len} != target seq_len "
                              f"{target.seq_len}")
+        if pack_window <= 0:
+            raise ValueError(f"pack_window={pack_window} must be positive")
+        self.pack, self.pack_window = bool(pack), pack_window
+        self._window = functools.lru_cache(maxsize=2)(self._window_rows)
+        self._row_ends: list[int] = []      # rows in windows 0..w, cumulative
 
     def is_source(self, j: int) -> bool:
         if self.p >= 1.0:
@@ -156,10 +176,44 @@ class MixedDataset:
         u = np.random.default_rng(mix_seed(self.seed, _CHOOSE, j)).random()
         return bool(u < self.p)
 
+    def _task(self, j: int):
+        return self.source if self.is_source(j) else self.target
+
+    # -- packing: rows of consecutive stream examples, per window ------------------------
+    def _window_rows(self, w: int) -> list[list[int]]:
+        first = w * self.pack_window
+        lengths = [self._task(j).length(j) for j in range(first, first + self.pack_window)]
+        rng = np.random.default_rng(mix_seed(self.seed, _PACK_ROWS, w))
+        rows = best_fit_rows(lengths, self.seq_len, self.pack_window, rng)
+        return [[first + i for i in row] for row in rows]
+
+    def packed_row(self, r: int) -> list[tuple[object, bool]]:
+        """Row r packed: its (example, is D_s) in order."""
+        if r < 0:
+            raise ValueError(f"row index {r} must be >= 0")
+        while not self._row_ends or self._row_ends[-1] <= r:
+            w = len(self._row_ends)
+            self._row_ends.append((self._row_ends[-1] if w else 0) + len(self._window(w)))
+        w = bisect.bisect_right(self._row_ends, r)
+        start = self._row_ends[w - 1] if w else 0
+        return [(self._task(j).example(j), self.is_source(j))
+                for j in self._window(w)[r - start]]
+
     def get_batch(self, index: int, batch_size: int) -> dict:
         if batch_size <= 0 or index < 0:
             raise ValueError(f"index={index}, batch_size={batch_size}: need index >= 0 and "
                              "batch_size > 0")
+        if self.pack:
+            rows = [self.packed_row(index * batch_size + r) for r in range(batch_size)]
+            batch = pack([[ex for ex, _ in row] for row in rows], self.seq_len, self.pad)
+            task = torch.zeros((batch_size, self.seq_len), dtype=torch.long)  # [b, s]
+            for r, row in enumerate(rows):
+                at = 0
+                for ex, flag in row:
+                    task[r, at:at + len(ex.input_ids)] = int(flag)
+                    at += len(ex.input_ids)
+            batch["task"] = task
+            return batch
         js = [index * batch_size + r for r in range(batch_size)]
         flags = [self.is_source(j) for j in js]
         examples = [(self.source if f else self.target).example(j) for j, f in zip(js, flags)]
@@ -169,10 +223,11 @@ class MixedDataset:
 
 
 class HybridLoss:
-    """Eq. 12 as the trainer's forward_step: the last stage scales each example's token
-    losses by its task weight (1 and 1 with mixing "sample"); batches without "task"
-    (dev sets) are unweighted. Works on every stage of any pipeline layout: the weights
-    come from the batch, which every rank builds itself."""
+    """Eq. 12 as the trainer's forward_step: the last stage scales each token's loss by
+    its example's task weight (1 and 1 with mixing "sample"; "task" per row [b], or per
+    token [b, s] in packed rows); batches without "task" (dev sets) are unweighted.
+    Works on every stage of any pipeline layout: the weights come from the batch, which
+    every rank builds itself."""
 
     def __init__(self, alpha: float, p: float):
         if not 0.0 <= alpha <= 1.0 or not 0.0 <= p <= 1.0:
@@ -183,14 +238,15 @@ class HybridLoss:
         self.w_target = (1.0 - alpha) / (1.0 - p) if p < 1 else 0.0
 
     def weights(self, task: torch.Tensor) -> torch.Tensor:
-        return torch.where(task.bool(), self.w_source, self.w_target).float()   # [b]
+        """[b] or [b, s] weights, the shape of `task`."""
+        return torch.where(task.bool(), self.w_source, self.w_target).float()
 
     def forward_step(self, chunk, batch: dict, hidden_states, side):
         from engine.pipeline.stage import glm_forward_step
         out = glm_forward_step(chunk, batch, hidden_states, side)
         if chunk.post_process and "task" in batch and batch.get("labels") is not None:
             w = self.weights(batch["task"]).to(out.device)
-            out = out * w[:, None]                                       # [b, s]
+            out = out * (w[:, None] if w.dim() == 1 else w)              # [b, s]
         return out
 
 
@@ -198,11 +254,13 @@ class HybridLoss:
 
 def build_tasks(data_dir: str, fcfg: FinetuneConfig, seq_len: int, seed: int,
                 vocab_size: int, source_tsv: str = "", target_tsv: str = "",
-                model_config=None):
+                model_config=None, pack: bool = False):
     """(tokenizer, D_s train, D_d train, D_s dev, D_d dev). Default: the prepared
     translation shards read in the two directions; a TSV file (english<TAB>chinese, read
     in that task's direction) replaces a task's training set. model_config: the layout
-    and prompt of the model being tuned (engine/recipe/data/prompts.py; None = native GLM)."""
+    and prompt of the model being tuned (engine/recipe/data/prompts.py; None = native GLM).
+    pack: the training sets' own batches hold several pairs per row (the student trains
+    on D_d's); the dev sets stay one pair per row."""
     import os
 
     from engine.recipe.data.datasets import TranslationDataset
@@ -218,7 +276,7 @@ def build_tasks(data_dir: str, fcfg: FinetuneConfig, seq_len: int, seed: int,
     def task(path, direction, s):
         src = path or os.path.join(shards, "translation_train")
         return TranslationDataset(src, tok, seq_len, direction=direction, seed=s,
-                                  tokenizer=tok, fmt=fmt)
+                                  tokenizer=tok, fmt=fmt, pack=pack)
     # the two tasks get independent permutations even when built from the same pairs
     d_s = task(source_tsv, fcfg.source_direction, mix_seed(seed, 1) % 2 ** 31)
     d_d = task(target_tsv, fcfg.target_direction, mix_seed(seed, 2) % 2 ** 31)
@@ -230,8 +288,9 @@ def build_tasks(data_dir: str, fcfg: FinetuneConfig, seq_len: int, seed: int,
     return tok, d_s, d_d, dev_s, dev_d
 
 
-def teacher_objective(fcfg: FinetuneConfig, d_s, d_d, seed: int):
-    """(train dataset, HybridLoss, alpha, p) for the chosen strategy."""
+def teacher_objective(fcfg: FinetuneConfig, d_s, d_d, seed: int, pack: bool = False):
+    """(train dataset, HybridLoss, alpha, p) for the chosen strategy; pack: several
+    examples of the mixture per row (MixedDataset)."""
     alpha = fcfg.resolve_alpha(len(d_s), len(d_d))
     p = fcfg.sample_prob(alpha)
-    return MixedDataset(d_s, d_d, p, seed=seed), HybridLoss(alpha, p), alpha, p
+    return MixedDataset(d_s, d_d, p, seed=seed, pack=pack), HybridLoss(alpha, p), alpha, p

@@ -330,6 +330,10 @@ class TranslationDataset:
             raise ValueError(f"sample index {j} must be >= 0")
         return self._pair_example(self.pair_index(j), self._direction(j))
 
+    def length(self, j: int) -> int:
+        """len(input_ids) of sample j unpacked, without building it."""
+        return self._length(self.pair_index(j), self._direction(j))
+
     def _pair_example(self, pair: int, direction: str) -> GLMExample:
         en, zh = self.pairs[pair]
         src, tgt = (en, zh) if direction == "en-zh" else (zh, en)

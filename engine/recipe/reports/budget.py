@@ -39,13 +39,14 @@ class ReportConfig:
     fig3_reps: int = 3
     threads: int = 2
     seed: int = 1234
+    seeds: int = 3                      # the paper's claims run at seed, seed + 1, ...
 
     def __post_init__(self):
         for name in ("train_pairs", "seq_len", "micro_batch_size", "num_microbatches",
                      "base_steps",
                      "finetune_steps", "distill_steps", "eval_every", "eval_batches",
                      "calib_batches", "test_sentences", "max_new_tokens", "latency_samples",
-                     "fig3_micro_batch", "fig3_seq_len", "fig3_reps", "threads"):
+                     "fig3_micro_batch", "fig3_seq_len", "fig3_reps", "threads", "seeds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"report.{name}={getattr(self, name)} must be positive")
         for name in ("alpha", "lam", "ablation_keep"):

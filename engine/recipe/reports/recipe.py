@@ -7,6 +7,8 @@
   ft_<s>_pp       the same under a 2-stage 1F1B pipeline (torchrun, gloo)
   pruned_<...>    structured pruning (activation importance; random for Figure 4)
   st_<...>        continued distillation of the pruned student on D_d (Eq. 13)
+  <name>@seed<s>  the runs of the paper's claims again with each further seed
+                  (engine/recipe/reports/seeds.py), in <work_dir>/seed<s>/
   + quality of every checkpoint, and the Figure 3 schedule timing.
 
 Training time of a row = the sum of its stages' step times (finetune.json
@@ -19,7 +21,7 @@ import time
 
 import numpy as np
 
-from engine.recipe.reports import quality, schedule_timing
+from engine.recipe.reports import quality, schedule_timing, seeds
 from engine.recipe.reports.budget import ReportConfig
 from engine.recipe.reports.stages import dev_curve, read_json, run_stage
 
@@ -49,7 +51,14 @@ class Recipe:
         self.results: dict = {"config": rc.to_dict(), "runs": {}, "quality": {}}
 
     # ---- stage helpers ---------------------------------------------------------------
-    def _common(self, steps: int, out: str, pp: int) -> list[str]:
+    def _where(self, name: str, seed: int | None) -> tuple[str, str]:
+        """(output dir, results key) of stage `name` at `seed` (None: the report's)."""
+        seed = self.rc.seed if seed is None else seed
+        key = seeds.label(name, seed, self.rc.seed)
+        sub = "" if key == name else f"seed{seed}"
+        return os.path.join(self.work, sub, name), key
+
+    def _common(self, steps: int, out: str, pp: int, seed: int | None = None) -> list[str]:
         rc = self.rc
         threads = 1 if pp > 1 else rc.threads
         return ["--data.dir", rc.data_dir, "--data.task", "translation",
@@ -59,7 +68,8 @@ class Recipe:
                 "--train.warmup_steps", str(max(1, steps // 10)),
                 "--train.eval_every", str(rc.eval_every),
                 "--train.eval_batches", str(rc.eval_batches),
-                "--train.log_every", str(max(1, steps // 4)), "--train.seed", str(rc.seed),
+                "--train.log_every", str(max(1, steps // 4)), "--train.seed",
+                str(rc.seed if seed is None else seed),
                 "--train.threads", str(threads), "--train.out_dir", out,
                 "--parallel.pp", str(pp), "--finetune.lam", str(rc.lam),
                 # a stage not reused is redone from its start, over a crashed attempt
@@ -83,7 +93,8 @@ class Recipe:
         """A work dir remembers the settings that made it; --resume refuses others (the
         reused stages would not be what the tables say they are)."""
         path = os.path.join(self.work, "report_config.json")
-        mine = {k: v for k, v in self.rc.to_dict().items() if k != "out_dir"}
+        # seeds: each seed's stages live apart, so more or fewer seeds reuse the others
+        mine = {k: v for k, v in self.rc.to_dict().items() if k not in ("out_dir", "seeds")}
         if self.resume and os.path.isfile(path):
             old = read_json(path)
             diff = sorted(k for k in set(mine) | set(old) if mine.get(k) != old.get(k))
@@ -94,39 +105,61 @@ class Recipe:
             json.dump(mine, f, indent=1)
 
     def teacher(self, name: str, strategy: str, steps: int, init: str = "", pp: int = 1,
-                alpha: float | None = None):
-        out = os.path.join(self.work, name)
-        argv = ["--finetune.stage", "teacher", *self._common(steps, out, pp), "--model.preset", self.rc.preset,
+                alpha: float | None = None, seed: int | None = None):
+        out, key = self._where(name, seed)
+        argv = ["--finetune.stage", "teacher", *self._common(steps, out, pp, seed),
+                "--model.preset", self.rc.preset,
                 "--model.padded_vocab_size", str(self.rc.vocab),
                 "--finetune.strategy", strategy,
                 "--finetune.alpha", str(self.rc.alpha if alpha is None else alpha)]
         if init:
             argv += ["--train.init_from", init]
-        if not self._reuse(name, os.path.join(out, "finetune.json")):
-            self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
-        self._record(name, out)
+        if not self._reuse(key, os.path.join(out, "finetune.json")):
+            self._timed(key, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
+        self._record(key, out)
         return os.path.join(out, "checkpoint")
 
-    def prune(self, name: str, teacher: str, keep: float, method: str = "activation"):
-        out = os.path.join(self.work, name)
+    def prune(self, name: str, teacher: str, keep: float, method: str = "activation",
+              seed: int | None = None):
+        out, key = self._where(name, seed)
         rc = self.rc
         argv = ["--prune.teacher", teacher, "--data.dir", rc.data_dir, "--prune.out_dir", out,
                 "--prune.method", method, "--prune.keep", str(keep),
                 "--prune.paper_rule", "true", "--prune.calib_batches", str(rc.calib_batches),
                 "--prune.micro_batch_size", "8", "--prune.seq_len", str(rc.seq_len),
-                "--prune.seed", str(rc.seed), "--prune.threads", str(rc.threads)]
-        if not self._reuse(name, os.path.join(out, "meta.json")):
-            self._timed(name, lambda: run_stage("prune", argv, out + ".log"))
+                "--prune.seed", str(rc.seed if seed is None else seed),
+                "--prune.threads", str(rc.threads)]
+        if not self._reuse(key, os.path.join(out, "meta.json")):
+            self._timed(key, lambda: run_stage("prune", argv, out + ".log"))
         return out
 
-    def student(self, name: str, teacher: str, pruned: str, pp: int = 1):
-        out = os.path.join(self.work, name)
-        argv = ["--finetune.stage", "student", *self._common(self.rc.distill_steps, out, pp),
+    def student(self, name: str, teacher: str, pruned: str, pp: int = 1,
+                seed: int | None = None):
+        out, key = self._where(name, seed)
+        argv = ["--finetune.stage", "student",
+                *self._common(self.rc.distill_steps, out, pp, seed),
                 "--finetune.teacher", teacher, "--finetune.student", pruned]
-        if not self._reuse(name, os.path.join(out, "finetune.json")):
-            self._timed(name, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
-        self._record(name, out)
+        if not self._reuse(key, os.path.join(out, "finetune.json")):
+            self._timed(key, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
+        self._record(key, out)
         return os.path.join(out, "checkpoint")
+
+    def claims(self, base: str, seed: int | None = None) -> dict:
+        """The runs the paper's claims compare (seeds.COMPARISONS) at one seed: the three
+        fine-tuning strategies from the shared base, and the mixed teacher's student
+        pruned by activation importance and at random -> {results key: checkpoint}."""
+        rc, k = self.rc, self.rc.ablation_keep
+        out = {}
+        for strategy in ("source", "target", "mixed"):            # Figure 5
+            ckpt = self.teacher(f"ft_{strategy}", strategy, rc.finetune_steps, init=base,
+                                seed=seed)
+            out[self._where(f"ft_{strategy}", seed)[1]] = ckpt
+        teacher = out[self._where("ft_mixed", seed)[1]]
+        for method, name in (("activation", "mixed"), ("random", "random")):  # Figure 4
+            pruned = self.prune(f"pruned_{name}_{k}", teacher, k, method=method, seed=seed)
+            ckpt = self.student(f"st_{name}_{k}", teacher, pruned, seed=seed)
+            out[self._where(f"st_{name}_{k}", seed)[1]] = ckpt
+        return out
 
     def _record(self, name: str, out: str):
         rec = read_json(os.path.join(out, "finetune.json"))
@@ -185,16 +218,15 @@ class Recipe:
                  f"{pretrained or 'scratch'}")
         base = self.teacher("base", "mixed", rc.base_steps, init=pretrained,
                             alpha=0.5)
-        teachers = {}
-        for strategy in ("source", "target", "mixed"):            # Figure 5
-            teachers[strategy] = self.teacher(f"ft_{strategy}", strategy, rc.finetune_steps,
-                                              init=base)
+        claims = self.claims(base)
+        teachers = {s: claims[f"ft_{s}"] for s in ("source", "target", "mixed")}
         for strategy in ("source", "mixed"):                       # Table 5: + pipeline
             teachers[f"{strategy}_pp"] = self.teacher(f"ft_{strategy}_pp", strategy,
                                                       rc.finetune_steps, init=base, pp=2)
         k = rc.ablation_keep
         students = {}
-        for key in ("source", "mixed", "source_pp", "mixed_pp"):     # Table 5: + compression
+        students["mixed"] = claims[f"st_mixed_{k}"]
+        for key in ("source", "source_pp", "mixed_pp"):             # Table 5: + compression
             pruned = self.prune(f"pruned_{key}_{k}", teachers[key], k)
             students[key] = self.student(f"st_{key}_{k}", teachers[key], pruned,
                                          pp=2 if key.endswith("_pp") else 1)
@@ -204,13 +236,17 @@ class Recipe:
             pruned = self.prune(f"pruned_mixed_{level}", teachers["mixed"], level)
             students[f"mixed_{level}"] = self.student(f"st_mixed_{level}", teachers["mixed"],
                                                       pruned)
-        pruned = self.prune(f"pruned_random_{k}", teachers["mixed"], k, method="random")
-        self.student(f"st_random_{k}", teachers["mixed"], pruned)  # Figure 4
+        more = {}
+        for seed in seeds.seed_list(rc.to_dict())[1:]:            # the claims, per seed
+            more.update(self.claims(base, seed=seed))
         for key, ckpt in teachers.items():
             self.evaluate(f"ft_{key}", ckpt)
         self.evaluate("base", base)
         for key, ckpt in students.items():
             name = f"st_{key}" if key.startswith("mixed_0") else f"st_{key}_{k}"
+            self.evaluate(name, ckpt)
+        self.evaluate(f"st_random_{k}", claims[f"st_random_{k}"])
+        for name, ckpt in more.items():
             self.evaluate(name, ckpt)
         self.log("Figure 3: schedule timing on gloo")
         t0 = time.perf_counter()

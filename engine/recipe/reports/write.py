@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from engine.recipe.reports import seeds
+
 FLAGS = "✓"
 
 
@@ -230,6 +232,9 @@ def write_reports(res: dict, out: str) -> dict:
         "(en→zh), D_d = Chinese-input (zh→en).\n\n"
         f"{f5}\n{img('figure5_strategies.png')}{note}",
     }
+    if "seeds" in rc:   # results of a report made before seeds have no such tables
+        for name, section in seeds.sections(res).items():
+            docs[name] = docs[name].replace(note, f"\n{section}{note}", 1)
     for name, text in docs.items():
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.write(text)

@@ -14,7 +14,10 @@ distillation of the student on D_d (Eq. 13).
 
 D_s / D_d default to the prepared translation pairs read English-input (en-zh) and
 Chinese-input (zh-en); --finetune.source_tsv / --finetune.target_tsv replace them with
-any TSV task files. The config holds the run sections of runners/pretrain.py plus
+any TSV task files. With data.pack (the default) both stages train on rows of several
+examples, each attending only to itself (engine/recipe/finetune.py: MixedDataset;
+the student's D_d as any packed translation set); dev sets stay one example per row.
+The config holds the run sections of runners/pretrain.py plus
 "finetune" (engine/recipe/finetune.py: FinetuneConfig, and the stage and its
 checkpoints). Writes <out_dir>/checkpoint and <out_dir>/finetune.json (alpha, sampling p,
 losses, seconds)."""
@@ -120,12 +123,13 @@ def run(config: FinetuneRun, resume: bool = False, force: bool = False, log=prin
         tok, d_s, d_d, dev_s, dev_d = build_tasks(cfg.data.dir, fcfg, tc.seq_len, tc.seed,
                                                   cfg.model.padded_vocab_size,
                                                   job.source_tsv, job.target_tsv,
-                                                  model_config=cfg.model)
+                                                  model_config=cfg.model, pack=cfg.data.pack)
         record = {"stage": job.stage, "finetune": fcfg.to_dict(), "n_s": len(d_s),
-                  "n_d": len(d_d)}
+                  "n_d": len(d_d), "pack": cfg.data.pack}
         if job.stage == "teacher":
             from engine.train.trainer import Trainer
-            train, loss, alpha, p = teacher_objective(fcfg, d_s, d_d, tc.seed)
+            train, loss, alpha, p = teacher_objective(fcfg, d_s, d_d, tc.seed,
+                                                      pack=cfg.data.pack)
             record.update(alpha=alpha, p=p, w_source=loss.w_source, w_target=loss.w_target)
             say(f"teacher fine-tuning: strategy {fcfg.strategy} | n_s {len(d_s):,} n_d "
                 f"{len(d_d):,} | alpha {alpha:.4f} | P(D_s) {p:.4f} | loss weights "
