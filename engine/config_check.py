@@ -9,11 +9,15 @@ Rules, from the dataclass's annotations:
   bool   true or false only (not 1, not "yes")
   str    a string; a number given on the command line (`--data.dir 2024`) is its text
   Optional[X] / X | None   None or an X;  Literal[...]  one of the listed values
-  list / tuple / dict      that container (elements unchecked)
+  list[X] / tuple[X, ...]  that container, each element an X; on the command line a
+                           comma-separated string (`--check.archs 80,90`; "" is empty)
+                           or a JSON list (`'[80, 90]'`), one value a list of one
+  dict                     a mapping (values unchecked)
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 
@@ -45,10 +49,18 @@ def _check(value, t, field: str):
             raise ValueError(f"{field}={value!r} must be one of "
                              f"{', '.join(repr(c) for c in choices)}")
         return value
-    if origin in (list, tuple, dict):
-        if not isinstance(value, (list, tuple) if origin is not dict else dict):
-            raise ValueError(f"{field}={value!r} must be a {origin.__name__}")
-        return origin(value) if origin is not dict else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{field}={value!r} must be a dict")
+        return value
+    if origin in (list, tuple) or t in (list, tuple):
+        value = _as_list(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{field}={value!r} must be a list (comma-separated or JSON)")
+        args = [a for a in typing.get_args(t) if a is not Ellipsis]
+        if len(args) == 1:
+            value = [_check(v, args[0], f"{field}[{i}]") for i, v in enumerate(value)]
+        return (origin or t)(value)
     if t is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{field}={value!r} must be true or false")
@@ -60,7 +72,7 @@ def _check(value, t, field: str):
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{field}={value!r} must be a number")
-        return value
+        return float(value)     # `--translate.top_p 1` is 1.0, as a file's 1.0 would be
     if t is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)   # e.g. a directory named 2024 on the command line
@@ -68,6 +80,23 @@ def _check(value, t, field: str):
             raise ValueError(f"{field}={value!r} must be a string")
         return value
     return value   # an annotation these rules do not cover: the dataclass decides
+
+
+def _as_list(value):
+    """A command-line list: "80,90" -> [80, 90], "a" -> ["a"], 80 -> [80], "" -> []."""
+    if isinstance(value, str):
+        return [_word(w) for w in value.split(",") if w.strip()]
+    if isinstance(value, (int, float)):     # one number, already parsed (bools too)
+        return [value]
+    return value
+
+
+def _word(text: str):
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def check_fields(cls, values: dict, section: str) -> dict:
