@@ -9,15 +9,13 @@ Rules, from the dataclass's annotations:
   bool   true or false only (not 1, not "yes")
   str    a string; a number given on the command line (`--data.dir 2024`) is its text
   Optional[X] / X | None   None or an X;  Literal[...]  one of the listed values
-  list[X] / tuple[X, ...]  that container, each element an X; on the command line a
-                           comma-separated string (`--check.archs 80,90`; "" is empty)
-                           or a JSON list (`'[80, 90]'`), one value a list of one
+  list[X] / tuple[X, ...]  that container, each element an X (the command line's
+                           comma-separated form is split before this: config_cli.py)
   dict                     a mapping (values unchecked)
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 
@@ -54,9 +52,8 @@ def _check(value, t, field: str):
             raise ValueError(f"{field}={value!r} must be a dict")
         return value
     if origin in (list, tuple) or t in (list, tuple):
-        value = _as_list(value)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{field}={value!r} must be a list (comma-separated or JSON)")
+            raise ValueError(f"{field}={value!r} must be a {(origin or t).__name__}")
         args = [a for a in typing.get_args(t) if a is not Ellipsis]
         if len(args) == 1:
             value = [_check(v, args[0], f"{field}[{i}]") for i, v in enumerate(value)]
@@ -72,7 +69,7 @@ def _check(value, t, field: str):
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{field}={value!r} must be a number")
-        return float(value)     # `--translate.top_p 1` is 1.0, as a file's 1.0 would be
+        return value
     if t is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)   # e.g. a directory named 2024 on the command line
@@ -80,23 +77,6 @@ def _check(value, t, field: str):
             raise ValueError(f"{field}={value!r} must be a string")
         return value
     return value   # an annotation these rules do not cover: the dataclass decides
-
-
-def _as_list(value):
-    """A command-line list: "80,90" -> [80, 90], "a" -> ["a"], 80 -> [80], "" -> []."""
-    if isinstance(value, str):
-        return [_word(w) for w in value.split(",") if w.strip()]
-    if isinstance(value, (int, float)):     # one number, already parsed (bools too)
-        return [value]
-    return value
-
-
-def _word(text: str):
-    text = text.strip()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def check_fields(cls, values: dict, section: str) -> dict:

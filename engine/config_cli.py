@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import tokenize
+import typing
 from dataclasses import dataclass, field
 
 from engine.config import parse_overrides
@@ -259,7 +260,7 @@ class Command:
         if words and not self.positional:
             raise ValueError(f"unrecognised argument {words[0]!r}: overrides look like "
                              "--section.field value")
-        overrides = parse_overrides(rest)
+        overrides = _lists_split(parse_overrides(rest), self.sections)
         if words:
             section, name = self.positional.split(".", 1)
             if name in overrides.get(section, {}):
@@ -276,6 +277,35 @@ class Command:
             print(json.dumps(config.to_dict(), indent=1))
             return None, args
         return config, args
+
+
+def _lists_split(overrides: dict, sections: dict) -> dict:
+    """A list field's command-line value: "80,90" -> [80, 90], "a" -> ["a"], 80 (one
+    value, already parsed) -> [80], "" -> []; a JSON list ("[80, 90]") is one already.
+    A config file writes its lists as JSON lists."""
+    for name, values in overrides.items():
+        cls = sections.get(name)
+        if not dataclasses.is_dataclass(cls) or not isinstance(values, dict):
+            continue
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            t = hints.get(key)
+            kinds = {typing.get_origin(a) or a for a in typing.get_args(t)} | {
+                typing.get_origin(t) or t}
+            if not kinds & {list, tuple} or isinstance(value, (list, tuple)) or value is None:
+                continue
+            if isinstance(value, str):
+                values[key] = [_word(w) for w in value.split(",") if w.strip()]
+            else:
+                values[key] = [value]
+    return overrides
+
+
+def _word(text: str):
+    try:
+        return json.loads(text.strip())
+    except json.JSONDecodeError:
+        return text.strip()
 
 
 def _split_bare(args: list[str]) -> tuple[list[str], list[str]]:

@@ -21,9 +21,7 @@ import time
 
 import pytest
 
-from engine.config import parse_overrides
-from engine.config_check import check_fields
-from engine.config_cli import Command, field_help
+from engine.config_cli import Command, command, field_help
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNERS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "runners",
@@ -186,21 +184,27 @@ def test_bare_words_and_the_double_dash(capsys):
         _command("plan").parse(["stray"])
 
 
+@dataclasses.dataclass
+class _Lists:
+    nums: list[int] = dataclasses.field(default_factory=list)   # numbers
+    words: list[str] = dataclasses.field(default_factory=list)  # words
+
+
 @pytest.mark.parametrize("text, want", [("80,90", [80, 90]), ("[80, 90]", [80, 90]),
-                                        ("80", [80]), ("", []), ("wget, tar", None)])
-def test_lists_are_comma_separated_or_json(text, want):
-    @dataclasses.dataclass
-    class C:
-        nums: list[int] = dataclasses.field(default_factory=list)
-        words: list[str] = dataclasses.field(default_factory=list)
-    if want is None:     # words: stripped, numbers among them kept as text
-        got = check_fields(C, parse_overrides(["--c.words", text])["c"], "c")
-        assert got == {"words": ["wget", "tar"]}
-        return
-    values = parse_overrides(["--c.nums", text])["c"]
-    assert check_fields(C, values, "c") == {"nums": want}
+                                        ("80", [80]), ("", [])])
+def test_lists_are_comma_separated_or_json_on_the_command_line(text, want, tmp_path):
+    cmd = command("lists", {"c": _Lists})
+    assert cmd.parse(["--c.nums", text])[0].c.nums == want
+    assert cmd.parse(["--c.words", "wget, tar,2024"])[0].c.words == ["wget", "tar", "2024"]
     with pytest.raises(ValueError, match=r"c.nums\[1\]='x' must be an integer"):
-        check_fields(C, parse_overrides(["--c.nums", "1,x"])["c"], "c")
+        cmd.parse(["--c.nums", "1,x"])
+    # a config file writes a JSON list; a bare number there is still refused
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"c": {"nums": [1, 2]}}))
+    assert cmd.parse(["--config", str(f)])[0].c.nums == [1, 2]
+    f.write_text(json.dumps({"c": {"nums": 3}}))
+    with pytest.raises(ValueError, match="c.nums=3 must be a list"):
+        cmd.parse(["--config", str(f)])
 
 
 def _commands_in(path: str):

@@ -231,8 +231,10 @@ class TranslateConfig:
         self.generation()          # a bad decoding setting fails before the model loads
 
     def generation(self) -> GenerationConfig:
-        return GenerationConfig(self.mode, self.max_new_tokens, self.temperature, self.top_k,
-                                self.top_p, self.num_beams, self.length_penalty, self.seed)
+        # floats: `--translate.top_p 1` arrives as the integer 1
+        return GenerationConfig(self.mode, self.max_new_tokens, float(self.temperature),
+                                self.top_k, float(self.top_p), self.num_beams,
+                                float(self.length_penalty), self.seed)
 
 
 def _command():
