@@ -204,8 +204,9 @@ def run(checkpoint: str, sentences: list[str] | None = None, input_path: str | N
 class TranslateConfig:
     checkpoint: str = ""           # native checkpoint or run directory, or a ChatGLM-format
     #                                directory (required)
-    sentences: list[str] = field(default_factory=list)  # English sentences (the bare words
-    #                                of the command line; default: input, else stdin)
+    # English sentences: the command line's bare words, commas kept (as an option the
+    # list is comma-separated); none: input, else stdin
+    sentences: list[str] = field(default_factory=list)
     input: str = ""                # file of English sentences, one a line ("-": stdin)
     tokenizer: str = ""            # tokenizer.model ("": the one inside the checkpoint)
     mode: str = "greedy"           # decoding: greedy | beam | sample
