@@ -5,9 +5,9 @@ DATA    := data
 RUNS    := runs/demo
 PRETRAINED := $(RUNS)/pretrain/checkpoint/meta.json
 THREADS ?= 2
-# stage banners with the time each took (runners/stage.py); demo has 7 stages, paper 4
+# stage banners with the time each took (engine/progress_stage.py); demo has 7 stages, paper 4
 T0      := $(shell date +%s)
-STAGE    = $(PY) runners/stage.py
+STAGE    = $(PY) -m engine.progress_stage
 N       := $(if $(filter paper,$(MAKECMDGOALS)),4,7)
 
 .PHONY: setup test demo data paper clean gpu-check
@@ -27,7 +27,7 @@ test: setup
 
 data: setup
 	$(STAGE) 1/$(N) "prepare data: extract EN/ZH pairs, tokenizer, shards" -- \
-	    $(PY) runners/prepare_data.py --out $(DATA)
+	    $(PY) runners/prepare_data.py --data.dir $(DATA)
 
 # the pretrained LM (shared by demo and paper; kept until make clean): a 2-stage 1F1B
 # pipeline, one process per core. meta.json is written last, so a killed run is redone.
@@ -73,14 +73,14 @@ paper: data $(PRETRAINED)
 	$(STAGE) 3/4 "install the plotting extra" -- sh -c '.venv/bin/pip install -q -e ".[report]" \
 	    || echo "matplotlib unavailable: tables only"'
 	$(STAGE) 4/4 "the paper's tables and figures (fine-tune, compress, distil runs)" -- \
-	    $(PY) runners/report.py --out reports --work-dir runs/paper --threads $(THREADS) \
-	    --pretrained $(RUNS)/pretrain/checkpoint --resume
+	    $(PY) runners/report.py --report.out_dir reports --report.work_dir runs/paper \
+	    --report.threads $(THREADS) --report.pretrained $(RUNS)/pretrain/checkpoint --resume
 	@$(STAGE) --since $(T0) "make paper"
 
 # one CUDA GPU, the machine's own python3 (nothing installed): kernels vs references,
 # kernel timings, base-preset training triton vs torch, the NCCL path; <= 8 minutes
 gpu-check:
-	PYTHONPATH=. python3 runners/gpu_check.py --out runs/gpu_check
+	PYTHONPATH=. python3 runners/gpu_check.py --gpu_check.out_dir runs/gpu_check
 
 clean:
 	rm -rf $(RUNS) runs/paper reports .pytest_cache

@@ -205,7 +205,9 @@ def load_file(path: str) -> dict:
 
 def parse_overrides(args: list[str]) -> dict:
     """['--train.lr', '3e-4', '--model.preset=small'] -> {'train': {'lr': 3e-4}, ...}
-    `--parallel auto` (or --parallel=auto) is short for --parallel.auto true."""
+    `--parallel auto` (or --parallel=auto) is short for --parallel.auto true. A list
+    field's value stays the text given ("80,90"; a JSON list "[80, 90]" is parsed):
+    engine/config_cli.py splits it, knowing the field's type."""
     out: dict = {}
     i = 0
     while i < len(args):

@@ -9,7 +9,9 @@ Rules, from the dataclass's annotations:
   bool   true or false only (not 1, not "yes")
   str    a string; a number given on the command line (`--data.dir 2024`) is its text
   Optional[X] / X | None   None or an X;  Literal[...]  one of the listed values
-  list / tuple / dict      that container (elements unchecked)
+  list[X] / tuple[X, ...]  that container, each element an X (the command line's
+                           comma-separated form is split before this: config_cli.py)
+  dict                     a mapping (values unchecked)
 """
 from __future__ import annotations
 
@@ -45,10 +47,17 @@ def _check(value, t, field: str):
             raise ValueError(f"{field}={value!r} must be one of "
                              f"{', '.join(repr(c) for c in choices)}")
         return value
-    if origin in (list, tuple, dict):
-        if not isinstance(value, (list, tuple) if origin is not dict else dict):
-            raise ValueError(f"{field}={value!r} must be a {origin.__name__}")
-        return origin(value) if origin is not dict else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{field}={value!r} must be a dict")
+        return value
+    if origin in (list, tuple) or t in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{field}={value!r} must be a {(origin or t).__name__}")
+        args = [a for a in typing.get_args(t) if a is not Ellipsis]
+        if len(args) == 1:
+            value = [_check(v, args[0], f"{field}[{i}]") for i, v in enumerate(value)]
+        return (origin or t)(value)
     if t is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{field}={value!r} must be true or false")

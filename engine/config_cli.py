@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import tokenize
+import typing
 from dataclasses import dataclass, field
 
 from engine.config import parse_overrides
@@ -80,7 +81,15 @@ def _own_help(cls) -> dict[str, str]:
 
 def _type_name(f) -> str:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return t.replace("typing.", "").replace("Optional[", "").rstrip("]").replace(" | None", "")
+    t = t.replace("typing.", "").replace(" | None", "")
+    m = re.fullmatch(r"Optional\[(.*)\]", t)
+    return m.group(1) if m else t
+
+
+def _metavar(f) -> str:
+    """INT, STR, ...; a list field: A,B,... (comma-separated on the command line)."""
+    t = _type_name(f)
+    return "A,B,..." if t.startswith(("list", "tuple")) else t.upper()
 
 
 def _default(f):
@@ -94,10 +103,16 @@ def _default(f):
 @dataclass
 class Alias:
     """An old flag: `--data-dir X` is `--data.dir X`; a switch (`--paper-rule`) sets the
-    field to `value`; positional=True: a bare word at argv[0] (finetune's old stage)."""
+    field to `value`; many=True: the old nargs="+" form (`--arch 80 90`), its words up to
+    the next dash flag joined into one comma-separated list; more: fields taking the
+    values after the first (`--to-chatglm SRC OUT`); sets: fields it also fixes. A key
+    that starts with "--" is a flag of the new spelling (`--overwrite` is `--force`)."""
     key: str
     switch: bool = False
     value: object = True
+    many: bool = False
+    more: tuple = ()
+    sets: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -115,12 +130,14 @@ class Command:
     extra_fields: dict = field(default_factory=dict)
     positional_alias: tuple = ()     # (section.field, choices): an old positional word
     refused_sections: tuple = ()     # build() refuses these itself, with a better message
+    # "section.field" (a list field) that collects the bare words of the command line
+    # (translate's sentences); "--" ends the options, so a word may start with a dash
+    positional: str = ""
 
     def parser(self) -> argparse.ArgumentParser:
         head, _, rest = self.doc.strip().partition("\n\n")
         if self.aliases or self.positional_alias:
-            old = [f"{k} = --{a.key}" + (" true" if a.switch else "")
-                   for k, a in self.aliases.items()]
+            old = [f"{k} = {_new_spelling(a)}" for k, a in self.aliases.items()]
             if self.positional_alias:
                 old.insert(0, f"{' | '.join(self.positional_alias[1])} (positional) = "
                               f"--{self.positional_alias[0]} ...")
@@ -128,7 +145,9 @@ class Command:
                                                 "release; each prints a warning):\n  "
                                                 + "\n  ".join(old))
         usage = ("%(prog)s [--config FILE] [--section.field VALUE ...] [--print-config]"
-                 + "".join(f" [{f}]" for f in self.flags))
+                 + "".join(f" [{f}]" for f in self.flags)
+                 + (f" [{self.positional.split('.')[-1].upper()} ...]"
+                    if self.positional else ""))
         p = argparse.ArgumentParser(
             usage=usage, description=head, epilog=rest or None, allow_abbrev=False,
             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +167,7 @@ class Command:
                 d = _default(f)
                 text = helps.get(f.name, "")
                 g.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}",
-                               metavar=_type_name(f).upper(), default=argparse.SUPPRESS,
+                               metavar=_metavar(f), default=argparse.SUPPRESS,
                                help=f"{text} (default: {json.dumps(d)})".lstrip()
                                .replace("%", "%%"))
         return p
@@ -169,9 +188,26 @@ class Command:
                 out.append(arg)
                 i += 1
                 continue
-            if a.switch:
+            if a.key.startswith("--"):
+                new = [a.key]
+                i += 1
+            elif a.switch:
                 new = [f"--{a.key}", json.dumps(a.value)]
                 i += 1
+            elif a.many and not eq:
+                j = i + 1
+                while j < len(argv) and not argv[j].startswith("--"):
+                    j += 1
+                if j == i + 1:
+                    raise ValueError(f"{name} has no value")
+                new = [f"--{a.key}", ",".join(argv[i + 1:j])]
+                i = j
+            elif a.more:
+                vals = argv[i + 1:i + 2 + len(a.more)]
+                if eq or len(vals) < 1 + len(a.more):
+                    raise ValueError(f"{name} takes {1 + len(a.more)} values")
+                new = [x for k, v in zip((a.key,) + a.more, vals) for x in (f"--{k}", v)]
+                i += 2 + len(a.more)
             else:
                 if not eq:
                     if i + 1 >= len(argv):
@@ -179,24 +215,25 @@ class Command:
                     val = argv[i + 1]
                 new = [f"--{a.key}", val]
                 i += 1 if eq else 2
-            _warn(name, " ".join(new) if a.switch else new[0])
+            for k, v in a.sets.items():
+                new += [f"--{k}", json.dumps(v)]
+            _warn(name, _new_spelling(a))
             out += new
         return out
 
     def main(self, run, argv: list[str] | None = None, training: bool = False):
-        """A workflow runner's whole command line: parse argv, then run(config) (training
-        workflows: run(config, resume=, force=)); bad input, and a diverged training run,
-        end as one line (engine/errors.py), never a traceback."""
+        """A runner's whole command line: parse argv, then run(config, **flags) (each flag
+        a keyword: --resume -> resume=True); bad input, and a diverged training run, end
+        as one line (engine/errors.py), never a traceback. -> run's result (an int is
+        the exit code)."""
         from engine.errors import fail
         from engine.train.divergence import DivergenceError
+        del training     # the flags say it now; kept for the callers that pass it
         try:
             config, flags = self.parse(argv)
             if config is None:   # --help / --print-config
-                return
-            if training:
-                run(config, resume=flags.resume, force=flags.force)
-            else:
-                run(config)
+                return 0
+            return run(config, **{_dest(f): getattr(flags, _dest(f)) for f in self.flags})
         except (ValueError, DivergenceError) as e:
             fail(e)
 
@@ -213,8 +250,22 @@ class Command:
         p.add_argument("--print-config", action="store_true")
         for flag in self.flags:
             p.add_argument(flag, action="store_true")
+        words: list[str] = []
+        if "--" in argv:             # after "--": bare words only
+            k = argv.index("--")
+            argv, words = argv[:k], argv[k + 1:]
         args, rest = p.parse_known_args(argv)
-        overrides = parse_overrides(rest)
+        rest, bare = _split_bare(rest)
+        words = bare + words
+        if words and not self.positional:
+            raise ValueError(f"unrecognised argument {words[0]!r}: overrides look like "
+                             "--section.field value")
+        overrides = _lists_split(parse_overrides(rest), self.sections)
+        if words:
+            section, name = self.positional.split(".", 1)
+            if name in overrides.get(section, {}):
+                raise ValueError(f"give {self.positional} or bare words, not both")
+            overrides.setdefault(section, {})[name] = words
         base = load_file(args.config) if args.config else {}
         unknown = sorted((set(base) | set(overrides)) - set(self.sections)
                          - set(self.refused_sections))
@@ -228,8 +279,91 @@ class Command:
         return config, args
 
 
+def _lists_split(overrides: dict, sections: dict) -> dict:
+    """A list field's command-line value: "80,90" -> [80, 90], "a" -> ["a"], 80 (one
+    value, already parsed) -> [80], "" -> []; a JSON list ("[80, 90]") is one already.
+    A config file writes its lists as JSON lists."""
+    for name, values in overrides.items():
+        cls = sections.get(name)
+        if not dataclasses.is_dataclass(cls) or not isinstance(values, dict):
+            continue
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            t = hints.get(key)
+            kinds = {typing.get_origin(a) or a for a in typing.get_args(t)} | {
+                typing.get_origin(t) or t}
+            if not kinds & {list, tuple} or isinstance(value, (list, tuple)) or value is None:
+                continue
+            if isinstance(value, str):
+                values[key] = [_word(w) for w in value.split(",") if w.strip()]
+            else:
+                values[key] = [value]
+    return overrides
+
+
+def _word(text: str):
+    try:
+        return json.loads(text.strip())
+    except json.JSONDecodeError:
+        return text.strip()
+
+
+def _split_bare(args: list[str]) -> tuple[list[str], list[str]]:
+    """(options with their values, bare words): an option without "=" takes the next
+    word as its value."""
+    opts, bare, i = [], [], 0
+    while i < len(args):
+        if args[i].startswith("--"):
+            take = 1 if "=" in args[i] else 2
+            opts += args[i:i + take]
+            i += take
+        else:
+            bare.append(args[i])
+            i += 1
+    return opts, bare
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _new_spelling(a: Alias) -> str:
+    if a.key.startswith("--"):
+        return a.key
+    if a.switch:
+        return f"--{a.key} {json.dumps(a.value)}"
+    new = f"--{a.key}" + (" A,B,..." if a.many else "")
+    new += "".join(f" ... --{k}" for k in a.more)
+    return new + "".join(f" --{k} {json.dumps(v)}" for k, v in a.sets.items())
+
+
 def _warn(old: str, new: str) -> None:
     print(f"warning: {old} is deprecated; use {new}", file=sys.stderr, flush=True)
+
+
+class Sections:
+    """A runner's resolved config: one dataclass per section, as attributes."""
+
+    def __init__(self, **sections):
+        self.__dict__.update(sections)
+
+    def to_dict(self) -> dict:
+        return {k: dataclasses.asdict(v) for k, v in self.__dict__.items()}
+
+
+def sections_builder(sections: dict):
+    """build(base, overrides) for a Command whose sections are plain dataclasses: each
+    from its file values updated by its overrides, unknown fields refused."""
+    def build(base: dict, overrides: dict) -> Sections:
+        return Sections(**{name: build_section(cls, name, {**base.get(name, {}),
+                                                            **overrides.get(name, {})})
+                           for name, cls in sections.items()})
+    return build
+
+
+def command(doc: str, sections: dict, **kw) -> Command:
+    """A Command over plain dataclass sections (sections_builder)."""
+    return Command(doc, sections, sections_builder(sections), **kw)
 
 
 def build_section(cls, section: str, values: dict):

@@ -2,10 +2,11 @@
 peak memory of the fused FFN and linear-cross-entropy, and check every op's errors.
 
     python runners/bench_kernels.py                            # ChatGLM3-6B sweep, bf16
-    python runners/bench_kernels.py --ops attention --seqs 1024 4096 --batch 2
-    python runners/bench_kernels.py --ops ffn cross_entropy --tokens 4096 8192
-    python runners/bench_kernels.py --profile traces/          # + torch.profiler traces
-    python runners/bench_kernels.py --check                    # errors vs the references
+    python runners/bench_kernels.py --bench.ops attention --bench.seq_lens 1024,4096 \
+        --bench.micro_batch_size 2
+    python runners/bench_kernels.py --bench.ops ffn,cross_entropy --bench.tokens 4096,8192
+    python runners/bench_kernels.py --bench.profile_dir traces/   # + torch.profiler traces
+    python runners/bench_kernels.py --bench.check true            # errors vs the references
 
 Timings need a CUDA GPU (triton.testing.do_bench times device kernels). Without one the
 script says so and runs the correctness sweep under the Triton interpreter instead (tiny
@@ -13,19 +14,20 @@ shapes, fp32 and fp16, well under a minute on 2 cores).
 
 Throughput is "useful work": attention counts only visible (query, key) pairs, the FFN and
 the output head count the unfused model's matmuls (so recomputation in a backward shows up
-as a lower rate, not as extra credit). % of peak is against --peak-tflops / --peak-gbs
+as a lower rate, not as extra credit). % of peak is against bench.peak_tflops / peak_gbs
 (H100 SXM dense bf16: 989 TFLOP/s, 3.35 TB/s HBM3).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from engine.config_cli import Alias, command
 from engine.errors import run_main
 
 HAS_CUDA = torch.cuda.is_available()
@@ -42,33 +44,46 @@ DEVICE = "cuda"  # every benchmark tensor lives here
 FP32_PEAK_TFLOPS = 67.0  # H100 SXM non-tensor-core fp32: what fp32 ("ieee") dots run on
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("what to run")
-    g.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
-                   help="ops to benchmark (ffn = fused SwiGLU matmul + down projection)")
-    g.add_argument("--check", action="store_true",
-                   help="only the correctness sweep (max abs errors vs kernels/reference.py)")
-    g.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    g.add_argument("--profile", metavar="DIR",
-                   help="also write a torch.profiler chrome trace per op and shape into DIR")
-    s = p.add_argument_group("shapes")
-    s.add_argument("--preset", default="chatglm3-6b",
-                   help="GLMConfig preset giving hidden/heads/groups/head dim/ffn/vocab")
-    s.add_argument("--dtype", choices=DTYPES, default="bf16")
-    s.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192],
-                   help="token counts (batch * seq) for the row-wise ops, FFN and head")
-    s.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096],
-                   help="sequence lengths for attention")
-    s.add_argument("--batch", type=int, default=1, help="attention batch size")
-    t = p.add_argument_group("timing")
-    t.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
-    t.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
-    t.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="dense 16-bit tensor-core peak of the GPU")
-    t.add_argument("--peak-gbs", type=float, default=3350.0, help="memory bandwidth, GB/s")
-    return p.parse_args(argv)
+@dataclass
+class BenchModel:
+    preset: str = "chatglm3-6b"    # GLMConfig preset giving hidden/heads/groups/head dim/ffn/vocab
+
+
+@dataclass
+class BenchKernels:
+    ops: list[str] = field(default_factory=lambda: list(OPS))  # ops to benchmark (ffn =
+    #                                fused SwiGLU matmul + down projection)
+    check: bool = False            # only the correctness sweep (max abs errors vs
+    #                                kernels/reference.py)
+    compile: bool = True           # also time torch.compile (false: skip those rows)
+    profile_dir: str = ""          # also write a torch.profiler chrome trace per op and shape here
+    dtype: str = "bf16"            # bf16 | fp16 | fp32
+    tokens: list[int] = field(default_factory=lambda: [2048, 8192])  # token counts (batch *
+    #                                seq) for the row-wise ops, FFN and head
+    seq_lens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])  # attention
+    #                                sequence lengths
+    micro_batch_size: int = 1      # attention batch size
+    warmup_ms: int = 25            # do_bench warmup (ms)
+    rep_ms: int = 100              # do_bench repetition time (ms)
+    peak_tflops: float = 989.0     # dense 16-bit tensor-core peak of the GPU
+    peak_gbs: float = 3350.0       # memory bandwidth, GB/s
+
+    def __post_init__(self):
+        bad = [o for o in self.ops if o not in OPS]
+        if bad:
+            raise ValueError(f"bench.ops: unknown {bad[0]!r}; known: {', '.join(OPS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"bench.dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+
+
+COMMAND = command(__doc__, {"model": BenchModel, "bench": BenchKernels}, aliases={
+    "--ops": Alias("bench.ops", many=True), "--check": Alias("bench.check", switch=True),
+    "--no-compile": Alias("bench.compile", switch=True, value=False),
+    "--profile": Alias("bench.profile_dir"), "--preset": Alias("model.preset"),
+    "--dtype": Alias("bench.dtype"), "--tokens": Alias("bench.tokens", many=True),
+    "--seqs": Alias("bench.seq_lens", many=True), "--batch": Alias("bench.micro_batch_size"),
+    "--warmup": Alias("bench.warmup_ms"), "--rep": Alias("bench.rep_ms"),
+    "--peak-tflops": Alias("bench.peak_tflops"), "--peak-gbs": Alias("bench.peak_gbs")})
 
 
 # =========================================================================== helpers
@@ -79,13 +94,13 @@ class Bench:
         self.args = args
         self.dtype = DTYPES[args.dtype]
         self.peak_tflops = args.peak_tflops if self.dtype != torch.float32 else FP32_PEAK_TFLOPS
-        if not args.no_compile:
+        if args.compile:
             import torch._dynamo as dynamo
             dynamo.config.cache_size_limit = 256  # one graph per shape in the sweep
         self.compiled = {}
 
     def compile(self, fn):
-        if self.args.no_compile:
+        if not self.args.compile:
             return None
         if fn not in self.compiled:
             self.compiled[fn] = torch.compile(fn, dynamic=False)
@@ -93,7 +108,7 @@ class Bench:
 
     def time_ms(self, fn, grads=None) -> float:
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=self.args.warmup, rep=self.args.rep,
+        return triton.testing.do_bench(fn, warmup=self.args.warmup_ms, rep=self.args.rep_ms,
                                        grad_to_none=grads, return_mode="median")
 
     def row(self, op, shape, impl, mode, ms, flops=None, nbytes=None, err=None):
@@ -140,8 +155,8 @@ class Bench:
                 torch.cuda.empty_cache()  # e.g. the eager baseline ran out of memory
             for t in leaves:
                 t.grad = None
-        if self.args.profile:
-            profile(self.args.profile, op, shape, impls, inputs, grad_outs)
+        if self.args.profile_dir:
+            profile(self.args.profile_dir, op, shape, impls, inputs, grad_outs)
 
 
 def _get(d, key):
@@ -274,7 +289,7 @@ def bench_ffn(bench: Bench, cfg: GLMConfig):
 
 
 def bench_attention(bench: Bench, cfg: GLMConfig):
-    dt, dev, b = bench.dtype, DEVICE, bench.args.batch
+    dt, dev, b = bench.dtype, DEVICE, bench.args.micro_batch_size
     nh, ng, d = cfg.num_attention_heads, cfg.multi_query_group_num, cfg.kv_channels
 
     def sdpa_causal(q, k, v, pre):
@@ -290,7 +305,7 @@ def bench_attention(bench: Bench, cfg: GLMConfig):
     def eager(q, k, v, pre):
         return ref.attention(q, k, v, pre)
 
-    for s in bench.args.seqs:
+    for s in bench.args.seq_lens:
         q = torch.randn(b, nh, s, d, device=dev, dtype=dt, requires_grad=True)
         k = torch.randn(b, ng, s, d, device=dev, dtype=dt, requires_grad=True)
         v = torch.randn(b, ng, s, d, device=dev, dtype=dt, requires_grad=True)
@@ -410,8 +425,8 @@ def check_sweep(device: str, big: bool):
 
 
 # ============================================================================= main
-def main(argv=None):
-    args = parse_args(argv)
+def run(config):
+    args = config.bench
     if not HAS_CUDA:
         print("No CUDA device: kernel timings need a GPU (triton.testing.do_bench times "
               "device kernels), so none are reported here.\nRunning the correctness sweep "
@@ -421,10 +436,10 @@ def main(argv=None):
     if args.check:
         check_sweep("cuda", big=True)
         return
-    cfg = GLMConfig.preset(args.preset)
+    cfg = GLMConfig.preset(config.model.preset)
     bench = Bench(args)
     name = torch.cuda.get_device_name()
-    print(f"{name}: {args.preset} hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}"
+    print(f"{name}: {config.model.preset} hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}"
           f"/{cfg.multi_query_group_num} x {cfg.kv_channels}, ffn {cfg.ffn_hidden_size}, "
           f"vocab {cfg.padded_vocab_size}, {args.dtype}; peak {bench.peak_tflops:.0f} "
           f"TFLOP/s, {args.peak_gbs:.0f} GB/s")
@@ -439,6 +454,11 @@ def main(argv=None):
         bench_attention(bench, cfg)
     if "cross_entropy" in ops:
         bench_cross_entropy(bench, cfg)
+
+
+
+def main(argv=None):
+    return COMMAND.main(run, argv)
 
 
 if __name__ == "__main__":

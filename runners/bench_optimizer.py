@@ -2,16 +2,17 @@
 each ZeRO stage and precision, and optionally the time of a training step, at the data
 parallel size this is launched with.
 
-    python runners/bench_optimizer.py --presets tiny small                     # dp=1
-    torchrun --nproc_per_node 2 runners/bench_optimizer.py --presets tiny small  # dp=2
-    torchrun --nproc_per_node 2 runners/bench_optimizer.py --presets small --steps 3
+    python runners/bench_optimizer.py --bench.presets tiny,small                     # dp=1
+    torchrun --nproc_per_node 2 runners/bench_optimizer.py --bench.presets tiny,small  # dp=2
+    torchrun --nproc_per_node 2 runners/bench_optimizer.py --bench.presets small \
+        --bench.steps 3
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from engine.optim import DistributedOptimizer, OptimConfig
 from model import GLM, GLMConfig
+from engine.config_cli import Alias, command
 from engine.errors import run_main
 
 
@@ -39,19 +41,36 @@ def time_steps(model, opt, cfg: GLMConfig, batch: int, seq_len: int, steps: int)
     return statistics.median(total), statistics.median(step_only)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    what = ap.add_argument_group("what to measure")
-    what.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    what.add_argument("--zero-stages", nargs="+", type=int, default=[0, 1, 2])
-    what.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    timing = ap.add_argument_group("step timing (0 steps: memory only)")
-    timing.add_argument("--steps", type=int, default=0)
-    timing.add_argument("--batch", type=int, default=2)
-    timing.add_argument("--seq-len", type=int, default=64)
-    timing.add_argument("--bucket-mb", type=float, default=25.0)
-    args = ap.parse_args()
+@dataclass
+class BenchOptimizer:
+    presets: list[str] = field(default_factory=lambda: ["tiny", "small"])  # model presets
+    zero_stages: list[int] = field(default_factory=lambda: [0, 1, 2])  # ZeRO stages
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])  # parameter
+    #                                precisions
+    steps: int = 0                 # timed training steps per row (0: memory only)
+    micro_batch_size: int = 2      # sequences per timed step
+    seq_len: int = 64              # tokens per sequence
+    bucket_mb: float = 25.0        # gradient bucket size, MB
 
+    def __post_init__(self):
+        bad = [z for z in self.zero_stages if z not in (0, 1, 2)]
+        if bad:
+            raise ValueError(f"bench.zero_stages: {bad[0]} is not 0, 1 or 2")
+        if self.steps < 0 or self.micro_batch_size <= 0 or self.seq_len <= 0:
+            raise ValueError("bench.steps must be >= 0, bench.micro_batch_size and "
+                             "bench.seq_len positive")
+
+
+COMMAND = command(__doc__, {"bench": BenchOptimizer}, aliases={
+    "--presets": Alias("bench.presets", many=True),
+    "--zero-stages": Alias("bench.zero_stages", many=True),
+    "--precisions": Alias("bench.precisions", many=True), "--steps": Alias("bench.steps"),
+    "--batch": Alias("bench.micro_batch_size"), "--seq-len": Alias("bench.seq_len"),
+    "--bucket-mb": Alias("bench.bucket_mb")})
+
+
+def run(config):
+    args = config.bench
     group = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=timedelta(seconds=120))
@@ -79,13 +98,18 @@ def main():
                                    (b["master"], b["exp_avg"] + b["exp_avg_sq"], b["grads"],
                                     b["total"])))
                 if args.steps:
-                    step_s, opt_s = time_steps(model, opt, cfg, args.batch, args.seq_len,
-                                               args.steps)
+                    step_s, opt_s = time_steps(model, opt, cfg, args.micro_batch_size,
+                                               args.seq_len, args.steps)
                     line += f"  {step_s:6.3f} {opt_s:6.3f}"
                 if rank == 0:
                     print(line, flush=True)
     if group is not None:
         dist.destroy_process_group()
+
+
+
+def main(argv=None):
+    return COMMAND.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -4,19 +4,19 @@ split and microbatches:
 
     ours 1f1b         torch Schedule1F1B
     ours gpipe        torch ScheduleGPipe
-    ours interleaved  torch ScheduleInterleaved1F1B       (vpp chunks per rank, --vpp)
+    ours interleaved  torch ScheduleInterleaved1F1B       (vpp chunks per rank, bench.vpp)
     ours zb-h1        torch ScheduleInterleavedZeroBubble (one stage per rank: torch's
                       zero-bubble schedule closest to ZB-H1; ScheduleZBVZeroBubble needs
                       the V placement of two chunks per rank)
     ours zb-v         torch ScheduleZBVZeroBubble         (two chunks per rank in the V;
-                      needs layers % 2pp == 0, e.g. --layers 8 at pp=2: not in the default
-                      --schedules, the small preset's 6 layers do not split in 4)
+                      needs layers % 2pp == 0, e.g. --model.num_layers 8 at pp=2: not in
+                      the default bench.schedules; the small preset's 6 layers do not split in 4)
 
-    python runners/bench_pipeline.py                       # spawns --pp processes itself
+    python runners/bench_pipeline.py                       # spawns bench.pp processes itself
     torchrun --nproc_per_node 2 runners/bench_pipeline.py  # or under torchrun
 
 Prints, from rank 0:
-  * step time (median over --reps, max over ranks) and tokens/s of every variant;
+  * step time (median over bench.reps, max over ranks) and tokens/s of every variant;
     the single-process baseline (whole model, gradient accumulation over the same
     microbatches) runs on rank 0 alone while the other ranks wait;
   * ours / PyTorch time ratios (target: our 1F1B at least 0.95x PyTorch's throughput);
@@ -31,10 +31,10 @@ drift on a shared machine hits them alike.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -50,50 +50,71 @@ from engine.pipeline.stage import build_stage
 from engine.pipeline.stats import SavedActivationMeter, ScheduleStats
 from engine.timing import Clock
 from model import GLM, GLMConfig
+from engine.config_cli import Alias, command
 from engine.errors import run_main
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_argument_group("model")
-    g.add_argument("--preset", default="small", help="GLMConfig preset")
-    g.add_argument("--layers", type=int, default=0, help="override num_layers (0: preset)")
-    g.add_argument("--vocab", type=int, default=2048,
-                   help="override padded_vocab_size (0: preset); 2048 keeps the output head "
-                        "from doubling the last stage's work on the small preset")
-    g = ap.add_argument_group("data and schedule")
-    g.add_argument("--pp", type=int, default=2, help="pipeline stages (spawned processes)")
-    g.add_argument("--microbatches", type=int, default=8, help="m, per step")
-    g.add_argument("--micro-batch-size", type=int, default=2)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--vpp", type=int, default=0,
-                   help="chunks per rank for the interleaved rows (0: the smallest >= 2 "
-                        "that divides the layers per stage; none: no interleaved rows)")
-    g.add_argument("--schedules", default="1f1b,gpipe,zb-h1,interleaved",
-                   help="comma-separated schedules to run (each ours and torch's)")
-    g = ap.add_argument_group("measurement")
-    g.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
-    g.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
-    g.add_argument("--timeout", type=float, default=300.0, help="collective/P2P timeout, s")
-    return ap.parse_args(argv)
+@dataclass
+class BenchModel:
+    preset: str = "small"          # GLMConfig preset
+    num_layers: int = 0            # override num_layers (0: the preset's)
+    # override padded_vocab_size (0: the preset's); 2048 keeps the output head from
+    # doubling the last stage's work on the small preset
+    padded_vocab_size: int = 2048
+
+
+@dataclass
+class BenchPipeline:
+    pp: int = 2                    # pipeline stages (spawned processes)
+    num_microbatches: int = 8      # m, per step
+    micro_batch_size: int = 2      # sequences per microbatch
+    seq_len: int = 128             # tokens per sequence
+    # chunks per rank for the interleaved rows (0: the smallest >= 2 that divides the
+    # layers per stage; none: no interleaved rows)
+    vpp: int = 0
+    # schedules to run (each ours and torch's)
+    schedules: list[str] = field(default_factory=lambda: ["1f1b", "gpipe", "zb-h1",
+                                                          "interleaved"])
+    reps: int = 5                  # timed rounds (median reported)
+    threads: int = 1               # intra-op threads per rank
+    timeout_s: float = 300.0       # collectives / p2p timeout, s
+
+    def __post_init__(self):
+        bad = [x for x in self.schedules if x not in TORCH_COUNTERPART]
+        if bad:
+            raise ValueError(f"bench.schedules: unknown {bad[0]!r}; known: "
+                             f"{', '.join(TORCH_COUNTERPART)}")
+        for name in ("pp", "num_microbatches", "micro_batch_size", "seq_len", "reps",
+                     "threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"bench.{name}={getattr(self, name)} must be positive")
+
+
+COMMAND = command(__doc__, {"model": BenchModel, "bench": BenchPipeline}, aliases={
+    "--preset": Alias("model.preset"), "--layers": Alias("model.num_layers"),
+    "--vocab": Alias("model.padded_vocab_size"), "--pp": Alias("bench.pp"),
+    "--microbatches": Alias("bench.num_microbatches"),
+    "--micro-batch-size": Alias("bench.micro_batch_size"), "--seq-len": Alias("bench.seq_len"),
+    "--vpp": Alias("bench.vpp"), "--schedules": Alias("bench.schedules"),
+    "--reps": Alias("bench.reps"), "--threads": Alias("bench.threads"),
+    "--timeout": Alias("bench.timeout_s")})
 
 
 def model_config(args) -> GLMConfig:
     over = {}
-    if args.layers:
-        over["num_layers"] = args.layers
-    if args.vocab:
-        over["padded_vocab_size"] = args.vocab
-    return GLMConfig.preset(args.preset, **over)
+    if args.model.num_layers:
+        over["num_layers"] = args.model.num_layers
+    if args.model.padded_vocab_size:
+        over["padded_vocab_size"] = args.model.padded_vocab_size
+    return GLMConfig.preset(args.model.preset, **over)
 
 
 def make_microbatches(cfg: GLMConfig, args) -> list[dict]:
     """Causal LM microbatches (positions 0..s-1, no prefix), the same on every rank."""
     g = torch.Generator().manual_seed(0)
-    b, s = args.micro_batch_size, args.seq_len
+    b, s = args.bench.micro_batch_size, args.bench.seq_len
     out = []
-    for _ in range(args.microbatches):
+    for _ in range(args.bench.num_microbatches):
         tokens = torch.randint(0, cfg.padded_vocab_size, (b, s + 1), generator=g)
         out.append(dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:],
                         position_ids=torch.arange(s).expand(b, s).clone(),
@@ -221,23 +242,24 @@ def timed(fn, device, group=None) -> tuple[float, float]:
 
 
 def bench(args):
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.bench.threads)
     cfg = model_config(args)
-    state = init_distributed(ParallelDims(pp=args.pp), timeout=args.timeout,
+    state = init_distributed(ParallelDims(pp=args.bench.pp), timeout=args.bench.timeout_s,
                              num_layers=cfg.num_layers)
-    rank, p, m = state.rank, args.pp, args.microbatches
+    rank, p, m = state.rank, args.bench.pp, args.bench.num_microbatches
     mbs = make_microbatches(cfg, args)
     num_tokens = int(sum((mb["labels"] != -100).sum() for mb in mbs))
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"model {args.preset} (layers={cfg.num_layers}, hidden={cfg.hidden_size}, "
+    say(f"model {args.model.preset} (layers={cfg.num_layers}, hidden={cfg.hidden_size}, "
         f"vocab={cfg.padded_vocab_size}), pp={p}, m={m} microbatches of "
-        f"{args.micro_batch_size}x{args.seq_len} tokens, {args.threads} thread(s)/rank, "
-        f"{args.reps} reps")
+        f"{args.bench.micro_batch_size}x{args.bench.seq_len} tokens, "
+        f"{args.bench.threads} thread(s)/rank, "
+        f"{args.bench.reps} reps")
 
     per_stage = cfg.num_layers // p
-    vpp = args.vpp or next((v for v in range(2, per_stage + 1) if per_stage % v == 0), 0)
+    vpp = args.bench.vpp or next((v for v in range(2, per_stage + 1) if per_stage % v == 0), 0)
     variants = []
-    for sched in args.schedules.split(","):
+    for sched in args.bench.schedules:
         if sched == "interleaved" and (vpp < 2 or m % p):
             say(f"(no interleaved rows: vpp={vpp}, m={m}, pp={p})")
             continue
@@ -245,12 +267,14 @@ def bench(args):
         if sched == "zb-v":
             if cfg.num_layers % (2 * p):
                 say(f"(no zb-v rows: layers={cfg.num_layers} do not split into 2pp={2 * p} "
-                    "virtual stages; try --layers)")
+                    "virtual stages; try --model.num_layers)")
                 continue
-            v, st = 2, init_distributed(ParallelDims(pp=p, vpp=2), timeout=args.timeout,
+            v, st = 2, init_distributed(ParallelDims(pp=p, vpp=2),
+                                        timeout=args.bench.timeout_s,
                                         num_layers=cfg.num_layers)
         if sched == "interleaved":
-            v, st = vpp, init_distributed(ParallelDims(pp=p, vpp=vpp), timeout=args.timeout,
+            v, st = vpp, init_distributed(ParallelDims(pp=p, vpp=vpp),
+                                          timeout=args.bench.timeout_s,
                                           num_layers=cfg.num_layers)
         variants += [Ours(sched, cfg, st, mbs, num_tokens, v),
                      Theirs(sched, cfg, st, mbs, num_tokens, v)]
@@ -259,7 +283,7 @@ def bench(args):
     times = {v.name: [] for v in variants}
     losses = {}
     waits = {v.name: [] for v in variants if isinstance(v, Ours)}   # (wait, step) per rep
-    for rep in range(args.reps + 1):          # round 0 warms up (and lets torch infer shapes)
+    for rep in range(args.bench.reps + 1):   # round 0 warms up (and lets torch infer shapes)
         for v in variants:
             t, loss = timed(v.step, state.device)
             losses[v.name] = loss
@@ -268,11 +292,11 @@ def bench(args):
                 if v.name in waits:
                     waits[v.name].append((v.stats.comm_wait_s, t))
 
-    # single process: the whole model on rank 0 (--threads threads), the others idle at
+    # single process: the whole model on rank 0 (bench.threads threads), the others idle at
     # the barrier; the pipeline uses p times as many cores
     ts = []
     full = GLM.build(cfg, seed=0) if rank == 0 else None
-    for rep in range(args.reps + 1):
+    for rep in range(args.bench.reps + 1):
         dist.barrier()
         if rank == 0:
             clock = Clock(state.device)
@@ -304,8 +328,8 @@ def bench(args):
 
 
 def report(args, cfg, times, single, losses, fracs, mem, names):
-    p, m = args.pp, args.microbatches
-    tokens = m * args.micro_batch_size * args.seq_len   # random ids: no padding
+    p, m = args.bench.pp, args.bench.num_microbatches
+    tokens = m * args.bench.micro_batch_size * args.bench.seq_len   # random ids: no padding
     say = print
     med = {k: statistics.median(x) for k, x in times.items()}
     spread = {k: (max(x) - min(x)) / statistics.median(x) for k, x in times.items()}
@@ -355,17 +379,22 @@ def _spawned(rank, world, args):
     bench(args)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
     if "RANK" in os.environ:          # under torchrun: the environment names the group
-        dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.bench.timeout_s))
         try:
             bench(args)
         finally:
             dist.destroy_process_group()
         return
     # torch's default thread count per worker, as under torchrun
-    run_workers(_spawned, args.pp, args, timeout=None, pg_timeout=args.timeout, threads=None)
+    run_workers(_spawned, args.bench.pp, args, timeout=None, pg_timeout=args.bench.timeout_s,
+                threads=None)
+
+
+
+def main(argv=None):
+    return COMMAND.main(run, argv)
 
 
 if __name__ == "__main__":

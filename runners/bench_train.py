@@ -2,21 +2,24 @@
 by side in one run, and print their ratio (model FLOPs utilisation against the measured
 matmul peak rather than a datasheet number).
 
-    python runners/bench_train.py --preset small --seq-len 128 --batch 16 --steps 5
-    python runners/bench_train.py --device cuda --dtype bf16 --preset base
+    python runners/bench_train.py --model.preset small --bench.seq_len 128 \
+        --bench.micro_batch_size 16 --bench.steps 5
+    python runners/bench_train.py --bench.device cuda --bench.dtype bf16 --model.preset base
+
 Times are device-true (engine.timing: CUDA events on CUDA).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
+from dataclasses import dataclass
 
 import torch
 
 from engine.train.flops import train_flops_per_token
 from engine.timing import Clock, peak_flops, time_fn
 from model import GLM, GLMConfig
+from engine.config_cli import Alias, command
 from engine.errors import run_main
 
 
@@ -50,31 +53,52 @@ def train_step_flops(cfg: GLMConfig, seq_len: int, batch: int, steps: int, devic
     return tokens / step, tokens / step * train_flops_per_token(cfg, seq_len), step
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--matmul-n", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="where the model and data live (default: cuda when available)")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                    help="bf16: autocast over fp32 parameters (the trainer's CUDA default); "
-                         "the matmul peak is measured in the same dtype")
-    args = ap.parse_args()
+@dataclass
+class BenchModel:
+    preset: str = "small"          # GLMConfig preset
+
+
+@dataclass
+class BenchTrain:
+    seq_len: int = 128             # tokens per sequence
+    micro_batch_size: int = 16     # sequences per step
+    steps: int = 5                 # timed steps (after one warmup step; median)
+    matmul_n: int = 1024           # n of the n x n x n matmul that measures the peak
+    threads: int = 0               # torch intra-op threads; 0 leaves torch's default
+    device: str = ""               # cpu | cuda ("": cuda when available)
+    # fp32 | bf16 (autocast over fp32 parameters, the trainer's CUDA default); the matmul
+    # peak is measured in the same dtype
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"bench.dtype={self.dtype!r} must be fp32 or bf16")
+        for k in ("seq_len", "micro_batch_size", "steps", "matmul_n"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"bench.{k}={getattr(self, k)} must be positive")
+
+
+COMMAND = command(__doc__, {"model": BenchModel, "bench": BenchTrain}, aliases={
+    "--preset": Alias("model.preset"), "--seq-len": Alias("bench.seq_len"),
+    "--batch": Alias("bench.micro_batch_size"), "--steps": Alias("bench.steps"),
+    "--matmul-n": Alias("bench.matmul_n"), "--threads": Alias("bench.threads"),
+    "--device": Alias("bench.device"), "--dtype": Alias("bench.dtype")})
+
+
+def run(config):
+    args = config.bench
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available here")
+        raise ValueError(f"bench.device={args.device}: CUDA is not available here")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    cfg = GLMConfig.preset(args.preset)
+    cfg = GLMConfig.preset(config.model.preset)
     # matmul measured before and after the training steps; the best of the two is the
     # peak, so a noisy neighbour during one measurement cannot inflate the ratio
     peak = matmul_flops(args.matmul_n, 10, device, dtype)
-    tps, achieved, step = train_step_flops(cfg, args.seq_len, args.batch, args.steps, device,
+    tps, achieved, step = train_step_flops(cfg, args.seq_len, args.micro_batch_size,
+                                           args.steps, device,
                                            dtype if args.dtype == "bf16" else None)
     peak = max(peak, matmul_flops(args.matmul_n, 10, device, dtype))
     print(f"device                   {device}"
@@ -82,7 +106,7 @@ def main():
           + f", {args.dtype}")
     print(f"threads                  {torch.get_num_threads()}")
     print(f"{args.dtype} matmul {args.matmul_n}^3       {peak / 1e9:8.2f} GFLOP/s (measured)")
-    print(f"train step ({args.preset}, b={args.batch}, s={args.seq_len})  "
+    print(f"train step ({config.model.preset}, b={args.micro_batch_size}, s={args.seq_len})  "
           f"{step * 1e3:.1f} ms, {tps:,.0f} tokens/s")
     print(f"achieved model FLOP/s    {achieved / 1e9:8.2f} GFLOP/s "
           f"({train_flops_per_token(cfg, args.seq_len) / 1e6:.1f} MFLOP/token)")
@@ -90,6 +114,11 @@ def main():
     datasheet, source = peak_flops(device) if device.type == "cuda" else (None, "")
     if datasheet:
         print(f"MFU vs {source:18s}{achieved / datasheet:8.1%}")
+
+
+
+def main(argv=None):
+    return COMMAND.main(run, argv)
 
 
 if __name__ == "__main__":

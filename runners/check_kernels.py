@@ -4,46 +4,67 @@ shared memory, registers / spills and tensor-core use (kernels/aot_check.py). No
 needed; exits 1 if any picked launch spills, exceeds shared memory or misses tensor cores.
 
     python runners/check_kernels.py                         # the whole sweep (make check-kernels)
-    python runners/check_kernels.py --arch 80 --ops attention --dtypes bf16 --models glm4-9b
-    python runners/check_kernels.py --out kernel_check.md   # also write the table
+    python runners/check_kernels.py --check.archs 80 --check.ops attention \
+        --check.dtypes bf16 --check.models glm4-9b
+    python runners/check_kernels.py --check.out_file kernel_check.md   # also write the table
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT kernels: must precede importing triton
 
+from engine.config_cli import Alias, command  # noqa: E402
+from engine.errors import run_main  # noqa: E402
 from kernels import aot_check  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", type=int, nargs="+", choices=sorted(aot_check.TARGETS),
-                   default=sorted(aot_check.TARGETS), help="compute capabilities to compile for")
-    p.add_argument("--models", nargs="+", choices=sorted(aot_check.MODELS),
-                   default=sorted(aot_check.MODELS), help="model shapes")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(aot_check.DTYPES),
-                   default=sorted(aot_check.DTYPES), help="activation dtypes")
-    p.add_argument("--ops", nargs="+", choices=aot_check.OPS, default=None,
-                   help="only these ops' kernels (default: all)")
-    p.add_argument("--kernels", nargs="+", metavar="NAME", default=None,
-                   help="only these @triton.jit kernels, e.g. _attn_bwd_dkdv (default: all)")
-    p.add_argument("--out", help="write the markdown table here as well")
-    args = p.parse_args(argv)
-    results = aot_check.run_check(args.arch, args.models, args.dtypes, args.ops,
-                                  args.kernels)
+@dataclass
+class CheckConfig:
+    archs: list[int] = field(default_factory=lambda: sorted(aot_check.TARGETS))  # compute
+    #                                capabilities to compile for
+    models: list[str] = field(default_factory=lambda: sorted(aot_check.MODELS))  # model shapes
+    dtypes: list[str] = field(default_factory=lambda: sorted(aot_check.DTYPES))  # activation
+    #                                dtypes
+    ops: list[str] = field(default_factory=list)  # only these ops' kernels ([]: all)
+    kernels: list[str] = field(default_factory=list)  # only these @triton.jit kernels, e.g.
+    #                                _attn_bwd_dkdv ([]: all)
+    out_file: str = ""             # also write the markdown table here
+
+    def __post_init__(self):
+        for name, known in (("archs", aot_check.TARGETS), ("models", aot_check.MODELS),
+                            ("dtypes", aot_check.DTYPES), ("ops", aot_check.OPS)):
+            bad = [v for v in getattr(self, name) if v not in known]
+            if bad:
+                raise ValueError(f"check.{name}: unknown {bad[0]!r}; known: "
+                                 f"{', '.join(str(k) for k in sorted(known))}")
+
+
+COMMAND = command(__doc__, {"check": CheckConfig}, aliases={
+    "--arch": Alias("check.archs", many=True), "--models": Alias("check.models", many=True),
+    "--dtypes": Alias("check.dtypes", many=True), "--ops": Alias("check.ops", many=True),
+    "--kernels": Alias("check.kernels", many=True), "--out": Alias("check.out_file")})
+
+
+def run(config) -> int:
+    c = config.check
+    results = aot_check.run_check(c.archs, c.models, c.dtypes, c.ops or None,
+                                  c.kernels or None)
     text = aot_check.table(results)
     print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
+    if c.out_file:
+        with open(c.out_file, "w") as fh:
             fh.write(text + "\n")
     bad = [r for r in results if r.problems]
     print(f"\n{len(results)} launches compiled, {len(bad)} failing")
     return 1 if bad else 0
 
 
+def main(argv=None) -> int:
+    return COMMAND.main(run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -44,7 +44,7 @@ def test_a_model_that_would_stop_still_decodes_every_token():
 
 def test_bad_input_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "runners/bench_decode.py", str(tmp_path / "none"),
-                        "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        "--data.dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode != 0 and p.stderr.strip().startswith("error:")
     assert len(p.stderr.strip().splitlines()) == 1

@@ -34,8 +34,8 @@ def _rows(out: str):
 
 
 def test_picked_tiles_pass_on_both_targets():
-    res = _run([RUNNER, "--arch", "80", "90", "--models", "chatglm3-6b", "--dtypes", "bf16",
-                "--kernels", "_attn_bwd_dkdv", "_swiglu_matmul"])
+    res = _run([RUNNER, "--check.archs", "80,90", "--check.models", "chatglm3-6b",
+                "--check.dtypes", "bf16", "--check.kernels", "_attn_bwd_dkdv,_swiglu_matmul"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = _rows(res.stdout)
     seen = {(r["kernel"], r["target"]) for r in rows}
@@ -56,8 +56,8 @@ def test_picked_tiles_pass_on_both_targets():
 
 
 def test_fp32_attention_tiles_do_not_spill():
-    res = _run([RUNNER, "--arch", "80", "--models", "chatglm3-6b", "--dtypes", "fp32",
-                "--kernels", "_attn_fwd"])
+    res = _run([RUNNER, "--check.archs", "80", "--check.models", "chatglm3-6b",
+                "--check.dtypes", "fp32", "--check.kernels", "_attn_fwd"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = _rows(res.stdout)
     # training (sq 4096), decoding (sq 1) and packed-row training tiles

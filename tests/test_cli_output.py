@@ -42,7 +42,7 @@ def test_chatglm_directory_is_recognised_and_the_converter_suggested(tmp_path):
     (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="ChatGLM-format") as e:
         Checkpoint(str(tmp_path))
-    assert f"--from-chatglm {tmp_path} OUT" in str(e.value)
+    assert f"--convert.checkpoint {tmp_path} --convert.out_dir OUT" in str(e.value)
     (tmp_path / "config.json").unlink()     # control: weights alone stay an incomplete save
     with pytest.raises(CheckpointError, match="incomplete save"):
         Checkpoint(str(tmp_path))
@@ -83,8 +83,8 @@ def test_plan_ranks_fitting_layouts_first():
 
 
 def test_plan_json_prints_json_only():
-    r = _run(["runners/plan.py", "--model", "chatglm3-6b", "--gpus", "8", "--gpu-mem", "80",
-              "--top", "3", "--json"])
+    r = _run(["runners/plan.py", "--model.preset", "chatglm3-6b", "--plan.gpus", "8",
+              "--plan.memory_gb", "80", "--plan.top", "3", "--json"])
     assert r.returncode == 0, r.stderr
     layout = json.loads(r.stdout)                    # the whole of stdout is one JSON object
     assert layout["tp"] * layout["pp"] * layout["dp"] == 8
@@ -95,8 +95,9 @@ def test_plan_explains_its_columns_and_prints_flags_that_build_the_layout():
     import re
     import shlex
     from engine.config import build_run_config, parse_overrides
-    r = _run(["runners/plan.py", "--model", "chatglm3-6b", "--gpus", "16", "--gpu-mem", "40",
-              "--seq-len", "2048", "--global-batch", "64", "--top", "40", "--json"])
+    r = _run(["runners/plan.py", "--model.preset", "chatglm3-6b", "--plan.gpus", "16",
+              "--plan.memory_gb", "40", "--plan.seq_len", "2048", "--plan.global_batch_size",
+              "64", "--plan.top", "40", "--json"])
     assert r.returncode == 0, r.stderr
     chosen = json.loads(r.stdout)
     report = r.stderr

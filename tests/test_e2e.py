@@ -24,7 +24,7 @@ def run(*args, check=True):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "data"
-    run("runners/prepare_data.py", "--out", str(out), "--vocab-size", "2000")
+    run("runners/prepare_data.py", "--data.dir", str(out), "--data.vocab_size", "2000")
     return out
 
 

@@ -389,7 +389,7 @@ def test_swapped_tokenizer_is_refused_by_evaluate_and_convert(data, other_data, 
     assert_kept(before, out)
     # a checkpoint from before tokenizers were hashed (copied in afterwards): the
     # converter checks it against tokenizer_sha256 before shipping it
-    from engine.train.convert import main as convert
+    from engine.train.convert_command import main as convert
     legacy = tmp_path / "legacy"
     model = ckpt_lib.Checkpoint(_newest(out)).load("model")
     meta = {k: v for k, v in json.load(open(ck / "meta.json")).items()
@@ -397,7 +397,8 @@ def test_swapped_tokenizer_is_refused_by_evaluate_and_convert(data, other_data, 
     ckpt_lib.save_checkpoint(str(legacy), model, {}, meta)
     shutil.copy(other_data / "tokenizer" / "tokenizer.model", legacy / "tokenizer.model")
     with pytest.raises(SystemExit) as e:
-        convert(["--to-chatglm", str(legacy), str(tmp_path / "hf")])
+        convert(["--convert.direction", "to_chatglm", "--convert.checkpoint", str(legacy),
+                 "--convert.out_dir", str(tmp_path / "hf")])
     assert "is not the tokenizer" in str(e.value.code) and "not shipping" in str(e.value.code)
     assert not (tmp_path / "hf").exists()
     # a tokenizer.model swapped inside a checkpoint fails its sha256

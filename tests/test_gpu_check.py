@@ -23,7 +23,7 @@ def _runner(*args):
 
 
 def test_dry_run_prints_every_section_and_exits_0(tmp_path):
-    proc = _runner("--dry-run", "--out", str(tmp_path / "gc"))
+    proc = _runner("--dry-run", "--gpu_check.out_dir", str(tmp_path / "gc"))
     assert proc.returncode == 0, proc.stderr
     for section in gpu_check.SECTIONS:
         assert f"{section:8s}:" in proc.stdout, proc.stdout
@@ -33,14 +33,15 @@ def test_dry_run_prints_every_section_and_exits_0(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_without_cuda_it_says_so_in_one_line(tmp_path):
-    proc = _runner("--out", str(tmp_path / "gc"), "--sections", "kernels")
+    proc = _runner("--gpu_check.out_dir", str(tmp_path / "gc"), "--gpu_check.sections",
+                   "kernels")
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("gpu_check: the GPU check needs a CUDA device (use "
                                    "--dry-run to see the plan)")
 
 
 def test_bad_section_is_rejected():
-    with pytest.raises(ValueError, match="sections"):
+    with pytest.raises(ValueError, match="gpu_check.sections"):
         gpu_check.Plan(sections=("kernels", "bogus"))
 
 

@@ -288,11 +288,12 @@ def test_runner_prints_table():
         return subprocess.run([sys.executable, "runners/plan.py", *args], cwd=root,
                               env=dict(os.environ, PYTHONPATH=root), capture_output=True,
                               text=True, timeout=120)
-    p = plan_cli("--model", "chatglm3-6b", "--gpus", "8", "--gpu-mem", "80", "--top", "5")
+    p = plan_cli("--model.preset", "chatglm3-6b", "--plan.gpus", "8", "--plan.memory_gb",
+                 "80", "--plan.top", "5")
     assert p.returncode == 0, p.stderr
     assert "chatglm3-6b: 8 x 80 GB" in p.stdout and "chosen:" in p.stdout
     assert p.stdout.count("\n") > 8
-    p = plan_cli("--model", "chatglm3-6b", "--gpus", "3")
+    p = plan_cli("--model.preset", "chatglm3-6b", "--plan.gpus", "3")
     assert p.returncode != 0 and "no valid layout" in p.stderr
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of the paper report (runners/report.py --quick): every markdown table is
+"""Smoke test of the paper report (runners/report.py --report.quick true): every markdown table is
 written with numbers from the runs; plots when matplotlib is there, and the markdown
 alone (saying so) when it is not."""
 import builtins
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ("--report.quick", "true")
 MARKDOWN = ["figure3_schedules.md", "figure4_compression_vs_random.md",
             "figure5_finetuning.md", "table4_compression.md", "table5_ablation.md"]
 PLOTS = ["figure3_schedules.png", "figure4_validation_loss.png", "figure5_strategies.png",
@@ -33,16 +34,16 @@ def quick_report(tmp_path_factory):
     data = os.path.join(ROOT, "data")
     if not os.path.isfile(os.path.join(data, "manifest.json")):   # a fresh clone
         data = str(tmp / "data")
-        _run("runners/prepare_data.py", "--out", data, "--vocab-size", "2000")
+        _run("runners/prepare_data.py", "--data.dir", data, "--data.vocab_size", "2000")
     # the base starts from a pretrained LM, as in `make paper` (here: 2 steps of tiny)
     lm = tmp / "lm"
     _run("runners/pretrain.py", "--model.preset", "tiny", "--model.padded_vocab_size", "8192",
          "--data.dir", data, "--train.steps", "2", "--train.micro_batch_size", "2",
          "--train.seq_len", "32", "--train.eval_every", "0", "--train.out_dir", str(lm))
     out = tmp / "reports"
-    p = _run("runners/report.py", "--quick", "--out", str(out), "--work-dir",
-             str(tmp / "work"), "--data-dir", data, "--pretrained", str(lm / "checkpoint"),
-             "--seeds", "2")
+    p = _run("runners/report.py", *QUICK, "--report.out_dir", str(out), "--report.work_dir",
+             str(tmp / "work"), "--data.dir", data, "--report.pretrained",
+             str(lm / "checkpoint"), "--report.seeds", "2")
     return SimpleNamespace(out=out, stdout=p.stdout, lm=str(lm / "checkpoint"), data=data,
                            work=str(tmp / "work"))
 
@@ -114,17 +115,17 @@ def test_pretrained_checkpoint_is_checked_before_training(quick_report, tmp_path
     from engine.recipe.reports.budget import ReportConfig
     from engine.recipe.reports.recipe import Recipe
     lm, data = quick_report.lm, quick_report.data
-    with pytest.raises(ValueError, match="--pretrained.*num_layers"):
+    with pytest.raises(ValueError, match="report.pretrained.*num_layers"):
         Recipe(ReportConfig(preset="small", pretrained=lm,
                             work_dir=str(tmp_path / "w")))._pretrained()
     assert Recipe(ReportConfig.quick(pretrained=lm, work_dir=str(tmp_path / "w")))._pretrained() == lm
     env = {**os.environ, "PYTHONPATH": ROOT}
-    p = subprocess.run([sys.executable, "runners/report.py", "--quick", "--pretrained",
-                        str(tmp_path / "nope"), "--work-dir", str(tmp_path / "w2"),
-                        "--data-dir", data,
-                        "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "runners/report.py", *QUICK, "--report.pretrained",
+                        str(tmp_path / "nope"), "--report.work_dir", str(tmp_path / "w2"),
+                        "--data.dir", data,
+                        "--report.out_dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
                        text=True, env=env, timeout=120)
-    assert p.returncode != 0 and p.stderr.strip().startswith("error: --pretrained")
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: report.pretrained")
     assert len(p.stderr.strip().splitlines()) == 1
 
 
@@ -132,9 +133,9 @@ def test_resume_reuses_finished_stages_and_refuses_other_settings(quick_report, 
     """--resume on the same work dir trains nothing again and gives the same training
     records; with other settings it refuses in one line instead of mixing runs."""
     q = quick_report
-    args = ("runners/report.py", "--quick", "--work-dir", q.work, "--data-dir", q.data,
-            "--pretrained", q.lm, "--resume", "--seeds", "2")
-    p = _run(*args, "--out", str(tmp_path / "r"))
+    args = ("runners/report.py", *QUICK, "--report.work_dir", q.work, "--data.dir", q.data,
+            "--report.pretrained", q.lm, "--resume", "--report.seeds", "2")
+    p = _run(*args, "--report.out_dir", str(tmp_path / "r"))
     # a stage that ran logs "  <name>: <seconds> s"; a reused one "  <name>: reused from"
     ran = [ln for ln in p.stdout.splitlines()
            if re.fullmatch(r"  (base|ft_|pruned_|st_)\S*: [\d.]+ s", ln)]
@@ -149,7 +150,8 @@ def test_resume_reuses_finished_stages_and_refuses_other_settings(quick_report, 
     # latency per generated token is measured for every evaluated checkpoint
     assert all(v["latency_ms_per_token"] > 0 for v in again["quality"].values())
     env = {**os.environ, "PYTHONPATH": ROOT}
-    bad = subprocess.run([sys.executable, *args, "--scale", "2", "--out", str(tmp_path / "b")],
+    bad = subprocess.run([sys.executable, *args, "--report.scale", "2", "--report.out_dir",
+                          str(tmp_path / "b")],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "other settings (base_steps" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -130,19 +130,24 @@ def test_continue_under_another_layout(saved, tmp_path, tp, pp):
 
 # ---- ChatGLM naming round trip ----------------------------------------------------------
 
+def _convert(direction, src, out) -> list[str]:
+    return ["--convert.direction", direction, "--convert.checkpoint", str(src),
+            "--convert.out_dir", str(out)]
+
+
 def _first_loss(cfg) -> float:
     return _trainer(cfg).fit(stop_at=1)[0].loss
 
 
 def test_chatglm_round_trip_is_bitwise(saved, tmp_path):
-    from engine.train.convert import main
+    from engine.train.convert_command import main
     _, ref_params, ckpt, _ = saved
     hf, back = tmp_path / "chatglm", tmp_path / "native"
-    main(["--to-chatglm", ckpt, str(hf)])
+    main(_convert("to_chatglm", ckpt, hf))
     with open(hf / "config.json") as f:
         assert json.load(f)["num_layers"] == 4
     assert (hf / "model.safetensors.index.json").is_file()
-    main(["--from-chatglm", str(hf), str(back)])
+    main(_convert("from_chatglm", hf, back))
 
     orig, imported = ckpt_lib.Checkpoint(ckpt), ckpt_lib.Checkpoint(str(back))
     assert imported.meta["step"] == 0 and imported.names("optim") == []
@@ -161,12 +166,12 @@ def test_chatglm_round_trip_is_bitwise(saved, tmp_path):
 
 
 def test_convert_errors_are_one_line(saved, tmp_path):
-    from engine.train.convert import main
+    from engine.train.convert_command import main
     _, _, ckpt, _ = saved
     cases = [
-        (["--to-chatglm", str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
-        (["--from-chatglm", str(tmp_path), str(tmp_path / "y")], "config.json"),
-        (["--to-chatglm", ckpt, ckpt], "exists"),      # never overwrites without --overwrite
+        (_convert("to_chatglm", tmp_path / "nope", tmp_path / "x"), "does not exist"),
+        (_convert("from_chatglm", tmp_path, tmp_path / "y"), "config.json"),
+        (_convert("to_chatglm", ckpt, ckpt), "exists"),      # never overwrites without --force
     ]
     for argv, match in cases:
         with pytest.raises(SystemExit, match=match) as e:

@@ -106,19 +106,20 @@ def _run(args, stdin=None):
 def test_runner_arguments_stdin_and_a_bad_checkpoint(ckpt, tr, tmp_path):
     gen = GenerationConfig(max_new_tokens=8)
     want = tr.translate(SENTENCES[:2], gen)
-    r = _run(["--checkpoint", ckpt, "--max-new-tokens", "8", "--threads", "1"] + SENTENCES[:2])
+    r = _run(["--translate.checkpoint", ckpt, "--translate.max_new_tokens", "8",
+              "--translate.threads", "1"] + SENTENCES[:2])
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == want
     assert "loaded" in r.stderr and "translated 2 sentence(s)" in r.stderr
-    r = _run(["--checkpoint", os.path.dirname(ckpt) + "/ckpt", "--max-new-tokens", "8",
-              "--tsv"], stdin="\n".join(SENTENCES[:2]) + "\n")
+    r = _run(["--translate.checkpoint", os.path.dirname(ckpt) + "/ckpt",
+              "--translate.max_new_tokens", "8", "--tsv"], stdin="\n".join(SENTENCES[:2]) + "\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [f"{e}\t{z}" for e, z in zip(SENTENCES[:2], want)]
-    r = _run(["--checkpoint", str(tmp_path / "nope"), "hello"])
+    r = _run(["--translate.checkpoint", str(tmp_path / "nope"), "hello"])
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope'} does "
                                              "not exist"]
-    r = _run(["--checkpoint", ckpt, "--top-p", "0", "hello"])
+    r = _run(["--translate.checkpoint", ckpt, "--translate.top_p", "0", "hello"])
     assert r.returncode == 1 and "top_p=0.0 must be in (0, 1]" in r.stderr
 
 

@@ -31,27 +31,28 @@ SECTIONS = ("kernels", "timings", "training", "nccl")
 
 @dataclass
 class Plan:
-    out_dir: str = "runs/gpu_check"
-    sections: tuple[str, ...] = SECTIONS
-    train_steps: int = 100
-    train_preset: str = "base"
-    train_batch: int = 16
-    train_seq: int = 1024
-    timing_tokens: int = 8192
-    timing_seq: int = 2048
+    out_dir: str = "runs/gpu_check"      # folder for gpu_check.json and gpu_check.md
+    sections: tuple[str, ...] = SECTIONS  # what to run: kernels, timings, training, nccl
+    train_steps: int = 100               # training section: steps per kernel backend
+    train_preset: str = "base"           # training section: model preset
+    train_micro_batch_size: int = 16     # training section: sequences per step
+    train_seq_len: int = 1024            # training section: tokens per sequence
+    timing_tokens: int = 8192            # timings section: tokens of the pointwise ops
+    timing_seq_len: int = 2048           # timings section: attention sequence length
     timing_budget_s: float = 200.0       # torch.compile rows stop when it runs out
-    nccl_timeout_s: float = 240.0
+    nccl_timeout_s: float = 240.0        # nccl section: the torchrun job's deadline
+    # kernel shapes: chatglm3-6b-like; head_dim 64 from the base preset
     shapes: dict = field(default_factory=lambda: {
-        # chatglm3-6b-like kernel shapes; head_dim 64 from the base preset
         "hidden": 4096, "ffn": 13696, "heads": 32, "groups": 2, "head_dim": 128,
         "vocab": 65024, "check_seq": 512, "check_batch": 2})
 
     def __post_init__(self):
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown:
-            raise ValueError(f"sections: unknown {unknown}; known: {', '.join(SECTIONS)}")
+            raise ValueError(f"gpu_check.sections: unknown {unknown}; known: "
+                             f"{', '.join(SECTIONS)}")
         if self.train_steps < 2:
-            raise ValueError(f"train_steps={self.train_steps} must be >= 2")
+            raise ValueError(f"gpu_check.train_steps={self.train_steps} must be >= 2")
 
 
 def describe(plan: Plan) -> list[str]:
@@ -65,12 +66,12 @@ def describe(plan: Plan) -> list[str]:
                      "reference, both against fp32")
     if "timings" in plan.sections:
         lines.append(f"timings : bf16, {plan.timing_tokens} tokens (h={sh['hidden']}, "
-                     f"ffn={sh['ffn']}, V={sh['vocab']}), attention s={plan.timing_seq} "
+                     f"ffn={sh['ffn']}, V={sh['vocab']}), attention s={plan.timing_seq_len} "
                      f"d={sh['head_dim']}: triton vs eager vs sdpa vs torch.compile, "
                      "triton.testing.do_bench, fwd and fwd+bwd, peak memory")
     if "training" in plan.sections:
         lines.append(f"training: preset {plan.train_preset}, precision auto (bf16 autocast), "
-                     f"{plan.train_steps} steps of {plan.train_batch}x{plan.train_seq} "
+                     f"{plan.train_steps} steps of {plan.train_micro_batch_size}x{plan.train_seq_len} "
                      "tokens, kernels=triton then kernels=torch: tokens/s, MFU, loss, "
                      "peak memory")
     if "nccl" in plan.sections:

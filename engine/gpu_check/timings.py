@@ -21,7 +21,7 @@ def _timing_cases(plan, device):
     from kernels import cross_entropy, flash_attention, reference as ref, rms_norm, rotary, swiglu
     sh, n, dt = plan.shapes, plan.timing_tokens, torch.bfloat16
     h, f, vocab = sh["hidden"], sh["ffn"], sh["vocab"]
-    nh, ng, d, s = sh["heads"], sh["groups"], sh["head_dim"], plan.timing_seq
+    nh, ng, d, s = sh["heads"], sh["groups"], sh["head_dim"], plan.timing_seq_len
     e = 2
 
     def leaf(*shape, scale=1.0):

@@ -31,12 +31,12 @@ def _train(plan, device, kernels: str, out_dir: str, log) -> dict:
     from engine.train.trainer import Trainer
     cfg = build_run_config({
         "model": {"preset": plan.train_preset, "kernels": kernels},
-        "train": {"steps": plan.train_steps, "micro_batch_size": plan.train_batch,
-                  "num_microbatches": 1, "seq_len": plan.train_seq, "lr": 1e-3,
+        "train": {"steps": plan.train_steps, "micro_batch_size": plan.train_micro_batch_size,
+                  "num_microbatches": 1, "seq_len": plan.train_seq_len, "lr": 1e-3,
                   "min_lr": 1e-4, "warmup_steps": 10, "log_every": 10, "eval_every": 0,
                   "precision": "auto", "out_dir": out_dir}})
     reset_peak(device)
-    tr = Trainer.from_config(cfg, Patterns(plan.train_seq), device=device, log=log)
+    tr = Trainer.from_config(cfg, Patterns(plan.train_seq_len), device=device, log=log)
     hist = tr.fit()
     timed = hist[1:]   # step 1 includes the Triton JIT compiles
     tokens = sum(h.tokens for h in timed)

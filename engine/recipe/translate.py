@@ -61,7 +61,7 @@ def load_model(path: str, tokenizer: str | None = None, device="cpu",
         tok_path = tokenizer or os.path.join(path, "tokenizer.model")
         if not os.path.isfile(tok_path):
             raise ValueError(f"{path} is a ChatGLM-format directory without tokenizer.model: "
-                             "pass --tokenizer PATH")
+                             "pass --translate.tokenizer PATH")
         tok = load_tokenizer(tok_path)
         model = load_chatglm(path, device=device, dtype=dtype)
         return model.eval(), tok, f"{path} (ChatGLM format)"
@@ -146,20 +146,20 @@ class Translator:
 
 
 def read_sentences(args: list[str], input_path: str | None, stdin=None) -> list[str]:
-    """Sentences from positional arguments, else --input FILE ('-' is stdin), else stdin;
+    """Sentences from positional arguments, else translate.input FILE ('-' is stdin), else stdin;
     one sentence a line (a trailing newline adds no empty sentence)."""
     if args and input_path:
-        raise ValueError("give sentences as arguments or --input FILE, not both")
+        raise ValueError("give sentences as arguments or --translate.input FILE, not both")
     if args:
         return list(args)
     if input_path and input_path != "-":
         if not os.path.isfile(input_path):
-            raise ValueError(f"--input {input_path}: no such file")
+            raise ValueError(f"translate.input {input_path}: no such file")
         with open(input_path, encoding="utf-8") as f:
             return f.read().splitlines()
     stdin = stdin or sys.stdin
     if stdin.isatty() and not input_path:
-        raise ValueError("no English given: pass sentences as arguments, --input FILE, "
+        raise ValueError("no English given: pass sentences as arguments, --translate.input FILE, "
                          "pipe them on stdin, or use --interactive")
     return stdin.read().splitlines()
 
@@ -177,7 +177,7 @@ def run(checkpoint: str, sentences: list[str] | None = None, input_path: str | N
     todo = None if interactive else read_sentences(sentences or [], input_path)
     if interactive and (sentences or input_path):
         raise ValueError("--interactive reads its sentences from the prompt: drop the "
-                         "arguments / --input")
+                         "arguments / --translate.input")
     tr = Translator.load(checkpoint, tokenizer, device)
     n = tr.model.num_params()
     print(f"loaded {tr.source}: {n:,} parameters, {tr.model.config.num_layers} layers, "
@@ -198,3 +198,86 @@ def run(checkpoint: str, sentences: list[str] | None = None, input_path: str | N
           f"({st.tokens_per_s:,.0f} generated tokens/s, {gen.mode if gen else 'greedy'})",
           file=err)
     return st
+
+
+@dataclass
+class TranslateConfig:
+    checkpoint: str = ""           # native checkpoint or run directory, or a ChatGLM-format
+    #                                directory (required)
+    # English sentences: the command line's bare words, commas kept (as an option the
+    # list is comma-separated); none: input, else stdin
+    sentences: list[str] = field(default_factory=list)
+    input: str = ""                # file of English sentences, one a line ("-": stdin)
+    tokenizer: str = ""            # tokenizer.model ("": the one inside the checkpoint)
+    mode: str = "greedy"           # decoding: greedy | beam | sample
+    num_beams: int = 4             # beams of mode beam
+    length_penalty: float = 1.0    # beam score = log p / length ** this (mode beam)
+    temperature: float = 1.0       # divide the logits by this before sampling (mode sample)
+    top_k: int = 0                 # sample among the k most likely tokens only (0: all)
+    top_p: float = 1.0             # sample from the smallest set holding this much probability
+    seed: int | None = None        # sampling seed (null: a different draw every run)
+    max_new_tokens: int = 64       # most tokens generated per sentence
+    micro_batch_size: int = 32     # sentences decoded together
+    device: str = ""               # cpu | cuda ("": cuda when present)
+    threads: int = 0               # torch intra-op threads; 0 leaves torch's default
+
+    def __post_init__(self):
+        if not self.checkpoint:
+            raise ValueError("translate.checkpoint is required")
+        if self.micro_batch_size <= 0:
+            raise ValueError(f"translate.micro_batch_size={self.micro_batch_size} must be "
+                             "positive")
+        if self.threads < 0:
+            raise ValueError(f"translate.threads={self.threads} must be >= 0")
+        self.generation()          # a bad decoding setting fails before the model loads
+
+    def generation(self) -> GenerationConfig:
+        # floats: `--translate.top_p 1` arrives as the integer 1
+        return GenerationConfig(self.mode, self.max_new_tokens, float(self.temperature),
+                                self.top_k, float(self.top_p), self.num_beams,
+                                float(self.length_penalty), self.seed)
+
+
+def _command():
+    from engine.config_cli import Alias, command
+    old = {"--checkpoint": "checkpoint", "--input": "input", "--tokenizer": "tokenizer",
+           "--mode": "mode", "--num-beams": "num_beams",
+           "--length-penalty": "length_penalty", "--temperature": "temperature",
+           "--top-k": "top_k", "--top-p": "top_p", "--seed": "seed",
+           "--max-new-tokens": "max_new_tokens", "--batch-size": "micro_batch_size",
+           "--device": "device", "--threads": "threads"}
+    doc = (__doc__.split("\n\n")[0] + "\n\n" + _USAGE)
+    return command(doc, {"translate": TranslateConfig},
+                   flags={"--interactive": "prompt for one sentence at a time (an empty "
+                                           "line or Ctrl-D ends)",
+                          "--tsv": "print english<TAB>chinese instead of the Chinese alone"},
+                   aliases={k: Alias(f"translate.{v}") for k, v in old.items()},
+                   positional="translate.sentences")
+
+
+_USAGE = """\
+    python runners/translate.py --translate.checkpoint runs/demo/translate "File not found"
+    python runners/translate.py --translate.checkpoint CKPT --translate.input en.txt > zh.txt
+    echo "Permission denied" | python runners/translate.py --translate.checkpoint CKPT \\
+        --translate.mode beam
+    python runners/translate.py --translate.checkpoint CKPT --translate.mode sample \\
+        --translate.top_p 0.9 --translate.temperature 0.7
+    python runners/translate.py --translate.checkpoint CKPT --interactive
+
+The checkpoint is a native one (a run directory works: its newest save is used) or a
+ChatGLM2/3-format directory (config.json + safetensors + tokenizer.model). Decoding runs
+in batches on the KV cache; the Chinese goes to stdout, load and speed notes to stderr."""
+
+
+def _run_config(config, interactive: bool = False, tsv: bool = False):
+    tc = config.translate
+    return run(tc.checkpoint, tc.sentences, tc.input or None, interactive, tc.generation(),
+               tc.micro_batch_size, tsv, tc.tokenizer or None, tc.device or None, tc.threads)
+
+
+COMMAND = _command()
+
+
+def main(argv=None):
+    """runners/translate.py."""
+    COMMAND.main(_run_config, argv)

@@ -225,7 +225,8 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{path} is a ChatGLM-format directory (config.json + safetensors, no "
                     f"meta.json): import it once with `python runners/convert_checkpoint.py "
-                    f"--from-chatglm {path} OUT` and pass OUT")
+                    f"--convert.direction from_chatglm --convert.checkpoint {path} "
+                    f"--convert.out_dir OUT` and pass OUT")
             raise CheckpointError(f"checkpoint {path} has no meta.json (incomplete save?)")
         try:
             with open(meta_path, encoding="utf-8") as f:

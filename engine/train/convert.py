@@ -1,27 +1,20 @@
 """Convert checkpoints between the native format and the ChatGLM2/3 / GLM-4 naming
-(runners/convert_checkpoint.py is its command line, main).
-
-    # a native checkpoint (any tp x pp x dp layout saved it) -> ChatGLM safetensors + config
-    python runners/convert_checkpoint.py --to-chatglm runs/pretrain/checkpoint out/chatglm
-    # a ChatGLM directory (config.json + *.safetensors [+ index]) -> a native checkpoint
-    python runners/convert_checkpoint.py --from-chatglm /models/chatglm3-6b ckpt/chatglm3
-    python runners/pretrain.py --config ... --train.init_from ckpt/chatglm3
+(runners/convert_checkpoint.py is its command line: engine/train/convert_command.py).
 
 Only names change (model/convert.py): values and shapes are copied as stored unless
---dtype casts them. An imported checkpoint holds the weights, meta.json with the config
+convert.dtype casts them. An imported checkpoint holds the weights, meta.json with the config
 and step 0, and no optimizer state: start a run from it with --train.init_from, not
 --resume. Outputs are written to a temporary sibling and renamed into place; an existing
-output is replaced only with --overwrite.
+output is replaced only with --force.
 
 An imported model is causal 1D (position_layout "causal1d"), with the rope scaling its own
-modeling_chatglm.py applies (--rope-scaling overrides the detection) and, for chat models,
-its chat prompt (--chat-format; detected from the published name). ChatGLM2/3's
+modeling_chatglm.py applies (convert.rope_scaling overrides the detection) and, for chat models,
+its chat prompt (convert.chat_format; detected from the published name). ChatGLM2/3's
 sentencepiece tokenizer.model comes along and loads with its special tokens
 (model/chatglm_tokenizer.py); GLM-4's tiktoken tokenizer is not supported and is left out.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
@@ -32,7 +25,6 @@ from engine.train import checkpoint as ckpt_lib
 from engine.config import RunConfig
 from model import GLM, GLMConfig
 from model.convert import export_chatglm, load_chatglm
-from engine.errors import fail
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER = "tokenizer.model"
@@ -69,7 +61,7 @@ def to_chatglm(src: str, out: str, dtype: torch.dtype | None = None,
                max_shard_gb: float = 2.0, overwrite: bool = False) -> list[str]:
     """Native checkpoint directory -> ChatGLM directory; returns the shard file names."""
     if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+        raise ValueError(f"{out} exists; pass --force to replace it")
     ckpt = ckpt_lib.Checkpoint(src)
     tok = os.path.join(src, TOKENIZER)
     have = None
@@ -132,7 +124,7 @@ def from_chatglm(src: str, out: str, dtype: torch.dtype | None = None,
     """ChatGLM directory -> native checkpoint (weights, config, step 0, no optimizer).
     config_overrides: rope_scaling / chat_format instead of the detected ones."""
     if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+        raise ValueError(f"{out} exists; pass --force to replace it")
     model = load_chatglm(src, dtype=dtype, **config_overrides)
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     tok = source_tokenizer(src, model.config.padded_vocab_size, log)
@@ -161,54 +153,4 @@ def from_chatglm(src: str, out: str, dtype: torch.dtype | None = None,
         raise
     return out
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("direction (exactly one)")
-    way = g.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to-chatglm", nargs=2, metavar=("CKPT", "OUT"),
-                     help="native checkpoint directory -> ChatGLM directory")
-    way.add_argument("--from-chatglm", nargs=2, metavar=("DIR", "OUT"),
-                     help="ChatGLM directory -> native checkpoint directory")
-    g = p.add_argument_group("output")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="cast the weights (default: keep the stored dtype, bit for bit)")
-    g.add_argument("--max-shard-gb", type=float, default=2.0,
-                   help="largest safetensors file to write, GiB")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    g = p.add_argument_group("import (--from-chatglm)")
-    g.add_argument("--rope-scaling", choices=["base", "position", "none"], default=None,
-                   help="what rope_ratio scales (default: read from the directory's "
-                        "modeling_chatglm.py, else its name, else base)")
-    g.add_argument("--chat-format", choices=["chatglm3", "chatglm2", "none"], default=None,
-                   help="prompt format of a chat model (default: from its name; none for "
-                        "base models)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    try:
-        if args.max_shard_gb <= 0:
-            raise ValueError(f"--max-shard-gb={args.max_shard_gb} must be positive")
-        if args.to_chatglm:
-            src, out = args.to_chatglm
-            files = to_chatglm(src, out, dtype, args.max_shard_gb, args.overwrite)
-            print(f"wrote {out}: {len(files)} safetensors file(s), config.json, index")
-        else:
-            src, out = args.from_chatglm
-            over = {}
-            if args.rope_scaling:
-                over["rope_scaling"] = args.rope_scaling
-            if args.chat_format:
-                over["chat_format"] = "" if args.chat_format == "none" else args.chat_format
-            from_chatglm(src, out, dtype, args.max_shard_gb, args.overwrite, **over)
-            m = ckpt_lib.Checkpoint(out).meta["config"]["model"]
-            print(f"wrote {out}: native checkpoint at step 0 (use --train.init_from {out}); "
-                  f"position_layout={m['position_layout']} rope_ratio={m['rope_ratio']} "
-                  f"rope_scaling={m['rope_scaling']} chat_format={m['chat_format'] or 'none'}")
-    except (ValueError, OSError) as e:       # bad input: one line, never a traceback
-        fail(e)
 

@@ -9,10 +9,10 @@ from model.tokenizer import load_tokenizer
 
 
 def open_data_dir(data_dir: str):
-    """The folder's tokenizer: native, or an imported ChatGLM's (prepare_data --tokenizer)."""
+    """The folder's tokenizer: native, or an imported ChatGLM's (prepare_data --data.tokenizer)."""
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         raise ValueError(f"data folder {data_dir!r} is missing or incomplete (no "
-                         f"manifest.json): run `python runners/prepare_data.py --out "
+                         f"manifest.json): run `python runners/prepare_data.py --data.dir "
                          f"{data_dir}` first")
     return load_tokenizer(os.path.join(data_dir, "tokenizer", "tokenizer.model"))
 

@@ -72,7 +72,7 @@ class ReportConfig:
 
     def scaled(self, scale: float) -> "ReportConfig":
         if scale <= 0:
-            raise ValueError(f"--scale={scale} must be > 0")
+            raise ValueError(f"report.scale={scale} must be > 0")
         s = lambda n: max(1, round(n * scale))  # noqa: E731
         return replace(self, base_steps=s(self.base_steps), finetune_steps=s(self.finetune_steps),
                        distill_steps=s(self.distill_steps))

@@ -100,7 +100,7 @@ class Recipe:
             diff = sorted(k for k in set(mine) | set(old) if mine.get(k) != old.get(k))
             if diff:
                 raise ValueError(f"--resume: {self.work} was made with other settings "
-                                 f"({', '.join(diff)}); use a new --work-dir")
+                                 f"({', '.join(diff)}); use a new report.work_dir")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(mine, f, indent=1)
 
@@ -191,13 +191,13 @@ class Recipe:
         try:
             meta = Checkpoint(rc.pretrained).meta
         except CheckpointError as e:
-            raise ValueError(f"--pretrained: {e}") from None
+            raise ValueError(f"report.pretrained: {e}") from None
         have = GLMConfig.from_dict(meta["config"]["model"]).to_dict()
         want = GLMConfig.preset(rc.preset, padded_vocab_size=rc.vocab).to_dict()
         diff = [f"{k} {have.get(k)} != {v}" for k, v in want.items()
                 if k != "kernels" and have.get(k) != v]
         if diff:
-            raise ValueError(f"--pretrained {rc.pretrained} is not preset {rc.preset} with "
+            raise ValueError(f"report.pretrained {rc.pretrained} is not preset {rc.preset} with "
                              f"vocab {rc.vocab}: {', '.join(diff)}")
         return rc.pretrained
 

@@ -1,5 +1,6 @@
-"""The configuration reference (docs/config.md), generated from the workflow runners'
-dataclasses by the same code that writes their --help, so it cannot drift from them:
+"""The configuration reference (docs/config.md), generated from the runners' dataclasses
+by the same code that writes their --help, so it cannot drift from them (the benches and
+check_kernels keep their small dataclasses in the runner file: their --help lists them):
 
     python -m engine.recipe.workflows.reference > docs/config.md
 
@@ -10,10 +11,20 @@ import dataclasses
 import json
 
 from engine.config_cli import _default, _type_name, field_help
+import importlib
+
 from engine.recipe.workflows import distill, evaluate, finetune, pretrain, prune
 
 RUNNERS = {"pretrain": pretrain, "prune": prune, "distill": distill, "finetune": finetune,
-           "evaluate": evaluate}
+           "evaluate": evaluate,
+           **{runner: importlib.import_module(module) for runner, module in (
+               ("translate", "engine.recipe.translate"),
+               ("prepare_data", "engine.recipe.data.prepare_command"),
+               ("report", "engine.recipe.reports.command"),
+               ("plan", "engine.planner.command"),
+               ("validate_planner", "engine.planner.validate_command"),
+               ("convert_checkpoint", "engine.train.convert_command"),
+               ("gpu_check", "engine.gpu_check.command"))}}
 
 
 def _cell(text: str) -> str:

@@ -1,11 +1,15 @@
 """One stage of `make demo` / `make paper`: a banner, the command, the time it took.
 
-    python runners/stage.py 3/7 "fine-tune the teacher" -- python runners/pretrain.py ...
-    python runners/stage.py --since 1796170000 "make demo"     # the total since a unix time
+    python -m engine.progress_stage 3/7 "fine-tune the teacher" -- python runners/pretrain.py ...
+    python -m engine.progress_stage --since 1796170000 "make demo"   # the total since a time
 
 prints `[3/7] fine-tune the teacher ...` (with the clock time) before the command and
 `[3/7] fine-tune the teacher: done in 4m12s` after it; exits with the command's status
 (a failed stage says so and how long it ran). Standard library only.
+
+Makefile plumbing, not a user command, so it is a module rather than a runner and keeps
+its positional form: its arguments are a banner and a command line to run, nothing a
+--section.field config would describe.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def main(argv=None) -> int:
         return 0
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
-        raise SystemExit("error: no command given (stage.py N/TOTAL NAME -- COMMAND ...)")
+        raise SystemExit("error: no command given (progress_stage N/TOTAL NAME -- COMMAND ...)")
     head = f"[{args.index}] {args.name}" if args.index else args.name
     print(f"\n{head} ... ({time.strftime('%H:%M:%S')})", flush=True)
     t0 = time.monotonic()
