@@ -26,7 +26,7 @@ def test_curve_scores_every_kept_checkpoint(tmp_path):
     run = _run_dir(tmp_path, ckpt)
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("".join(f"{en}\t无法打开文件。\n" for en in SENTENCES), encoding="utf-8")
-    cc = curve.CurveConfig(runs=run, labels="tiny", offsets="60", input=str(tsv), limit=3,
+    cc = curve.CurveConfig(runs=[run], labels=["tiny"], offsets=[60.0], input=str(tsv), limit=3,
                            out=str(tmp_path / "out" / "curve"), max_new_tokens=6)
     rows = curve.run(cc, log=lambda *a: None)
     assert [r["step"] for r in rows] == [2, 4]
@@ -46,14 +46,14 @@ def test_curve_scores_every_kept_checkpoint(tmp_path):
 
 def test_curve_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="2 entries for 1 runs"):
-        curve.CurveConfig(runs="a", labels="x,y", input="t.tsv")
+        curve.CurveConfig(runs=["a"], labels=["x", "y"], input="t.tsv")
     with pytest.raises(ValueError, match="required"):
-        curve.CurveConfig(runs="a")
+        curve.CurveConfig(runs=["a"])
     os.makedirs(tmp_path / "empty")
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     (tmp_path / "t.tsv").write_text("a\tb\n")
     with pytest.raises(ValueError, match="no kept checkpoints"):
-        curve.measure(curve.CurveConfig(runs=str(tmp_path / "empty"),
+        curve.measure(curve.CurveConfig(runs=[str(tmp_path / "empty")],
                                         input=str(tmp_path / "t.tsv")), log=lambda *a: None)
 
 

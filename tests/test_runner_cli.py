@@ -35,6 +35,7 @@ REQUIRED = {
     "convert_checkpoint": ["--convert.direction", "to_chatglm", "--convert.checkpoint", "a",
                            "--convert.out_dir", "b"],
     "bench_decode": ["ck"],
+    "learning_curve": ["--curve.runs", "r", "--curve.input", "i"],
 }
 
 

@@ -5,7 +5,7 @@ This is how the demo's recipe was chosen (README, "How the demo's recipe was cho
 train with `--train.save_every N --train.keep_checkpoints K`, then
 
     python runners/learning_curve.py --curve.runs runs/a,runs/b --curve.labels A,B \
-        --curve.offsets 420,0 --curve.input data/pairs/dev.tsv --curve.out docs/curve
+        --curve.offsets 420,0 --curve.input data/pairs/test.tsv --curve.out docs/curve
 
 `offsets` are seconds spent before each run began (its pretraining), so runs that split
 one time budget differently line up on the time axis. Every checkpoint is scored on the
@@ -21,14 +21,16 @@ import glob
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from engine.config_cli import command
 
 
 @dataclass
 class CurveConfig:
-    runs: str = ""               # comma-separated run folders (train.out_dir of each run)
-    labels: str = ""             # comma-separated names, one per run ("": folder names)
-    offsets: str = ""            # comma-separated seconds spent before each run (its pretraining)
+    runs: list[str] = field(default_factory=list)      # run folders (train.out_dir of each run)
+    labels: list[str] = field(default_factory=list)    # one name per run (none: folder names)
+    offsets: list[float] = field(default_factory=list)  # seconds spent before each run (its pretraining)
     seconds_per_step: float = 0.0  # > 0: time axis = offset + step x this (a step time measured
     #   on an idle machine), for runs timed on a busy one; 0: the run's own measured seconds
     input: str = ""              # TSV of english<TAB>chinese pairs to score on (required)
@@ -42,24 +44,19 @@ class CurveConfig:
     def __post_init__(self):
         if not self.runs or not self.input:
             raise ValueError("curve.runs and curve.input are required")
-        n = len(self.run_list())
+        n = len(self.runs)
         for name in ("labels", "offsets"):
             got = getattr(self, name)
-            if got and len(got.split(",")) != n:
-                raise ValueError(f"curve.{name} has {len(got.split(','))} entries for {n} runs")
+            if got and len(got) != n:
+                raise ValueError(f"curve.{name} has {len(got)} entries for {n} runs")
         if self.limit < 0 or self.micro_batch_size <= 0 or self.max_new_tokens <= 0:
             raise ValueError("curve.limit must be >= 0, micro_batch_size and max_new_tokens > 0")
 
-    def run_list(self) -> list[str]:
-        return [r for r in self.runs.split(",") if r]
-
     def label_list(self) -> list[str]:
-        return self.labels.split(",") if self.labels else \
-            [os.path.basename(os.path.normpath(r)) for r in self.run_list()]
+        return list(self.labels) or [os.path.basename(os.path.normpath(r)) for r in self.runs]
 
     def offset_list(self) -> list[float]:
-        return [float(x) for x in self.offsets.split(",")] if self.offsets else \
-            [0.0] * len(self.run_list())
+        return [float(x) for x in self.offsets] or [0.0] * len(self.runs)
 
 
 def subset(pairs: list, n: int, seed: int) -> list:
@@ -125,7 +122,7 @@ def measure(cc: CurveConfig, log=print) -> list[dict]:
     from engine.recipe.data.corpus import read_tsv
     pairs = subset([(en, zh) for en, zh in read_tsv(cc.input)], cc.limit, cc.seed)
     rows = []
-    for run, label, offset in zip(cc.run_list(), cc.label_list(), cc.offset_list()):
+    for run, label, offset in zip(cc.runs, cc.label_list(), cc.offset_list()):
         progress = run_progress(run)
         found = checkpoints(run)
         if not found:
@@ -203,21 +200,9 @@ def run(cc: CurveConfig, log=print) -> list[dict]:
     return rows
 
 
-@dataclass
-class CurveRun:
-    curve: CurveConfig
 
-    def to_dict(self) -> dict:
-        import dataclasses
-        return {"curve": dataclasses.asdict(self.curve)}
-
-
-def _build(base: dict, overrides: dict) -> CurveRun:
-    from engine.config_cli import build_section
-    return CurveRun(build_section(CurveConfig, "curve",
-                                  {**base.get("curve", {}), **overrides.get("curve", {})}))
+COMMAND = command(__doc__, {"curve": CurveConfig})
 
 
 def main(argv=None):
-    from engine.config_cli import Command
-    Command(__doc__, {"curve": CurveConfig}, _build).main(lambda c: run(c.curve), argv)
+    COMMAND.main(lambda config: run(config.curve), argv)

@@ -21,6 +21,7 @@ RUNNERS = {"pretrain": pretrain, "prune": prune, "distill": distill, "finetune":
                ("translate", "engine.recipe.translate"),
                ("prepare_data", "engine.recipe.data.prepare_command"),
                ("report", "engine.recipe.reports.command"),
+               ("learning_curve", "engine.recipe.reports.curve"),
                ("plan", "engine.planner.command"),
                ("validate_planner", "engine.planner.validate_command"),
                ("convert_checkpoint", "engine.train.convert_command"),
