@@ -64,6 +64,9 @@ demo: data $(PRETRAINED)
 	    --eval.out_dir $(RUNS)/eval_student --eval.save_hyps $(RUNS)/eval_student/hyps.tsv
 	@echo; echo "teacher vs student (held-out catalogues: wget, tar, sed, grep)"
 	@cat $(RUNS)/eval/eval.md; tail -n 1 $(RUNS)/eval_student/eval.md
+	@echo; echo "ten held-out examples, seeded (engine/recipe/reports/examples.py)"
+	@$(PY) -m engine.recipe.reports.examples teacher=$(RUNS)/eval/hyps.tsv \
+	    student=$(RUNS)/eval_student/hyps.tsv
 	@$(STAGE) --since $(T0) "make demo"
 
 # the paper's tables and figures (reports/*.md, *.png) regenerated at small scale
