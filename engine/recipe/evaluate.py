@@ -140,6 +140,21 @@ def full_loss(model, dataset, batch_size: int = 32) -> float:
                 dataset.seq_len, dataset.ids.pad) for start in range(0, n, batch_size)))
 
 
+def eval_seq_len(fmt: TranslationFormat) -> int:
+    """Row length for teacher-forced evaluation: the native layout's 96 tokens, and the
+    same room for the pair under a longer (imported chat) prompt."""
+    return 96 + max(0, fmt.overhead() - 4)
+
+
+def pairs_dataset(tok, fmt: TranslationFormat, pairs: list[tuple[str, str]]):
+    """The evaluated pairs themselves, one per row in order, for a teacher-forced loss on
+    text no run tuned on (the held-out loss)."""
+    from engine.recipe.data.datasets import TranslationDataset
+    return TranslationDataset(list(zip(tok.encode_batch([e for e, _ in pairs]),
+                                       tok.encode_batch([z for _, z in pairs]))),
+                              tok, eval_seq_len(fmt), seed=0, shuffle=False, fmt=fmt)
+
+
 def dir_size_mb(path: str, sub: str = "model") -> float:
     root = os.path.join(path, sub)
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(root)

@@ -95,9 +95,8 @@ def checkpoints(run_dir: str) -> list[tuple[int, str]]:
 
 
 def score_checkpoint(path: str, pairs: list, cc: CurveConfig) -> dict:
-    from engine.recipe.data.datasets import TranslationDataset
     from engine.recipe.data.prompts import TranslationFormat
-    from engine.recipe.evaluate import full_loss, score, translate
+    from engine.recipe.evaluate import full_loss, pairs_dataset, score, translate
     from engine.train import checkpoint as ckpt_lib
     from model import GLM, GLMConfig
     from model.tokenizer import load_tokenizer
@@ -110,17 +109,17 @@ def score_checkpoint(path: str, pairs: list, cc: CurveConfig) -> dict:
     model.eval()
     hyps, _, _ = translate(model, tok, [en for en, _ in pairs], batch_size=cc.micro_batch_size,
                            max_new_tokens=cc.max_new_tokens)
-    fmt = TranslationFormat(tok, cfg)
-    held = TranslationDataset(list(zip(tok.encode_batch([e for e, _ in pairs]),
-                                       tok.encode_batch([z for _, z in pairs]))),
-                              tok, 96 + max(0, fmt.overhead() - 4), seed=0, shuffle=False,
-                              fmt=fmt)
+    held = pairs_dataset(tok, TranslationFormat(tok, cfg), pairs)
     return {**score(hyps, [zh for _, zh in pairs]), "loss": full_loss(model, held)}
 
 
-def measure(cc: CurveConfig, log=print) -> list[dict]:
+def scored_pairs(cc: CurveConfig) -> list[tuple[str, str]]:
     from engine.recipe.data.corpus import read_tsv
-    pairs = subset([(en, zh) for en, zh in read_tsv(cc.input)], cc.limit, cc.seed)
+    return subset([(en, zh) for en, zh in read_tsv(cc.input)], cc.limit, cc.seed)
+
+
+def measure(cc: CurveConfig, log=print, pairs=None) -> list[dict]:
+    pairs = scored_pairs(cc) if pairs is None else pairs
     rows = []
     for run, label, offset in zip(cc.runs, cc.label_list(), cc.offset_list()):
         progress = run_progress(run)
@@ -183,10 +182,9 @@ def run(cc: CurveConfig, log=print) -> list[dict]:
     import torch
     if cc.threads:
         torch.set_num_threads(cc.threads)
-    rows = measure(cc, log)
-    from engine.recipe.data.corpus import read_tsv
-    n_pairs = len(subset(list(read_tsv(cc.input)), cc.limit, cc.seed))
-    text = markdown(rows, cc, n_pairs)
+    pairs = scored_pairs(cc)
+    rows = measure(cc, log, pairs)
+    text = markdown(rows, cc, len(pairs))
     log(text)
     if cc.out:
         os.makedirs(os.path.dirname(os.path.abspath(cc.out)), exist_ok=True)

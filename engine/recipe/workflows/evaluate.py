@@ -86,7 +86,8 @@ def run(config: EvalRun, log=print):
     from engine.recipe.data.corpus import read_tsv
     from engine.recipe.data.datasets import TranslationDataset
     from engine.recipe.data.prompts import TranslationFormat
-    from engine.recipe.evaluate import evaluate, markdown_table, save_hypotheses
+    from engine.recipe.evaluate import (eval_seq_len, evaluate, markdown_table,
+                                        pairs_dataset, save_hypotheses)
     from engine.train import checkpoint as ckpt_lib
     from model import GLM, GLMConfig
     from model.tokenizer import load_tokenizer
@@ -109,15 +110,11 @@ def run(config: EvalRun, log=print):
           flush=True)
     # native GLM layout, or an imported ChatGLM's causal chat prompt (engine/recipe/data/prompts)
     fmt = TranslationFormat(tok, cfg)
-    seq = 96 + max(0, fmt.overhead() - 4)   # the native layout's 96 tokens, same room
     dev = None
     if data_dir:
         dev = TranslationDataset(os.path.join(data_dir, "shards", "translation_dev"),
-                                 tok, seq, seed=0, shuffle=False, fmt=fmt)
-    # the evaluated pairs themselves, teacher-forced: a loss on text no run tuned on
-    heldout = TranslationDataset(list(zip(tok.encode_batch([e for e, _ in pairs]),
-                                          tok.encode_batch([z for _, z in pairs]))),
-                                 tok, seq, seed=0, shuffle=False, fmt=fmt)
+                                 tok, eval_seq_len(fmt), seed=0, shuffle=False, fmt=fmt)
+    heldout = pairs_dataset(tok, fmt, pairs)
     result = evaluate(model, tok, pairs, dev=dev, heldout=heldout,
                       batch_size=ec.micro_batch_size, max_new_tokens=ec.max_new_tokens,
                       mode=ec.mode, num_beams=ec.num_beams,
