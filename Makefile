@@ -5,10 +5,10 @@ DATA    := data
 RUNS    := runs/demo
 PRETRAINED := $(RUNS)/pretrain/checkpoint/meta.json
 THREADS ?= 2
-# stage banners with the time each took (engine/progress_stage.py); demo has 7 stages, paper 4
+# stage banners with the time each took (engine/progress_stage.py); demo has 7 stages, paper 5
 T0      := $(shell date +%s)
 STAGE    = $(PY) -m engine.progress_stage
-N       := $(if $(filter paper,$(MAKECMDGOALS)),4,7)
+N       := $(if $(filter paper,$(MAKECMDGOALS)),5,7)
 
 .PHONY: setup test demo data paper clean gpu-check
 
@@ -37,11 +37,15 @@ $(PRETRAINED): | data
 	    --config configs/demo_pretrain.json --parallel.pp 2 \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/pretrain --train.threads 1
 
-demo: data $(PRETRAINED)
-	$(STAGE) 3/7 "fine-tune the teacher on translation" -- \
+# the translation teacher (stage 3 of make demo; make paper's base)
+TEACHER := $(RUNS)/translate/checkpoint/meta.json
+TRANSLATE = $(STAGE) 3/$(N) "fine-tune the teacher on translation" -- \
 	    $(PY) runners/pretrain.py --config configs/demo_translate.json --force \
 	    --data.dir $(DATA) --train.out_dir $(RUNS)/translate --train.threads $(THREADS) \
 	    --train.init_from $(RUNS)/pretrain/checkpoint
+
+demo: data $(PRETRAINED)
+	$(TRANSLATE)
 	$(STAGE) 4/7 "evaluate the teacher (BLEU, chrF, losses, speed)" -- \
 	    $(PY) runners/evaluate.py --eval.checkpoint $(RUNS)/translate/checkpoint \
 	    --eval.name teacher --data.dir $(DATA) --eval.input $(DATA)/pairs/test.tsv \
@@ -70,14 +74,18 @@ demo: data $(PRETRAINED)
 	@$(STAGE) --since $(T0) "make demo"
 
 # the paper's tables and figures (reports/*.md, *.png) regenerated at small scale
-# (the fine-tuning, compression and distillation runs start from make demo's pretrained LM)
+# (the fine-tuning, compression and distillation runs start from make demo's teacher,
+# trained first if make demo has not run; kept until make clean, like the pretrained LM)
 # --resume: a re-run continues a failed or interrupted one (make clean starts over)
-paper: data $(PRETRAINED)
-	$(STAGE) 3/4 "install the plotting extra" -- sh -c '.venv/bin/pip install -q -e ".[report]" \
+$(TEACHER): | $(PRETRAINED)
+	$(TRANSLATE)
+
+paper: data $(PRETRAINED) $(TEACHER)
+	$(STAGE) 4/5 "install the plotting extra" -- sh -c '.venv/bin/pip install -q -e ".[report]" \
 	    || echo "matplotlib unavailable: tables only"'
-	$(STAGE) 4/4 "the paper's tables and figures (fine-tune, compress, distil runs)" -- \
+	$(STAGE) 5/5 "the paper's tables and figures (fine-tune, compress, distil runs)" -- \
 	    $(PY) runners/report.py --report.out_dir reports --report.work_dir runs/paper \
-	    --report.threads $(THREADS) --report.pretrained $(RUNS)/pretrain/checkpoint --resume
+	    --report.threads $(THREADS) --report.base $(RUNS)/translate/checkpoint --resume
 	@$(STAGE) --since $(T0) "make paper"
 
 # one CUDA GPU, the machine's own python3 (nothing installed): kernels vs references,

@@ -117,8 +117,11 @@ def test_pretrained_checkpoint_is_checked_before_training(quick_report, tmp_path
     lm, data = quick_report.lm, quick_report.data
     with pytest.raises(ValueError, match="report.pretrained.*num_layers"):
         Recipe(ReportConfig(preset="small", pretrained=lm,
-                            work_dir=str(tmp_path / "w")))._pretrained()
-    assert Recipe(ReportConfig.quick(pretrained=lm, work_dir=str(tmp_path / "w")))._pretrained() == lm
+                            work_dir=str(tmp_path / "w")))._checked("pretrained")
+    assert Recipe(ReportConfig.quick(pretrained=lm,
+                                     work_dir=str(tmp_path / "w")))._checked("pretrained") == lm
+    with pytest.raises(ValueError, match="report.base.*num_layers"):
+        Recipe(ReportConfig.on_teacher(lm, work_dir=str(tmp_path / "w")))._checked("base")
     env = {**os.environ, "PYTHONPATH": ROOT}
     p = subprocess.run([sys.executable, "runners/report.py", *QUICK, "--report.pretrained",
                         str(tmp_path / "nope"), "--report.work_dir", str(tmp_path / "w2"),
@@ -127,6 +130,33 @@ def test_pretrained_checkpoint_is_checked_before_training(quick_report, tmp_path
                        text=True, env=env, timeout=120)
     assert p.returncode != 0 and p.stderr.strip().startswith("error: report.pretrained")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_report_on_a_given_teacher_trains_no_base(quick_report, tmp_path):
+    """make paper's form: report.base names a trained checkpoint (make demo's teacher);
+    no base stage runs, every fine-tuning starts from it and it is evaluated as "base".
+    On the CLI the quick size refuses it in one line (the tiny preset is from scratch)."""
+    from engine.recipe.reports.budget import ReportConfig
+    from engine.recipe.reports.recipe import Recipe
+    q = quick_report
+    base = os.path.join(q.work, "base", "checkpoint")
+    lines = []
+    rc = ReportConfig.quick(base=base, work_dir=str(tmp_path / "w"), data_dir=q.data,
+                            out_dir=str(tmp_path / "r"), seeds=1, threads=2)
+    res = Recipe(rc, log=lines.append).run()
+    assert not any(ln.startswith("  base:") for ln in lines), lines
+    assert not os.path.exists(tmp_path / "w" / "base") and "base" not in res["runs"]
+    assert res["quality"]["base"]["bleu"] >= 0 and f"base {base}" in lines[0]
+    meta = json.loads(open(os.path.join(tmp_path, "w", "ft_mixed", "checkpoint", "meta.json"),
+                           encoding="utf-8").read())
+    assert json.dumps(meta).count(base) >= 1          # the fine-tuning started from it
+    t = ReportConfig.on_teacher(base)
+    assert (t.finetune_lr, t.distill_lr, t.distill_steps) == (4e-4, 2e-3, 100)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "runners/report.py", *QUICK, "--report.base", base],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode != 0 and p.stderr.strip() == (
+        "error: report.base needs the full size: report.quick is the tiny preset from scratch")
 
 
 def test_resume_reuses_finished_stages_and_refuses_other_settings(quick_report, tmp_path):

@@ -14,6 +14,8 @@ class ReportConfig:
     work_dir: str = "runs/paper"        # checkpoints and logs of every stage
     data_dir: str = "data"
     pretrained: str = ""                # LM checkpoint the base starts from ("": scratch)
+    base: str = ""                      # a translation checkpoint used as the base instead
+    #                                     of training one (make paper: make demo's teacher)
     preset: str = "small"               # must match `pretrained`'s shape
     vocab: int = 8192                   # >= the tokenizer's 8000 pieces
     train_pairs: int = 16000            # random N training pairs, both tasks (TSV subsets)
@@ -23,6 +25,9 @@ class ReportConfig:
     base_steps: int = 300               # the shared starting model (both directions, 50/50)
     finetune_steps: int = 100           # teacher hybrid fine-tuning (Eq. 12)
     distill_steps: int = 60             # student continued distillation (Eq. 13)
+    finetune_lr: float = 1e-3           # peak lr of the base and the teacher fine-tunings
+    distill_lr: float = 1e-3            # peak lr of the students' distillation
+    min_lr: float = 1e-4                # every stage decays to it
     eval_every: int = 25
     eval_batches: int = 4
     alpha: float = 0.65                 # paper: alpha = lambda = 0.65, T = 1
@@ -49,6 +54,10 @@ class ReportConfig:
                      "fig3_micro_batch", "fig3_seq_len", "fig3_reps", "threads", "seeds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"report.{name}={getattr(self, name)} must be positive")
+        for name in ("finetune_lr", "distill_lr"):
+            if not getattr(self, name) >= self.min_lr > 0:
+                raise ValueError(f"report.{name}={getattr(self, name)} must be >= "
+                                 f"report.min_lr={self.min_lr} > 0")
         for name in ("alpha", "lam", "ablation_keep"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"report.{name}={getattr(self, name)} must be in [0, 1]")
@@ -69,6 +78,15 @@ class ReportConfig:
                            latency_samples=1, keep_levels=[0.5], fig3_batches=[4, 8],
                            fig3_micro_batch=2,
                            fig3_seq_len=32, fig3_reps=1), **kw)
+
+    @classmethod
+    def on_teacher(cls, base: str, **kw) -> "ReportConfig":
+        """The report on a trained translation teacher (make paper: make demo's, trained by
+        configs/demo_translate.json): no base stage; the fine-tunings continue at the lr
+        the teacher's schedule ended on (4e-4), and the students distil with the demo's
+        recipe (configs/demo_distill.json: 100 steps at 2e-3)."""
+        return cls(base=base, **{"finetune_lr": 4e-4, "distill_lr": 2e-3,
+                                 "distill_steps": 100, **kw})
 
     def scaled(self, scale: float) -> "ReportConfig":
         if scale <= 0:

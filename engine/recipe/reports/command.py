@@ -3,7 +3,9 @@ small scale on CPU: runs the recipe (base model, hybrid fine-tuning strategies, 
 training, pruning, continued distillation, schedule timing), then writes reports/*.md and
 PNG plots.
 
-    # full: the small preset from a pretrained LM (make demo's), ~1 h on 2 busy cores
+    # make paper: on make demo's teacher (no base stage)
+    python runners/report.py --report.base runs/demo/translate/checkpoint
+    # or a base fine-tuned here from a pretrained LM (make demo's)
     python runners/report.py --report.pretrained runs/demo/pretrain/checkpoint
     python runners/report.py --report.quick true     # smoke run (tiny, from scratch), a minute
     python runners/report.py --report.scale 0.5 ...  # half the training steps of either
@@ -32,6 +34,10 @@ class ReportRun:
     # without it the base trains from scratch, which at the full size's budget does not
     # learn to translate
     pretrained: str = ""
+    # a trained translation checkpoint to use as the base instead of training one from
+    # `pretrained` (make paper: make demo's teacher, runs/demo/translate/checkpoint); the
+    # fine-tunings and distillations then use ReportConfig.on_teacher's settings
+    base: str = ""
     threads: int = 2               # torch intra-op threads (one process)
     # run the comparisons behind the paper's claims (pruning method, fine-tuning strategy,
     # student vs teacher) with this many seeds; their tables show mean (min..max) and
@@ -45,6 +51,9 @@ class ReportRun:
             raise ValueError(f"report.threads={self.threads} must be >= 1")
         if self.seeds < 1:
             raise ValueError(f"report.seeds={self.seeds} must be >= 1")
+        if self.quick and self.base:
+            raise ValueError("report.base needs the full size: report.quick is the tiny "
+                             "preset from scratch")
 
 
 @dataclass
@@ -73,7 +82,8 @@ def run(config, resume: bool = False):
     r = config.report
     kw = dict(out_dir=r.out_dir, work_dir=r.work_dir, data_dir=config.data.dir,
               threads=r.threads, pretrained=r.pretrained, seeds=r.seeds)
-    rc = ReportConfig.quick(**kw) if r.quick else ReportConfig(**kw)
+    rc = (ReportConfig.quick(**kw) if r.quick else
+          ReportConfig.on_teacher(r.base, **kw) if r.base else ReportConfig(**kw))
     rc = rc.scaled(r.scale) if r.scale != 1.0 else rc
     if not os.path.isfile(os.path.join(rc.data_dir, "manifest.json")):
         raise ValueError(f"no prepared data in {rc.data_dir}: run `make data` first")

@@ -2,7 +2,9 @@
 
   base            one model trained on both directions 50/50 (the "ChatGLM" every variant
                   starts from; Algorithm 3 line 1's initialised teacher), from the
-                  pretrained LM checkpoint `rc.pretrained` (from scratch without one)
+                  pretrained LM checkpoint `rc.pretrained` (from scratch without one);
+                  or, given `rc.base`, that trained checkpoint (make paper: make demo's
+                  teacher) and no base stage
   ft_<strategy>   teacher hybrid fine-tuning from base (Eq. 11-12): source | target | mixed
   ft_<s>_pp       the same under a 2-stage 1F1B pipeline (torchrun, gloo)
   pruned_<...>    structured pruning (activation importance; random for Figure 4)
@@ -58,11 +60,14 @@ class Recipe:
         sub = "" if key == name else f"seed{seed}"
         return os.path.join(self.work, sub, name), key
 
-    def _common(self, steps: int, out: str, pp: int, seed: int | None = None) -> list[str]:
+    def _common(self, steps: int, out: str, pp: int, seed: int | None = None,
+                lr: float | None = None) -> list[str]:
         rc = self.rc
         threads = 1 if pp > 1 else rc.threads
         return ["--data.dir", rc.data_dir, "--data.task", "translation",
                 "--train.steps", str(steps), "--train.seq_len", str(rc.seq_len),
+                "--train.lr", str(rc.finetune_lr if lr is None else lr),
+                "--train.min_lr", str(rc.min_lr),
                 "--train.micro_batch_size", str(rc.micro_batch_size),
                 "--train.num_microbatches", str(rc.num_microbatches),
                 "--train.warmup_steps", str(max(1, steps // 10)),
@@ -137,7 +142,7 @@ class Recipe:
                 seed: int | None = None):
         out, key = self._where(name, seed)
         argv = ["--finetune.stage", "student",
-                *self._common(self.rc.distill_steps, out, pp, seed),
+                *self._common(self.rc.distill_steps, out, pp, seed, lr=self.rc.distill_lr),
                 "--finetune.teacher", teacher, "--finetune.student", pruned]
         if not self._reuse(key, os.path.join(out, "finetune.json")):
             self._timed(key, lambda: run_stage("finetune", argv, out + ".log", nproc=pp))
@@ -180,26 +185,27 @@ class Recipe:
         self.log(f"  eval {name}: BLEU {q['bleu']:.2f} chrF {q['chrf']:.2f} "
                  f"({time.perf_counter() - t0:.1f} s)")
 
-    def _pretrained(self) -> str:
-        """The pretrained LM the base starts from, checked against the report's preset
-        before anything trains (a shape mismatch would otherwise fail minutes in)."""
-        rc = self.rc
-        if not rc.pretrained:
+    def _checked(self, field: str) -> str:
+        """The checkpoint in report.<field> (the pretrained LM or a base), checked against
+        the report's preset before anything trains (a shape mismatch would otherwise fail
+        minutes in)."""
+        rc, path = self.rc, getattr(self.rc, field)
+        if not path:
             return ""
         from engine.train.checkpoint import Checkpoint, CheckpointError
         from model import GLMConfig
         try:
-            meta = Checkpoint(rc.pretrained).meta
+            meta = Checkpoint(path).meta
         except CheckpointError as e:
-            raise ValueError(f"report.pretrained: {e}") from None
+            raise ValueError(f"report.{field}: {e}") from None
         have = GLMConfig.from_dict(meta["config"]["model"]).to_dict()
         want = GLMConfig.preset(rc.preset, padded_vocab_size=rc.vocab).to_dict()
         diff = [f"{k} {have.get(k)} != {v}" for k, v in want.items()
                 if k != "kernels" and have.get(k) != v]
         if diff:
-            raise ValueError(f"report.pretrained {rc.pretrained} is not preset {rc.preset} with "
+            raise ValueError(f"report.{field} {path} is not preset {rc.preset} with "
                              f"vocab {rc.vocab}: {', '.join(diff)}")
-        return rc.pretrained
+        return path
 
     # ---- the whole recipe ------------------------------------------------------------
     def run(self) -> dict:
@@ -208,16 +214,16 @@ class Recipe:
         from model import GLMConfig
         # settings that would fail late fail here, before anything trains
         schedule_timing.interleave_vpp(GLMConfig.preset(rc.preset).num_layers)
-        pretrained = self._pretrained()
+        pretrained, given = self._checked("pretrained"), self._checked("base")
         self._check_resume()
         n = _subset(os.path.join(rc.data_dir, "pairs", "train.tsv"), self.train_tsv,
                     rc.train_pairs, rc.seed)
         _subset(os.path.join(rc.data_dir, "pairs", "test.tsv"), self.test_tsv,
                 rc.test_sentences, rc.seed)
-        self.log(f"report: {n} training pairs per task, preset {rc.preset}, base from "
-                 f"{pretrained or 'scratch'}")
-        base = self.teacher("base", "mixed", rc.base_steps, init=pretrained,
-                            alpha=0.5)
+        self.log(f"report: {n} training pairs per task, preset {rc.preset}, base "
+                 + (given if given else f"from {pretrained or 'scratch'}"))
+        base = given or self.teacher("base", "mixed", rc.base_steps, init=pretrained,
+                                     alpha=0.5)
         claims = self.claims(base)
         teachers = {s: claims[f"ft_{s}"] for s in ("source", "target", "mixed")}
         for strategy in ("source", "mixed"):                       # Table 5: + pipeline

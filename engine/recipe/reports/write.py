@@ -196,8 +196,12 @@ def write_reports(res: dict, out: str) -> dict:
         plots, skipped = [], f"plots skipped: matplotlib is not installed ({e}); " \
                              "install the extra: pip install -e '.[report]'"
     rc = res["config"]
-    base = (f"base from the pretrained LM {rc['pretrained']}" if rc.get("pretrained")
+    base = (f"base: the trained checkpoint {rc['base']}" if rc.get("base") else
+            f"base from the pretrained LM {rc['pretrained']}" if rc.get("pretrained")
             else "base trained from scratch")
+    if rc.get("base"):
+        base += (f" (fine-tunings at lr {rc['finetune_lr']:g}, distillation "
+                 f"{rc['distill_steps']} steps at lr {rc['distill_lr']:g})")
     reused = res.get("reused") or []
     took = f"in {res['wall_seconds']:.0f} s" + (
         f" (resumed: {len(reused)} training / pruning stages reused from an earlier run; "
