@@ -181,7 +181,8 @@ def _run_cfg(schedule="1f1b", tp=1, pp=1, sp=False, recompute=False):
         "parallel": {"tp": tp, "pp": pp, "sequence_parallel": sp, "schedule": schedule},
         "train": {"steps": STEPS, "micro_batch_size": 2, "num_microbatches": GLOBAL_MB,
                   "seq_len": 24, "warmup_steps": 1, "lr": 3e-3, "grad_clip": 0.5, "eps": 1e-4,
-                  "recompute": recompute, "eval_every": 0, "out_dir": "/tmp/unused-zb-layouts"}})
+                  "recompute": recompute, "eval_every": 0,
+                  "out_dir": "/tmp/unused-zb-layouts"}})
     if schedule == "zb-v":
         cfg.parallel.vpp = 2
     return cfg

@@ -1,16 +1,17 @@
 """Split backward for zero-bubble schedules: B computes input gradients only, W computes
 the weight gradients of the same microbatch later, with no work done twice.
 
-How: while a chunk is `deferring(...)`, every nn.Linear in it, and the local product of
-every tensor-parallel ColumnParallelLinear / RowParallelLinear (their `_matmul`, see
-engine/tensor_parallel/layers.py), runs through `_DeferredLinear`. Its backward computes
-dX = dY W (the part on the critical path, needed by the previous stage) and, instead of
-dW = dY^T X and db = sum dY, stashes (X, dY) in a `WeightGradStore` under the current
-microbatch; `store.run(key)` (the W op) later computes those products and hands each one
-to autograd (`torch.autograd.backward` on the leaf), so gradient accumulation,
-post-accumulate-grad hooks (the data-parallel buckets) and fp16 scaling see exactly what
-a plain backward gives them. The autograd graph is freed by B as usual: between B and W a
-linear layer keeps only its input and its output gradient.
+How: while a chunk's store defers (`store.backward_of(key)`, the B op), every nn.Linear
+in it, and the local product of every tensor-parallel ColumnParallelLinear /
+RowParallelLinear (their `_matmul`, see engine/tensor_parallel/layers.py), runs through
+`_DeferredLinear`. Its backward computes dX = dY W (the part on the critical path,
+needed by the previous stage) and, instead of dW = dY^T X and db = sum dY, stashes
+(X, dY) in a `WeightGradStore` under the current microbatch; `store.run(key)` (the W op)
+later computes those products and hands each one to autograd (`torch.autograd.backward`
+on the leaf), so gradient accumulation, post-accumulate-grad hooks (the data-parallel
+buckets) and fp16 scaling see exactly what a plain backward gives them. The autograd
+graph is freed by B as usual: between B and W a linear layer keeps only its input and
+its output gradient.
 
 Tensor parallelism: the communication of a TP layer sits around its product (the input
 map's all-gather / identity, the row layer's reduction), so B still runs every
@@ -30,7 +31,8 @@ same. With fp16 loss scaling dY carries the scale, and so does W's gradient.
 
 What stays in B:
   norms       their weight gradient is an elementwise product summed over rows, cheap
-              and fused into the norm's own backward; splitting it saves little work.
+              and computed with dX by the norm's own backward; splitting it would save
+              little work and hold the normalised input until W.
   embeddings  the weight gradient is a scatter-add of dY into the table rows, memory
               work rather than a matmul, and dY would have to be held for it.
   output head its weight gradient is computed inside the fused linear cross-entropy

@@ -42,7 +42,10 @@ class ColumnParallelLinear(nn.Module):
     that other ranks hold too (GQA KV groups when tp exceeds the groups): the ranks that
     pass the same slot hold the same rows and their gradients are summed over them."""
 
-    # the local product (see the module docstring); an instance attribute may replace it
+    # the local product (see the module docstring); an instance attribute may replace it.
+    # A layer with `replica` keeps F.linear: what it multiplies is a cat through
+    # copy_to_replicas, not its weight, and that weight's gradient needs the cat's
+    # backward, an all-reduce over the sharers (engine/pipeline/split_backward.py)
     _matmul = staticmethod(F.linear)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group,
