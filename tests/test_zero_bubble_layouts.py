@@ -263,7 +263,7 @@ def trainer_runs():
     from test_trainer_parity import MixedBatches, manual_steps
     ref = manual_steps(Trainer.from_config(_run_cfg(), MixedBatches(), log=lambda *a: None),
                        steps=STEPS)
-    ranks = run_workers(_trainer_worker, 4, {**TRAINER_LAYOUTS, **BASELINES}, timeout=300,
+    ranks = run_workers(_trainer_worker, 4, {**TRAINER_LAYOUTS, **BASELINES}, timeout=420,
                         pg_timeout=120)
     return ref, ranks
 
