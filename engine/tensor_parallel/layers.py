@@ -10,6 +10,12 @@ of a layer is [s/tp, b, h].
     VocabParallelEmbedding   rows of the table split by vocabulary range
     VocabParallelHead        output projection split by vocabulary; full logits or a
                              vocab-parallel loss
+
+The column and row layers do their local product through `self._matmul(x, weight, bias)`
+(F.linear by default): a zero-bubble schedule's split backward replaces it on the
+instance with a product whose weight gradient waits for the W pass. The product is local
+(the communication sits in input_map / the reduction around it), so dW = dY^T X needs no
+collective and can run whenever W does.
 """
 from __future__ import annotations
 
@@ -36,6 +42,12 @@ class ColumnParallelLinear(nn.Module):
     that other ranks hold too (GQA KV groups when tp exceeds the groups): the ranks that
     pass the same slot hold the same rows and their gradients are summed over them."""
 
+    # the local product (see the module docstring); an instance attribute may replace it.
+    # A layer with `replica` keeps F.linear: what it multiplies is a cat through
+    # copy_to_replicas, not its weight, and that weight's gradient needs the cat's
+    # backward, an all-reduce over the sharers (engine/pipeline/split_backward.py)
+    _matmul = staticmethod(F.linear)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, group,
                  sequence_parallel: bool = False, replica: tuple[int, int, int] | None = None,
                  device=None, dtype=None):
@@ -60,7 +72,8 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat([t[:first], copy_to_replicas(t[first:], self.group, slot, slots)])
 
     def forward(self, x):
-        return F.linear(self.input_map(x), self._shared(self.weight), self._shared(self.bias))
+        return self._matmul(self.input_map(x), self._shared(self.weight),
+                            self._shared(self.bias))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features} (local), "
@@ -73,6 +86,8 @@ class RowParallelLinear(nn.Module):
     and the partial products are summed (all-reduce, or reduce-scatter along the sequence
     under sequence parallelism). The bias is replicated and added once, after the sum."""
 
+    _matmul = staticmethod(F.linear)   # the local product (see the module docstring)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, group,
                  sequence_parallel: bool = False, device=None, dtype=None):
         super().__init__()
@@ -82,7 +97,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(out_features, device=device, dtype=dtype) if bias else None
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = self._matmul(x, self.weight, None)
         if self.sequence_parallel:
             y = reduce_scatter_sequence(y, self.group)  # [s, b, h] -> [s/tp, b, h]
         else:

@@ -3,7 +3,9 @@
 The student is an ordinary run: cfg.model is its shape and cfg.train.init_from its
 checkpoint (empty: from scratch), so the Trainer builds, loads and TP-shards this rank's
 stages like any pretraining run. The objective is DistillLoss.forward_step, computed on
-the last stage. The hidden-state projection is trained there too, as the aux module
+the stage that holds the head: the last one, or stage 0 when schedule "zb-v" puts the
+chunks in a V (engine/pipeline/placement.py; "the last stage" below means that stage).
+The hidden-state projection is trained there too, as the aux module
 "proj": replicated over TP, so it counts once in the global grad norm, and under
 sequence parallelism (each rank's hidden term covers its own sequence rows) its
 gradient is summed over the TP group like a norm weight's.
@@ -39,8 +41,16 @@ from engine.config import RunConfig
 from model import GLM, GLMConfig
 
 
-def is_last_stage(state) -> bool:
-    return state.coords.pp == state.dims.pp - 1
+def schedule_of(cfg: RunConfig, state) -> str:
+    """The schedule the Trainer runs (its rule: "none" on a single stage)."""
+    return cfg.parallel.schedule if state.dims.pp > 1 else "none"
+
+
+def is_head_stage(state, schedule: str) -> bool:
+    """Whether this rank's stage holds the final norm, the head and so the loss: the
+    placement's answer (the last stage, stage 0 in the V), not always the last stage."""
+    from engine.pipeline.placement import holds_head
+    return holds_head(schedule, state.dims.pp, state.coords.pp)
 
 
 def tp_shards(state, sequence_parallel: bool) -> TPShards | None:
@@ -102,14 +112,16 @@ def check_teacher(t_config: GLMConfig, cfg: RunConfig, dcfg: DistillConfig, stat
                              f"tp={state.dims.tp}, but its {err} {whole}") from None
 
 
-def build_teacher_stage(t_config: GLMConfig, load, state, sequence_parallel: bool) -> list:
+def build_teacher_stage(t_config: GLMConfig, load, state, sequence_parallel: bool,
+                        schedule: str | None = None) -> list:
     """This rank's chunks of the teacher, made as the Trainer makes the student's
-    (build_stage, load by name, parallelize), then frozen: sharding first, because
-    parallelize registers gradient hooks, which frozen parameters refuse."""
+    (build_stage with the student's schedule, so the same placement; load by name,
+    parallelize), then frozen: sharding first, because parallelize registers gradient
+    hooks, which frozen parameters refuse."""
     from engine.pipeline.stage import build_stage
     from engine.tensor_parallel import parallelize
     chunks = build_stage(t_config, state.dims.pp, state.dims.vpp, state.coords.pp,
-                         device=state.device)
+                         device=state.device, schedule=schedule)
     for chunk in chunks:
         load(chunk)
         if state.dims.tp > 1:
@@ -133,10 +145,12 @@ class StagedTeacher:
             self.comm = P2P(state, chunks[0].config.hidden_size,
                             dtype=next(chunks[0].parameters()).dtype,
                             seq_shards=state.dims.tp if sequence_parallel else 1)
-        # the last stage's chunk stops at the final norm (GLM.hidden): no logits are
-        # formed there (without labels GLM.forward would gather every vocabulary row on
-        # each TP rank); outputs() applies the head when the KL needs it
-        self.head_chunk = chunks[-1] if is_last_stage(state) else None
+        # the head's chunk (the one the placement made post_process: the last stage's
+        # last chunk, or chunk 1 of stage 0 in the V) stops at the final norm
+        # (GLM.hidden): no logits are formed there (without labels GLM.forward would
+        # gather every vocabulary row on each TP rank); outputs() applies the head when
+        # the KL needs it
+        self.head_chunk = next((c for c in chunks if c.post_process), None)
         self._hidden: dict[int, torch.Tensor] = {}
 
     def attach(self, trainer):
@@ -214,14 +228,16 @@ def distill_trainer(cfg: RunConfig, dcfg: DistillConfig, train, dev=None, *,
     tp = tp_shards(state, sp)
     device = state.device
     source = proj = None
-    last = is_last_stage(state)
+    schedule = schedule_of(cfg, state)
+    last = is_head_stage(state, schedule)   # "last": where the head is (module docstring)
     if dcfg.needs_teacher and teacher is None and (staged(dcfg, state) or last):
         raise ValueError("distill: kl_weight / hidden_weight > 0 need a teacher")
     if dcfg.needs_teacher and teacher is not None:
         t_config, load = teacher_weights(teacher)
         check_teacher(t_config, cfg, dcfg, state)
         if staged(dcfg, state):
-            source = StagedTeacher(build_teacher_stage(t_config, load, state, sp), state,
+            source = StagedTeacher(build_teacher_stage(t_config, load, state, sp, schedule),
+                                   state,
                                    need_logits=dcfg.kl_weight > 0, sequence_parallel=sp)
         elif last:
             source = WholeTeacher(_whole_teacher(teacher, t_config, load).to(device), tp)
