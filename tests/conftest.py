@@ -16,13 +16,8 @@ import torch  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _deterministic():
-    """Every test starts from seed 0 and leaves the intra-op thread count as it found
-    it: a test that runs a workflow in-process (which sets train.threads) would otherwise
-    change the summation order of every later test's single-process reference."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from engine.parallel.state import model_parallel_group
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.tensor_parallel import gather_full_tensors
 from engine.train.trainer import Trainer
-from test_trainer_parity import PARAM_ATOL, STEPS, MixedBatches, _close, manual_steps
+from test_trainer_parity import param_atol, STEPS, MixedBatches, _close, manual_steps
 
 SEQ = 24
 GLOBAL_MB = 4   # microbatches per step over the whole job
@@ -64,7 +64,6 @@ def test_layout_matches_single_process(name):
             for n in grads:
                 assert grads[n].shape == rg[n].shape, (n, grads[n].shape, rg[n].shape)
                 _close(grads[n], rg[n], f"{name} rank {r} step {t} grad {n}")
-                _close(params[n], rp[n], f"{name} rank {r} step {t} param {n}",
-                       PARAM_ATOL)
+                _close(params[n], rp[n], f"{name} rank {r} step {t} param {n}", param_atol(n))
             seen |= set(grads)
     assert seen == set(ref[0][2])   # the ranks together cover every parameter

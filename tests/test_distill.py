@@ -283,15 +283,18 @@ KD_STEPS, KD_MB, KD_SEQ = 2, 4, 24     # steps; microbatches per step over the w
 KD = DistillConfig(temperature=2.0)    # CE, KL (T = 2) and hidden MSE all weighted in
 
 
-def _kd_setup(tmp_dir, tp=1, pp=1, dp=1, sp=False, layout="same"):
-    """Teacher: tiny (4 layers, hidden 64, seed 0); student: its pruned copy (2 layers,
-    hidden 48, so the projection is trained). Both are checkpoints (the first caller
-    writes them); the Trainer loads the student's stages by name (init_from)."""
+def _kd_setup(tmp_dir, tp=1, pp=1, dp=1, sp=False, layout="same", layers=2,
+              schedule="1f1b"):
+    """Teacher: tiny (4 layers, hidden 64, seed 0); student: its pruned copy (`layers`
+    layers, 2 by default; zb-v needs them divisible by 2 * pp; hidden 48, so the
+    projection is trained). Both are checkpoints (the first caller writes them); the
+    Trainer loads the student's stages by name (init_from)."""
     from engine.train import checkpoint as ckpt_lib
     teacher = build()
     c = teacher.config
     sel = select(random_importance(c, seed=0), c,
-                 PruneTarget(num_layers=2, kv_channels=8, ffn_hidden_size=64, hidden_size=48))
+                 PruneTarget(num_layers=layers, kv_channels=8, ffn_hidden_size=64,
+                             hidden_size=48))
     student = prune_model(teacher, sel)
     paths = {n: os.path.join(tmp_dir, n) for n in ("teacher", "student")}
     for name, model in (("teacher", teacher), ("student", student)):
@@ -300,10 +303,10 @@ def _kd_setup(tmp_dir, tp=1, pp=1, dp=1, sp=False, layout="same"):
                                      {"config": {"model": model.config.to_dict()}, "step": 0})
     run = build_run_config({
         "parallel": {"tp": tp, "pp": pp, "dp": dp, "sequence_parallel": sp,
-                     "schedule": "1f1b"},
+                     "vpp": 2 if schedule == "zb-v" else 1, "schedule": schedule},
         "train": {"steps": KD_STEPS, "micro_batch_size": 2, "num_microbatches": KD_MB // dp,
                   "seq_len": KD_SEQ, "warmup_steps": 0, "lr": 3e-3, "grad_clip": 0.5,
-                  "eps": 1e-4, "eval_every": 0, "out_dir": os.path.join(tmp_dir, "out"),
+                  "eps": 1e-4, "eval_every": 0, "out_dir": os.path.join(tmp_dir, f"out-{schedule}-{layout}"),
                   "init_from": paths["student"]}})
     run.model = student.config
     dcfg = DistillConfig(**{**KD.to_dict(), "teacher_layout": layout})

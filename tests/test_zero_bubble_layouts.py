@@ -248,8 +248,8 @@ TRAINER_LAYOUTS = {
 BASELINES = {"1f1b tp2 pp2": dict(schedule="1f1b", tp=2, pp=2),
              "1f1b tp2 pp2 sp": dict(schedule="1f1b", tp=2, pp=2, sp=True)}
 
-# Against one process the parameters get test_trainer_parity's absolute floor (the qkv
-# bias's key part has a zero gradient; its rounding noise becomes Adam updates). The
+# Against one process the parameters get test_trainer_parity.param_atol's floor on the qkv
+# bias (its key part has a zero gradient; the rounding noise becomes Adam updates). The
 # bitwise comparison with 1F1B in the same layout below is the check on the split backward.
 
 
@@ -274,7 +274,7 @@ def _union(ranks, name, t, k):
 
 @pytest.mark.parametrize("name", list(TRAINER_LAYOUTS))
 def test_zero_bubble_tp2_pp2_matches_single_process(trainer_runs, name):
-    from test_trainer_parity import PARAM_ATOL, _close
+    from test_trainer_parity import _close, param_atol
     ref, ranks = trainer_runs
     seen = set()
     for r, res in enumerate(ranks):
@@ -286,7 +286,7 @@ def test_zero_bubble_tp2_pp2_matches_single_process(trainer_runs, name):
             for n in grads:
                 assert grads[n].shape == rg[n].shape, (n, grads[n].shape, rg[n].shape)
                 _close(grads[n], rg[n], f"{name} rank {r} step {t} grad {n}")
-                _close(params[n], rp[n], f"{name} rank {r} step {t} param {n}", PARAM_ATOL)
+                _close(params[n], rp[n], f"{name} rank {r} step {t} param {n}", param_atol(n))
             seen |= set(grads)
         # every TP projection of this rank (qkv, dense, gate_up, down of each layer it
         # holds) was held from its B to its W, once per microbatch and step; nothing else
@@ -405,43 +405,12 @@ def test_zb_v_under_bf16_autocast_equals_one_f_one_b_and_one_process(autocast_ru
 
 # ---- (e) distillation under zb-v: the head (and the loss) on stage 0 -------------------
 
-KD_STEPS, KD_MB = 2, 4
-
-
-def _kd_setup(tmp_dir, pp=1, schedule="1f1b", layout="same"):
-    """Teacher: tiny (4 layers, hidden 64); student: its pruned copy with all 4 layers
-    (the V needs num_layers divisible by 2 * pp) and hidden 48 (the projection trains)."""
-    from engine.recipe.compress.distill import DistillConfig
-    from engine.recipe.compress.importance import random_importance
-    from engine.recipe.compress.prune import PruneTarget, prune_model, select
-    from engine.train import checkpoint as ckpt_lib
-    from test_prune import build
-    teacher = build()
-    c = teacher.config
-    sel = select(random_importance(c, seed=0), c,
-                 PruneTarget(num_layers=4, kv_channels=8, ffn_hidden_size=64, hidden_size=48))
-    student = prune_model(teacher, sel)
-    paths = {n: os.path.join(tmp_dir, n) for n in ("teacher", "student")}
-    for name, model in (("teacher", teacher), ("student", student)):
-        if not os.path.isdir(paths[name]):
-            ckpt_lib.save_checkpoint(paths[name], model.state_dict(), {},
-                                     {"config": {"model": model.config.to_dict()}, "step": 0})
-    run = build_run_config({
-        "parallel": {"pp": pp, "vpp": 2 if schedule == "zb-v" else 1, "schedule": schedule},
-        "train": {"steps": KD_STEPS, "micro_batch_size": 2, "num_microbatches": KD_MB,
-                  "seq_len": 24, "warmup_steps": 0, "lr": 3e-3, "grad_clip": 0.5,
-                  "eps": 1e-4, "eval_every": 0,
-                  "out_dir": os.path.join(tmp_dir, f"out-{schedule}-{layout}"),
-                  "init_from": paths["student"]}})
-    run.model = student.config
-    dcfg = DistillConfig(temperature=2.0, teacher_layout=layout)
-    return (teacher if layout == "last" else paths["teacher"]), dcfg, run, sel.hidden
-
-
 def _kd_run(tmp_dir, state=None, layout="same", **kw):
     from engine.recipe.compress.distill_run import distill_trainer
+    from test_distill import KD_STEPS, _kd_setup
     from test_trainer_parity import MixedBatches, manual_steps
-    teacher, dcfg, run, kept = _kd_setup(tmp_dir, layout=layout, **kw)
+    # the student keeps all 4 layers: the V needs num_layers divisible by 2 * pp
+    teacher, _, dcfg, run, kept = _kd_setup(tmp_dir, layout=layout, layers=4, **kw)
     tr, loss_fn = distill_trainer(run, dcfg, MixedBatches(), teacher=teacher,
                                   kept_hidden=kept, state=state, log=lambda *a: None)
     steps = manual_steps(tr, KD_STEPS, extra=lambda t: t.log_terms())

@@ -52,14 +52,20 @@ def _time_steps(step, reps: int) -> float:
 def time_no_pipeline(cfg, batch_sizes, mbs, seq_len, reps, threads) -> dict:
     from engine.pipeline.schedules import StepContext, forward_backward
     from engine.pipeline.stage import build_stage
+    # the caller's thread count comes back afterwards: the report runs this in-process
+    # between stages (and a test after it would otherwise sum in another order)
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    chunks = build_stage(cfg, 1, 1, 0, seed=0)
-    out = {}
-    for b in batch_sizes:
-        mbatches = _batches(cfg, b // mbs, mbs, seq_len, seed=b)
-        n_tok = sum(int(x["labels"].numel()) for x in mbatches)
-        out[b] = _time_steps(
-            lambda: forward_backward(StepContext("none", chunks, mbatches, n_tok)), reps)
+    try:
+        chunks = build_stage(cfg, 1, 1, 0, seed=0)
+        out = {}
+        for b in batch_sizes:
+            mbatches = _batches(cfg, b // mbs, mbs, seq_len, seed=b)
+            n_tok = sum(int(x["labels"].numel()) for x in mbatches)
+            out[b] = _time_steps(
+                lambda: forward_backward(StepContext("none", chunks, mbatches, n_tok)), reps)
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
