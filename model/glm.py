@@ -149,9 +149,6 @@ class GLM(nn.Module):
         if prefix_lens is not None and prefix_lens.dim() == 2 and doc_starts is None:
             raise ValueError("per-token prefix_lens [b, s] come from packed rows: pass their "
                              "doc_starts too, or documents would attend to each other")
-        if prefix_lens is not None and prefix_lens.dim() == 2 and doc_starts is None:
-            raise ValueError("per-token prefix_lens [b, s] come from packed rows: pass their "
-                             "doc_starts too, or documents would attend to each other")
         if c.causal:
             # the layout is a property of the weights: a causal-1D model never sees a
             # bidirectional prefix or a rotated second half, whatever a batch carries

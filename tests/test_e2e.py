@@ -59,6 +59,8 @@ def test_pretrain_finetune_evaluate(data_dir, tmp_path):
               "--prune.keep", "0.5", "--prune.calib_batches", "2",
               "--prune.micro_batch_size", "2", "--prune.seq_len", "48").stdout
     assert "adjusted rope_ratio" in out and "{" not in out    # every printed value labelled
+    kept = json.load(open(st / "pruned" / "meta.json"))["pruning"]["selection"]["layers"]
+    assert f"layers  kept {', '.join(map(str, kept))} of 0..3" in out and len(kept) == 2
     run("runners/distill.py", "--distill.teacher", str(ft / "checkpoint"), "--distill.student",
         str(st / "pruned"), "--data.dir", str(data_dir), "--train.steps", "2",
         "--train.micro_batch_size", "4", "--train.seq_len", "48", "--train.eval_batches", "1",

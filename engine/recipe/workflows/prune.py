@@ -189,6 +189,9 @@ def run(config: PruneRun, log=print) -> str:
     keys = ("num_layers", "hidden_size", "num_attention_heads", "multi_query_group_num",
             "kv_channels", "ffn_hidden_size")
     log("shape   " + " ".join(f"{k}={getattr(cfg, k)}->{getattr(new_cfg, k)}" for k in keys))
+    if len(sel.layers) < cfg.num_layers:
+        log(f"layers  kept {', '.join(map(str, sel.layers))} of 0..{cfg.num_layers - 1} "
+            f"(scores {', '.join(f'{x:.3g}' for x in imp.layers.tolist())})")
     log(f"params  non-embedding {p_teacher:,} -> {p_student:,} "
         f"({p_student / p_teacher:.1%}); total {teacher.num_params():,} -> "
         f"{sum(v.numel() for v in new_state.values()):,}")
