@@ -82,6 +82,27 @@ def test_uneven_splits_need_no_divisibility():
     assert layer_counts(7, 2, "4,3") == (4, 3)
 
 
+def test_startup_line_and_staged_teacher_follow_the_split(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.recipe.compress.distill import DistillConfig
+    from engine.recipe.compress.distill_run import check_teacher, teacher_layer_split
+    from engine.train.build import layout_line
+    cfg = build_run_config({"model": {"preset": "tiny", "num_layers": 8},
+                            "parallel": {"pp": 2, "layer_split": "5,3"},
+                            "train": {"out_dir": str(tmp_path)}})
+    state = SimpleNamespace(distributed=True, dims=ParallelDims(pp=2, dp=1))
+    assert layout_line(cfg, state) == "tp=1 pp=2 dp=1 vpp=1 schedule=1f1b layers 5,3"
+    # the teacher gets the student's split (its own layers must fit explicit counts)
+    assert teacher_layer_split(cfg.model, cfg, state) == (5, 3)
+    with pytest.raises(ValueError) as err:
+        check_teacher(GLMConfig.preset("tiny", num_layers=12), cfg, DistillConfig(), state)
+    assert "parallel.layer_split='5,3' sums to 8 layers; the model has num_layers=12" in \
+        str(err.value) and "\n" not in str(err.value)
+    cfg.parallel.layer_split = "balanced"
+    assert teacher_layer_split(GLMConfig.preset("tiny", num_layers=12), cfg, state) == (7, 5)
+
+
 # ---- balanced --------------------------------------------------------------------------
 
 def _small(layers=None, vocab=None):
@@ -160,7 +181,7 @@ def _cfg(out_dir, schedule="1f1b", pp=1, split="even"):
         "model": {"preset": "tiny", "num_layers": LAYERS},
         "parallel": {"pp": pp, "vpp": 2 if schedule == "zb-v" else 1, "schedule": schedule,
                      "layer_split": split},
-        "train": {"steps": STEPS, "micro_batch_size": 2, "num_microbatches": 4,
+        "train": {"steps": STEPS, "micro_batch_size": 2, "num_microbatches": 3,
                   "seq_len": 24, "warmup_steps": 1, "lr": 3e-3, "grad_clip": 0.5, "eps": 1e-4,
                   "eval_every": 0, "out_dir": out_dir}})
 
