@@ -110,7 +110,8 @@ COMMAND = command(__doc__, {"model": BenchModel, "bench": BenchPipeline}, aliase
     "--microbatches": Alias("bench.num_microbatches"),
     "--micro-batch-size": Alias("bench.micro_batch_size"), "--seq-len": Alias("bench.seq_len"),
     "--vpp": Alias("bench.vpp"), "--schedules": Alias("bench.schedules"),
-    "--layer-split": Alias("bench.layer_split"), "--reps": Alias("bench.reps"), "--threads": Alias("bench.threads"),
+    "--layer-split": Alias("bench.layer_split"), "--reps": Alias("bench.reps"),
+    "--threads": Alias("bench.threads"),
     "--timeout": Alias("bench.timeout_s")})
 
 

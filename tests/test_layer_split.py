@@ -27,8 +27,8 @@ def test_even_ranges_are_the_equal_split(layers, pp, vpp):
     ranges = layer_ranges(layers, pp * vpp)
     for s in range(pp):
         for c in range(vpp):
-            assert Placement(pp, vpp).layers(layers, s, c) == stage_layers(layers, pp, vpp, s, c)
-            assert ranges[c * pp + s] == stage_layers(layers, pp, vpp, s, c)
+            want = stage_layers(layers, pp, vpp, s, c)
+            assert Placement(pp, vpp).layers(layers, s, c) == ranges[c * pp + s] == want
 
 
 def test_explicit_ranges_and_the_v_order():

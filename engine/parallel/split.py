@@ -1,7 +1,7 @@
 """How many layers each virtual pipeline stage holds (`parallel.layer_split`).
 
     "even"      num_layers / (pp * vpp) each; needs the division to be exact (the default)
-    "balanced"  computed from the stages' costs (engine/pipeline/split.py), then counts
+    "balanced"  computed from the stages' costs (engine/train/layer_split.py), then counts
     "5,3"       explicit: the layers of each VIRTUAL stage in pipeline order, virtual stage 0
                 being the one with the embedding (for ZB-V's V: down the ranks and back up)
 
@@ -38,11 +38,11 @@ def parse_layer_split(text) -> str | tuple[int, ...]:
 
 def layer_counts(num_layers: int, n_virtual: int, split="even") -> tuple[int, ...]:
     """The layers of each virtual stage for "even" or explicit counts, checked against the
-    model. "balanced" has to be resolved into counts first (engine/pipeline/split.py)."""
+    model. "balanced" has to be resolved into counts first (engine/train/layer_split.py)."""
     split = parse_layer_split(split)
     if split == "balanced":
         raise ValueError("parallel.layer_split='balanced' must be resolved into counts "
-                         "first (engine.pipeline.split.balanced_counts)")
+                         "first (engine.train.layer_split.resolve_layer_split)")
     if split == "even":
         if num_layers % n_virtual:
             raise ValueError(f"num_layers={num_layers} is not divisible by pipeline stages "

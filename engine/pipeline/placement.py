@@ -15,8 +15,9 @@ Two placements:
 
 `placement_for(schedule, p, v)` picks one; build_stage, the ZB-V program and the simulator
 ask it. `layers` gives a chunk's layer range under parallel.layer_split: the split counts
-virtual stages, so for the V its counts run down the ranks and back up. `post` is P2P.post for messages of either direction (engine.pipeline.p2p only
-sends activations forward and gradients backward).
+virtual stages, so for the V its counts run down the ranks and back up. `post` is P2P.post
+for messages of either direction (engine.pipeline.p2p only sends activations forward and
+gradients backward).
 """
 from __future__ import annotations
 

@@ -83,6 +83,8 @@ def resolve_layer_split(config, seq_len: int, pp: int, vpp: int, schedule: str |
     """parallel.layer_split as checked counts per virtual stage for this model (GLMConfig),
     train.seq_len and layout; "balanced" by the FLOP counts above."""
     split = parse_layer_split(split)
+    if split == "balanced" and pp * vpp == 1:
+        split = (config.num_layers,)      # one stage (whatever the schedule is named)
     if split == "balanced":
         check_layer_split(config.num_layers, pp * vpp, split)
         split = balanced_counts(config.num_layers, placement_for(schedule, pp, vpp),
