@@ -109,6 +109,8 @@ class ParallelConfig:
     vpp: int = 1                  # model chunks per pipeline stage (interleaved)
     sequence_parallel: bool = False   # with tp > 1: norms / residual sharded along seq
     schedule: str = "1f1b"            # engine.pipeline.names.SCHEDULES
+    layer_split: str = "even"         # layers per virtual stage: even | balanced (by cost) |
+    #                                   "5,3" (virtual stage 0 first; engine/parallel/split.py)
     zero_stage: int = 0           # 0, 1 (optimizer state) or 2 (and grads) sharded over dp
     timeout_s: float = 120.0          # collectives / p2p; a dead rank fails others by then
     # auto (`--parallel auto`): engine.planner chooses tp, pp, dp, vpp, schedule, zero_stage,
@@ -131,6 +133,8 @@ class ParallelConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"parallel.schedule={self.schedule!r} must be one of "
                              f"{', '.join(SCHEDULES)}")
+        from engine.parallel.split import parse_layer_split
+        parse_layer_split(self.layer_split)   # raises naming parallel.layer_split
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1 or 2")
         if self.device not in AUTO_DEVICES:

@@ -9,8 +9,12 @@ split and microbatches:
                       zero-bubble schedule closest to ZB-H1; ScheduleZBVZeroBubble needs
                       the V placement of two chunks per rank)
     ours zb-v         torch ScheduleZBVZeroBubble         (two chunks per rank in the V;
-                      needs layers % 2pp == 0, e.g. --model.num_layers 8 at pp=2: not in
-                      the default bench.schedules; the small preset's 6 layers do not split in 4)
+                      the even split needs layers % 2pp == 0, e.g. --model.num_layers 8 at
+                      pp=2: not in the default bench.schedules; the small preset's 6 layers
+                      do not split evenly in 4)
+
+Every row, ours and torch's, builds the same stages: bench.layer_split (--layer-split)
+is parallel.layer_split's even | balanced | explicit counts per virtual stage ("5,3").
 
     python runners/bench_pipeline.py                       # spawns bench.pp processes itself
     torchrun --nproc_per_node 2 runners/bench_pipeline.py  # or under torchrun
@@ -44,11 +48,13 @@ from torch import nn
 
 from engine.parallel.spawn import run_workers
 from engine.pipeline.p2p import P2P
+from engine.parallel.split import format_split, parse_layer_split
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.pipeline.schedules import StepContext, forward_backward
 from engine.pipeline.stage import build_stage
 from engine.pipeline.stats import SavedActivationMeter, ScheduleStats
 from engine.timing import Clock
+from engine.train.layer_split import resolve_layer_split
 from model import GLM, GLMConfig
 from engine.config_cli import Alias, command
 from engine.errors import run_main
@@ -75,6 +81,10 @@ class BenchPipeline:
     # schedules to run (each ours and torch's)
     schedules: list[str] = field(default_factory=lambda: ["1f1b", "gpipe", "zb-h1",
                                                           "interleaved"])
+    # layers per virtual stage of every row, ours and torch's alike (parallel.layer_split):
+    # even | balanced | explicit counts such as "5,3" (rows with another number of
+    # virtual stages are skipped)
+    layer_split: str = "even"
     reps: int = 5                  # timed rounds (median reported)
     threads: int = 1               # intra-op threads per rank
     timeout_s: float = 300.0       # collectives / p2p timeout, s
@@ -88,6 +98,10 @@ class BenchPipeline:
                      "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"bench.{name}={getattr(self, name)} must be positive")
+        try:
+            parse_layer_split(self.layer_split)
+        except ValueError as err:
+            raise ValueError(str(err).replace("parallel.", "bench.", 1)) from None
 
 
 COMMAND = command(__doc__, {"model": BenchModel, "bench": BenchPipeline}, aliases={
@@ -96,7 +110,8 @@ COMMAND = command(__doc__, {"model": BenchModel, "bench": BenchPipeline}, aliase
     "--microbatches": Alias("bench.num_microbatches"),
     "--micro-batch-size": Alias("bench.micro_batch_size"), "--seq-len": Alias("bench.seq_len"),
     "--vpp": Alias("bench.vpp"), "--schedules": Alias("bench.schedules"),
-    "--reps": Alias("bench.reps"), "--threads": Alias("bench.threads"),
+    "--layer-split": Alias("bench.layer_split"), "--reps": Alias("bench.reps"),
+    "--threads": Alias("bench.threads"),
     "--timeout": Alias("bench.timeout_s")})
 
 
@@ -146,11 +161,11 @@ TORCH_COUNTERPART = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe",
 
 
 class Ours:
-    def __init__(self, schedule, cfg, state, mbs, num_tokens, vpp=1):
+    def __init__(self, schedule, cfg, state, mbs, num_tokens, vpp=1, layer_split="even"):
         self.name = f"ours {schedule}"
         self.schedule, self.state, self.mbs, self.num_tokens = schedule, state, mbs, num_tokens
         self.chunks = build_stage(cfg, state.dims.pp, vpp, state.stage, seed=0,
-                                  schedule=schedule)
+                                  schedule=schedule, layer_split=layer_split)
         self.comm = P2P(state, cfg.hidden_size)
         self.stats = ScheduleStats()
 
@@ -168,7 +183,7 @@ class Ours:
 
 
 class Theirs:
-    def __init__(self, schedule, cfg, state, mbs, num_tokens, vpp=1):
+    def __init__(self, schedule, cfg, state, mbs, num_tokens, vpp=1, layer_split="even"):
         import torch.distributed.pipelining as pipelining
         from torch.distributed.pipelining import PipelineStage
         self.name = f"torch {schedule}"
@@ -176,7 +191,8 @@ class Theirs:
         p = state.dims.pp
         from engine.pipeline.placement import placement_for
         place = placement_for(schedule, p, vpp)   # zb-v: the same V as ours
-        chunks = build_stage(cfg, p, vpp, state.stage, seed=0, schedule=schedule)
+        chunks = build_stage(cfg, p, vpp, state.stage, seed=0, schedule=schedule,
+                             layer_split=layer_split)
         self.modules = nn.ModuleList(TorchStage(c) for c in chunks)
         stages = [PipelineStage(mod, place.virtual(state.stage, c), p * vpp, state.device,
                                 group=state.pp_group) for c, mod in enumerate(self.modules)]
@@ -230,6 +246,18 @@ def single_process_step(model: GLM, mbs, num_tokens) -> float:
 
 # ---- the run --------------------------------------------------------------------------
 
+def row_split(args, cfg, p: int, v: int, schedule: str) -> tuple[int, ...] | None:
+    """bench.layer_split for a row of p x v virtual stages as counts; None (skip the
+    row) where its explicit counts are for another number of virtual stages, or the
+    even split does not divide the layers."""
+    split = parse_layer_split(args.bench.layer_split)
+    if isinstance(split, tuple) and len(split) != p * v:
+        return None
+    if split == "even" and cfg.num_layers % (p * v):
+        return None
+    return resolve_layer_split(cfg, args.bench.seq_len, p, v, schedule, split)
+
+
 def timed(fn, device, group=None) -> tuple[float, float]:
     """(seconds, result): barrier, run, then the slowest rank's (device) time."""
     dist.barrier(group=group)
@@ -244,8 +272,7 @@ def timed(fn, device, group=None) -> tuple[float, float]:
 def bench(args):
     torch.set_num_threads(args.bench.threads)
     cfg = model_config(args)
-    state = init_distributed(ParallelDims(pp=args.bench.pp), timeout=args.bench.timeout_s,
-                             num_layers=cfg.num_layers)
+    state = init_distributed(ParallelDims(pp=args.bench.pp), timeout=args.bench.timeout_s)
     rank, p, m = state.rank, args.bench.pp, args.bench.num_microbatches
     mbs = make_microbatches(cfg, args)
     num_tokens = int(sum((mb["labels"] != -100).sum() for mb in mbs))
@@ -263,21 +290,20 @@ def bench(args):
         if sched == "interleaved" and (vpp < 2 or m % p):
             say(f"(no interleaved rows: vpp={vpp}, m={m}, pp={p})")
             continue
-        v, st = 1, state
-        if sched == "zb-v":
-            if cfg.num_layers % (2 * p):
-                say(f"(no zb-v rows: layers={cfg.num_layers} do not split into 2pp={2 * p} "
-                    "virtual stages; try --model.num_layers)")
-                continue
-            v, st = 2, init_distributed(ParallelDims(pp=p, vpp=2),
-                                        timeout=args.bench.timeout_s,
-                                        num_layers=cfg.num_layers)
-        if sched == "interleaved":
-            v, st = vpp, init_distributed(ParallelDims(pp=p, vpp=vpp),
-                                          timeout=args.bench.timeout_s,
-                                          num_layers=cfg.num_layers)
-        variants += [Ours(sched, cfg, st, mbs, num_tokens, v),
-                     Theirs(sched, cfg, st, mbs, num_tokens, v)]
+        v = {"zb-v": 2, "interleaved": vpp}.get(sched, 1)
+        split = row_split(args, cfg, p, v, sched)
+        if split is None:
+            say(f"(no {sched} rows: bench.layer_split={args.bench.layer_split!r} does not "
+                f"split layers={cfg.num_layers} into pp*vpp={p * v} virtual stages; try "
+                "--model.num_layers or another split)")
+            continue
+        st = state if v == 1 else init_distributed(ParallelDims(pp=p, vpp=v),
+                                                   timeout=args.bench.timeout_s,
+                                                   num_layers=cfg.num_layers,
+                                                   layer_split=split)
+        say(f"{sched} rows: layers per virtual stage {format_split(split)}")
+        variants += [Ours(sched, cfg, st, mbs, num_tokens, v, split),
+                     Theirs(sched, cfg, st, mbs, num_tokens, v, split)]
     if sched_names := [x.name for x in variants if x.name.startswith("ours interleaved")]:
         say(f"interleaved rows: vpp={vpp} chunks per rank ({sched_names[0]})")
     times = {v.name: [] for v in variants}

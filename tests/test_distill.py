@@ -197,7 +197,8 @@ def test_a_teacher_that_cannot_be_split_gets_a_clear_error(tmp_path):
     same, last = DistillConfig(), DistillConfig(teacher_layout="last")
     with pytest.raises(ValueError, match="num_attention_heads=6 is not divisible by tp=4"):
         check_teacher(six_heads, run, same, state(tp=4))
-    with pytest.raises(ValueError, match=r"num_layers=4 is not divisible by pp\*vpp=3"):
+    with pytest.raises(ValueError,
+                       match=r"num_layers=4 is not divisible by pipeline stages pp\*vpp=3"):
         check_teacher(run.model, run, same, state(pp=3))
     check_teacher(six_heads, run, last, state(tp=4))       # "last" keeps it whole
     with pytest.raises(ValueError, match="teacher vocab 2048 != student vocab 1024"):

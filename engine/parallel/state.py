@@ -10,8 +10,9 @@ traffic is) and a pipeline group strides across the whole world. Everything abov
 `init_distributed` is plain integer math and is tested without a process group.
 
 Interleaved pipelines (vpp > 1) give each stage vpp model chunks: the model is cut into
-pp * vpp virtual stages of equal depth and chunk c of stage s holds virtual stage
-c * pp + s, so activations loop around the ring of stages vpp times.
+pp * vpp virtual stages (equally deep unless parallel.layer_split says otherwise:
+engine/parallel/split.py) and chunk c of stage s holds virtual stage c * pp + s, so
+activations loop around the ring of stages vpp times.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from engine.parallel.split import check_layer_split, layer_ranges
 
 DIMS = ("tp", "dp", "pp")  # fastest-varying first
 
@@ -48,13 +51,14 @@ class ParallelDims:
     def virtual_stages(self) -> int:
         return self.pp * self.vpp
 
-    def validate(self, world_size: int, num_layers: int | None = None) -> "ParallelDims":
-        """Check the layout against a world and a model before any work is done."""
+    def validate(self, world_size: int, num_layers: int | None = None,
+                 layer_split="even") -> "ParallelDims":
+        """Check the layout against a world and a model before any work is done.
+        layer_split: parallel.layer_split ("balanced" only needs a layer per stage)."""
         if self.world_size != world_size:
             raise ValueError(f"tp*pp*dp={self.world_size} does not equal world size {world_size}")
-        if num_layers is not None and num_layers % self.virtual_stages:
-            raise ValueError(f"num_layers={num_layers} is not divisible by pipeline stages "
-                             f"pp*vpp={self.virtual_stages}")
+        if num_layers is not None:
+            check_layer_split(num_layers, self.virtual_stages, layer_split)
         return self
 
 
@@ -104,19 +108,13 @@ def rank_groups(dims: ParallelDims, dim: str) -> list[list[int]]:
 
 
 def stage_layers(num_layers: int, pp: int, vpp: int, stage: int, chunk: int) -> tuple[int, int]:
-    """[start, end) of the layers that chunk `chunk` of pipeline stage `stage` holds.
-    Chunk c of stage s is virtual stage c * pp + s; virtual stages are equally deep."""
-    n_virtual = pp * vpp
-    if num_layers % n_virtual:
-        raise ValueError(f"num_layers={num_layers} is not divisible by pipeline stages "
-                         f"pp*vpp={n_virtual}")
+    """[start, end) of the layers that chunk `chunk` of pipeline stage `stage` holds under
+    the even split. Chunk c of stage s is virtual stage c * pp + s."""
     if not 0 <= stage < pp:
         raise ValueError(f"stage={stage} is outside pp={pp}")
     if not 0 <= chunk < vpp:
         raise ValueError(f"chunk={chunk} is outside vpp={vpp}")
-    per = num_layers // n_virtual
-    virtual = chunk * pp + stage
-    return virtual * per, (virtual + 1) * per
+    return layer_ranges(num_layers, pp * vpp, "even")[chunk * pp + stage]
 
 
 # ---- process groups ------------------------------------------------------------------
@@ -262,26 +260,27 @@ def build_state(dims: ParallelDims, rank: int, device: torch.device, backend: st
 
 
 def init_distributed(dims: ParallelDims, timeout: timedelta | float = 120.0,
-                     num_layers: int | None = None) -> ParallelState:
+                     num_layers: int | None = None, layer_split="even") -> ParallelState:
     """Join (or reuse) the default process group from the torchrun environment, check the
     layout, and create every tp / dp / pp group.
 
     new_group is collective over the whole world, so every rank creates every group, in the
     same order (tp groups, then dp, then pp), and keeps the ones it belongs to. The layout
     is validated before any group exists, so an impossible layout fails on every rank
-    without a collective that could hang."""
+    without a collective that could hang (num_layers and layer_split: the model's
+    split, see ParallelDims.validate)."""
     if not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
     device, backend = _device_and_backend()
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
-        dims.validate(world, num_layers)
+        dims.validate(world, num_layers, layer_split)
         backend = dist.get_backend()
         if backend != "nccl":
             device = torch.device("cpu")
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        dims.validate(world, num_layers)
+        dims.validate(world, num_layers, layer_split)
         dist.init_process_group(backend, timeout=_backstop(timeout, backend), device_id=device
                                 if device.type == "cuda" else None)
         rank = dist.get_rank()

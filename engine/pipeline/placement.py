@@ -14,12 +14,16 @@ Two placements:
         chunk 0's: activations to the previous rank, gradients to the next.
 
 `placement_for(schedule, p, v)` picks one; build_stage, the ZB-V program and the simulator
-ask it. `post` is P2P.post for messages of either direction (engine.pipeline.p2p only
-sends activations forward and gradients backward).
+ask it. `layers` gives a chunk's layer range under parallel.layer_split: the split counts
+virtual stages, so for the V its counts run down the ranks and back up. `post` is P2P.post
+for messages of either direction (engine.pipeline.p2p only sends activations forward and
+gradients backward).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from engine.parallel.split import layer_ranges
 
 # the schedules whose chunks sit in a V (the one-line registration)
 V_SCHEDULES = ("zb-v",)
@@ -45,9 +49,12 @@ class Placement:
         """The activation (c) reads, and so the gradient it returns, stays on stage s."""
         return False
 
-    def layers(self, num_layers: int, s: int, c: int) -> tuple[int, int]:
-        from engine.parallel.state import stage_layers
-        return stage_layers(num_layers, self.p, self.v, s, c)
+    def layers(self, num_layers: int, s: int, c: int, split="even") -> tuple[int, int]:
+        """[start, end) of chunk c of stage s; split: parallel.layer_split, "even" or the
+        counts of each virtual stage (engine/parallel/split.py)."""
+        if not 0 <= s < self.p or not 0 <= c < self.v:
+            raise ValueError(f"stage={s}, chunk={c} is outside pp={self.p}, vpp={self.v}")
+        return layer_ranges(num_layers, self.p * self.v, split)[self.virtual(s, c)]
 
 
 class VPlacement(Placement):
@@ -63,17 +70,6 @@ class VPlacement(Placement):
 
     def local_input(self, s: int, c: int) -> bool:
         return c == 1 and s == self.p - 1
-
-    def layers(self, num_layers: int, s: int, c: int) -> tuple[int, int]:
-        n = 2 * self.p
-        if num_layers % n:
-            raise ValueError(f"num_layers={num_layers} is not divisible by the V's virtual "
-                             f"stages 2*pp={n}")
-        if not 0 <= s < self.p or c not in (0, 1):
-            raise ValueError(f"stage={s}, chunk={c} is outside pp={self.p}, vpp=2")
-        per = num_layers // n
-        k = self.virtual(s, c)
-        return k * per, (k + 1) * per
 
 
 def placement_for(schedule: str | None, p: int, v: int) -> Placement:

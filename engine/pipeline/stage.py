@@ -6,16 +6,19 @@ from engine.pipeline.p2p import Side
 
 
 def build_stage(config, pp: int, vpp: int, stage: int, seed: int = 0, device="cpu",
-                schedule: str | None = None) -> list:
+                schedule: str | None = None, layer_split="even") -> list:
     """The vpp model chunks of one pipeline stage, initialised exactly like the same layers
-    of the single-process model (init is per parameter name)."""
+    of the single-process model (init is per parameter name). layer_split: "even" or the
+    layers of each virtual stage (parallel.layer_split; "balanced" resolved into counts
+    by engine.train.layer_split.resolve_layer_split)."""
     from engine.pipeline.placement import placement_for
     from model import GLM
     place = placement_for(schedule, pp, vpp)   # zb-v: the V (engine.pipeline.placement)
     chunks = []
     for c in range(vpp):
         chunks.append(GLM.build(config, seed=seed, device=device,
-                                layer_range=place.layers(config.num_layers, stage, c),
+                                layer_range=place.layers(config.num_layers, stage, c,
+                                                         layer_split),
                                 pre_process=place.first(stage, c),
                                 post_process=place.last(stage, c)))
     return chunks

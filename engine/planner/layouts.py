@@ -9,7 +9,9 @@ A layout is valid when (G = gpus per node, B = global batch in sequences)
                                     whole KV groups per rank, or (tp > groups) each rank
                                     holds one group replicated tp / groups times
     ffn % tp == 0, vocab % tp == 0  column-parallel FFN and vocab-parallel head/embedding
-    layers % (pp * vpp) == 0        equal virtual stages (engine.parallel.state.stage_layers)
+    layers % (pp * vpp) == 0        equal virtual stages (engine.parallel.state.stage_layers);
+                                    with PlanRequest.layer_split "balanced" or explicit
+                                    counts: a split that fits (engine/parallel/split.py)
     B % (dp * mbs) == 0             m = B / (dp * mbs) microbatches per dp rank
     vpp > 1 => pp > 1 and m % pp == 0   (the interleaved schedule's requirement)
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.parallel.rules import PLANNER_PRECISIONS, tp_problem as shard_problem
+from engine.parallel.split import check_layer_split, parse_layer_split
 from model.config import GLMConfig
 
 PRECISIONS = PLANNER_PRECISIONS
@@ -47,6 +50,7 @@ class PlanRequest:
     max_vpp: int = 8
     zero_stages: tuple[int, ...] = (0, 1, 2)
     recompute: tuple[bool, ...] = (False, True)
+    layer_split: str = "even"           # parallel.layer_split of the run being planned
     model_name: str = field(default="", init=False)
 
     def __post_init__(self):
@@ -71,6 +75,7 @@ class PlanRequest:
         if not self.zero_stages or any(z not in (0, 1, 2) for z in self.zero_stages):
             raise ValueError(f"zero_stages={self.zero_stages} must be a non-empty subset of "
                              "(0, 1, 2)")
+        parse_layer_split(self.layer_split)
         self.recompute = tuple(bool(r) for r in self.recompute)
         if not self.recompute:
             raise ValueError("recompute must list at least one of False, True")
@@ -137,6 +142,18 @@ def tp_problem(cfg: GLMConfig, tp: int, gpus_per_node: int) -> str | None:
     return shard_problem(cfg, tp)
 
 
+def split_problem(cfg: GLMConfig, pp: int, vpp: int, split: str) -> str | None:
+    """Why `split` cannot cut the model into pp * vpp virtual stages (None when it can)."""
+    if split == "even":
+        return None if cfg.num_layers % (pp * vpp) == 0 else \
+            f"num_layers={cfg.num_layers} is not divisible by pp={pp}"
+    try:
+        check_layer_split(cfg.num_layers, pp * vpp, split)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def enumerate_layouts(req: PlanRequest) -> list[Layout]:
     """Every valid layout for the request. Raises ValueError naming what blocks each
     (tp, pp) when there is none."""
@@ -150,15 +167,15 @@ def enumerate_layouts(req: PlanRequest) -> list[Layout]:
             continue
         for pp in _divisors(world // tp):
             dp = world // (tp * pp)
-            if cfg.num_layers % pp:
-                problems.append(f"num_layers={cfg.num_layers} is not divisible by pp={pp}")
+            vpps = [v for v in range(1, (req.max_vpp if pp > 1 else 1) + 1)
+                    if not split_problem(cfg, pp, v, req.layer_split)]
+            if not vpps:
+                problems.append(split_problem(cfg, pp, 1, req.layer_split))
                 continue
             if B % dp:
                 problems.append(f"global_batch={B} is not divisible by dp={dp} "
                                 f"(tp={tp}, pp={pp})")
                 continue
-            vpps = [1] + [v for v in range(2, req.max_vpp + 1)
-                          if pp > 1 and cfg.num_layers % (pp * v) == 0]
             mbss = [b for b in _divisors(B // dp) if b <= req.max_micro_batch]
             for vpp in vpps:
                 for mbs in mbss:

@@ -57,8 +57,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.pipeline.placement import holds_head
+from engine.pipeline.placement import holds_head, placement_for
 from engine.planner.layouts import Layout, PlanRequest
+from engine.train.layer_split import resolve_layer_split
 from model.config import GLMConfig
 
 # bytes per parameter and per activation element, by training precision
@@ -101,10 +102,25 @@ def layer_params(cfg: GLMConfig, tp: int = 1) -> int:
     return n + 2 * h                                            # two RMSNorm weights
 
 
-def stage_params(cfg: GLMConfig, layout: Layout, stage: int) -> int:
-    """Parameters held by one tp rank of pipeline stage `stage` (all its chunks)."""
+def stage_layers(req: PlanRequest, layout: Layout, stage: int) -> int:
+    """Layers on pipeline stage `stage` (all its chunks) under req.layer_split: the
+    counts the run builds (engine/train/layer_split.py); "even" is num_layers / pp."""
+    if req.layer_split == "even":
+        return req.config.num_layers // layout.pp
+    counts = resolve_layer_split(req.config, req.seq_len, layout.pp, layout.vpp,
+                                 layout.schedule, req.layer_split)
+    place = placement_for(layout.schedule, layout.pp, layout.vpp)
+    return sum(counts[place.virtual(stage, c)] for c in range(layout.vpp))
+
+
+def stage_params(cfg: GLMConfig, layout: Layout, stage: int,
+                 n_layers: int | None = None) -> int:
+    """Parameters held by one tp rank of pipeline stage `stage` (all its chunks), which
+    holds n_layers layers (None: the even split's num_layers / pp; see stage_layers)."""
     sh = shard_of(cfg, layout.tp)
-    n = cfg.num_layers // layout.pp * layer_params(cfg, layout.tp)
+    if n_layers is None:
+        n_layers = cfg.num_layers // layout.pp
+    n = n_layers * layer_params(cfg, layout.tp)
     if stage == 0:
         n += sh.vocab * cfg.hidden_size                          # embedding
     if holds_head(layout.schedule, layout.pp, stage):
@@ -230,7 +246,8 @@ class StageMemory:
 def predict_stage_memory(req: PlanRequest, layout: Layout, stage: int) -> StageMemory:
     cfg, pb = req.config, PRECISION_BYTES[req.precision]
     e, t, p, v, sp = pb["act"], layout.tp, layout.pp, layout.vpp, layout.sequence_parallel
-    n_params = stage_params(cfg, layout, stage)
+    n_layers = stage_layers(req, layout, stage)
+    n_params = stage_params(cfg, layout, stage, n_layers)
     shard = layout.dp if layout.zero_stage >= 1 else 1
     params = n_params * pb["param"]
     grads = n_params * pb["grad"]
@@ -240,7 +257,8 @@ def predict_stage_memory(req: PlanRequest, layout: Layout, stage: int) -> StageM
     per_layer = sum(layer_activation_terms(cfg, t, req.seq_len, req.kernels, e, sp).values())
     first, last = stage == 0, holds_head(layout.schedule, p, stage)
     chunk_extra, head = stage_extra_terms(cfg, t, req.kernels, e, first, last, sp)
-    depth = cfg.num_layers // (p * v)                          # layers per chunk
+    # layers per chunk (uneven chunks of one stage: their mean)
+    depth = n_layers / v if req.layer_split != "even" else cfg.num_layers // (p * v)
     n = in_flight(layout.schedule, p, stage, layout.num_microbatches, v)
     if not layout.recompute:
         acts = tokens * (n * (depth * per_layer + chunk_extra) + head)

@@ -65,11 +65,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.train.flops import train_flops_per_token
+from engine.train.flops import layer_flops_per_token
 from engine.planner.devices import DeviceProfile
 from engine.pipeline.placement import holds_head
 from engine.planner.layouts import Layout, PlanRequest
-from engine.planner.memory import PRECISION_BYTES, layer_activation_terms, shard_of, stage_params
+from engine.planner.memory import (PRECISION_BYTES, layer_activation_terms, shard_of,
+                                   stage_layers, stage_params)
 
 BUCKET_BYTES = 25 * 2 ** 20       # engine/optim default bucket_mb: the last one is exposed
 TRAFFIC = {"torch": 9.0, "fused": 4.0}
@@ -93,18 +94,18 @@ def layer_gemms(req: PlanRequest, tp: int) -> list[tuple[float, float]]:
     cfg = req.config
     sh, h, d = shard_of(cfg, tp), cfg.hidden_size, cfg.kv_channels
     qkv_r = (sh.heads + 2 * sh.groups) * d
-    head = 6.0 * h * cfg.padded_vocab_size
-    per_layer = (train_flops_per_token(cfg, req.seq_len) - head) / cfg.num_layers
+    per_layer = layer_flops_per_token(cfg, req.seq_len)
     full_weights = h * cfg.qkv_size + cfg.q_size * h + 3 * h * cfg.ffn_hidden_size
     return [(6.0 * h * qkv_r, qkv_r), (6.0 * sh.heads * d * h, sh.heads * d),
             (6.0 * h * 2 * sh.ffn, 2 * sh.ffn), (6.0 * sh.ffn * h, sh.ffn),
             ((per_layer - 6.0 * full_weights) / tp, d)]
 
 
-def param_tensors(cfg, stage: int, pp: int) -> int:
-    """Parameter tensors on one rank of a stage (the optimizer's per-tensor ops)."""
+def param_tensors(cfg, stage: int, pp: int, n_layers: int | None = None) -> int:
+    """Parameter tensors on one rank of a stage holding n_layers layers (None: the even
+    split's) (the optimizer's per-tensor ops)."""
     biases = int(cfg.add_qkv_bias) + 3 * int(cfg.add_bias_linear)
-    n = cfg.num_layers // pp * (6 + biases)
+    n = (cfg.num_layers // pp if n_layers is None else n_layers) * (6 + biases)
     return n + (stage == 0) + 2 * (stage == pp - 1)
 
 
@@ -185,7 +186,7 @@ def stage_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage: int)
     pb = PRECISION_BYTES[req.precision]
     e, rc = pb["act"], layout.recompute
     tokens = layout.micro_batch_size * req.seq_len
-    n_layers = cfg.num_layers // p
+    n_layers = stage_layers(req, layout, stage)     # parallel.layer_split's
     sh = shard_of(cfg, t)
     last, first = holds_head(layout.schedule, p, stage), stage == 0
 
@@ -202,7 +203,7 @@ def stage_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage: int)
     moved = tokens * n_layers * TRAFFIC[k] * kept * (1.25 if rc else 1.0)
     if last:
         moved += tokens * 6 * (4 if k == "torch" else e) * sh.vocab
-    n_params = stage_params(cfg, layout, stage)
+    n_params = stage_params(cfg, layout, stage, n_layers)
     moved += 3 * pb["grad"] * n_params                   # gradient accumulation
     if first:
         moved += pb["grad"] * sh.vocab * cfg.hidden_size  # dense embedding gradient
@@ -289,7 +290,8 @@ def _optimizer_time(req: PlanRequest, layout: Layout, dev: DeviceProfile, stage:
     if pb["master"]:
         moved += shard * (pb["master"] + pb["param"])            # publish bf16 params
     device_s = moved / dev.mem_bw
-    host_s = ADAMW_OPS * param_tensors(req.config, stage, layout.pp) * dev.op_overhead
+    host_s = ADAMW_OPS * param_tensors(req.config, stage, layout.pp,
+                                       stage_layers(req, layout, stage)) * dev.op_overhead
     # the step's small collectives: norm sums (dp shards, model-parallel ranks), loss
     # (pp, dp), token count (dp), the pipeline's shape handshake (pp)
     small = ((layout.dp > 1) * (2 + (layout.zero_stage > 0))
@@ -306,7 +308,7 @@ def predict_time(req: PlanRequest, layout: Layout, dev: DeviceProfile) -> TimeEs
     stages, dp_times, opt_times = [], [], []
     for s in range(p):
         st = stage_time(req, layout, dev, s)
-        n = stage_params(req.config, layout, s)
+        n = stage_params(req.config, layout, s, stage_layers(req, layout, s))
         stages.append(st)
         dp_times.append(_dp_time(req, layout, dev, st, n))
         opt_times.append(_optimizer_time(req, layout, dev, s, n))

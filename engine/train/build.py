@@ -19,6 +19,7 @@ from engine.parallel.rules import autocasts_bf16, param_precision as rules_param
 from engine.parallel.state import ParallelState, or_single
 from engine.pipeline.stage import build_stage
 from engine.train import checkpoint as ckpt_lib
+from engine.train.layer_split import resolve_layer_split
 from model.config import layout_mismatch
 
 
@@ -56,6 +57,29 @@ def named_trained_parameters(chunks: list, aux_modules: torch.nn.ModuleDict):
         yield f"aux.{n}", p
 
 
+def run_layer_split(cfg: RunConfig, state) -> tuple[int, ...]:
+    """This run's layers per virtual stage (parallel.layer_split for its model, seq_len
+    and layout; engine/train/layer_split.py)."""
+    return resolve_layer_split(cfg.model, cfg.train.seq_len, state.dims.pp, state.dims.vpp,
+                               cfg.parallel.schedule, cfg.parallel.layer_split)
+
+
+def layout_line(cfg: RunConfig, state) -> str:
+    """The startup log's layout: "tp=1 pp=2 dp=1 vpp=1 schedule=1f1b layers 5,3" (the
+    layers of each virtual stage, virtual stage 0 first), or "single process"."""
+    if not state.distributed:
+        return "single process"
+    from engine.parallel.split import format_split
+    d = state.dims
+    schedule = cfg.parallel.schedule if d.pp > 1 else "none"
+    line = f"tp={d.tp} pp={d.pp} dp={d.dp} vpp={d.vpp} schedule={schedule}"
+    if d.pp > 1:
+        line += f" layers {format_split(run_layer_split(cfg, state))}"
+        if cfg.parallel.layer_split == "balanced":
+            line += " (balanced)"
+    return line
+
+
 def build_chunks(cfg: RunConfig, state, device, model=None,
                  tokenizer_sha256: str | None = None) -> list:
     """This rank's chunks, initialised like the single-process model, loaded from
@@ -70,7 +94,8 @@ def build_chunks(cfg: RunConfig, state, device, model=None,
         chunks = [model.to(device)]
     else:
         chunks = build_stage(cfg.model, pp, state.dims.vpp, stage, seed=tc.seed,
-                             device=device, schedule=pc.schedule)
+                             device=device, schedule=pc.schedule,
+                             layer_split=run_layer_split(cfg, state))
     if tc.init_from:
         ckpt = ckpt_lib.Checkpoint(tc.init_from)
         ckpt.check_tokenizer(tokenizer_sha256)

@@ -15,7 +15,9 @@ import shutil
 import torch
 from safetensors import SafetensorError
 
+from engine.parallel.split import format_split
 from engine.train import checkpoint as ckpt_lib
+from engine.train.build import run_layer_split
 from engine.train.divergence import DivergenceError
 
 OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -84,6 +86,9 @@ def checkpoint_meta(trainer, optimizer_state: dict) -> dict:
         "tokenizer_sha256": trainer.tokenizer_sha256,
         "layout": {"tp": trainer.tp, "pp": trainer.pp, "dp": trainer.dp,
                    "vpp": trainer.state.dims.vpp,
+                   # the layers of each virtual stage (a record: weights load
+                   # into any split, layers are named by global index)
+                   "layer_split": format_split(run_layer_split(cfg, trainer.state)),
                    "sequence_parallel": cfg.parallel.sequence_parallel,
                    "zero_stage": cfg.parallel.zero_stage},
         "optimizer": {k: v for k, v in optimizer_state.items() if k != "params"},

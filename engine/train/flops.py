@@ -16,5 +16,15 @@ def train_flops_per_token(cfg: GLMConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * seq_len * cfg.q_size
 
 
+def head_flops_per_token(cfg: GLMConfig) -> float:
+    """The output head's share of train_flops_per_token (its projection's weights)."""
+    return 6.0 * cfg.hidden_size * cfg.padded_vocab_size
+
+
+def layer_flops_per_token(cfg: GLMConfig, seq_len: int) -> float:
+    """One transformer layer's share: the rest, split equally over the layers."""
+    return (train_flops_per_token(cfg, seq_len) - head_flops_per_token(cfg)) / cfg.num_layers
+
+
 def forward_flops_per_token(cfg: GLMConfig, seq_len: int) -> float:
     return train_flops_per_token(cfg, seq_len) / 3.0

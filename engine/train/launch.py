@@ -27,14 +27,15 @@ def parallel_state(cfg: RunConfig):
     pc, world = cfg.parallel, world_size()
     dims = ParallelDims(tp=pc.tp, pp=pc.pp, dp=infer_dp(pc.tp, pc.pp, pc.dp, world),
                         vpp=pc.vpp)
-    dims.validate(world, cfg.model.num_layers)
+    dims.validate(world, cfg.model.num_layers, pc.layer_split)
     problem = tp_problem(cfg.model, pc.tp)
     if problem:
         raise ValueError(f"parallel.tp={pc.tp}: {problem}")
     if world == 1:
         return ParallelState.single()
     from engine.parallel.monitor import start_monitor
-    state = init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers)
+    state = init_distributed(dims, timeout=pc.timeout_s, num_layers=cfg.model.num_layers,
+                             layer_split=pc.layer_split)
     start_monitor(state)   # heartbeats: a dead or hung rank is named (engine/parallel/monitor.py)
     return state
 
@@ -65,7 +66,8 @@ def plan_parallel(cfg: RunConfig, world: int, profile, local_world: int | None =
     common = dict(config=cfg.model, world_size=world, device_memory_gb=memory_gb,
                   seq_len=tc.seq_len, global_batch=global_batch,
                   gpus_per_node=min(world, local_world), precision=precision,
-                  kernels=kernels, recompute=(True,) if tc.recompute else (False, True))
+                  kernels=kernels, recompute=(True,) if tc.recompute else (False, True),
+                  layer_split=pc.layer_split)
     cands = [c for c in plan(PlanRequest(**common, sequence_parallel=True), profile)
              if c.layout.tp == 1 or tc.seq_len % c.layout.tp == 0]
     cands += [c for c in plan(PlanRequest(**common, sequence_parallel=False), profile)

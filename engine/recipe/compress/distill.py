@@ -70,8 +70,9 @@ class DistillConfig:
               compute is spread over the stages like the student's (the default: a
               teacher is bigger than its student, so holding and running it whole next
               to the student's last stage is what runs out of memory or makes that stage
-              the pipeline's bottleneck). Needs the teacher's layers divisible by
-              pp * vpp and its heads / FFN / vocabulary by tp.
+              the pipeline's bottleneck). Needs the teacher's layers to fit the
+              student's parallel.layer_split (even: divisible by pp * vpp) and its
+              heads / FFN / vocabulary divisible by tp.
       "last"  whole (no pp, no TP) on each rank of the last stage, run per microbatch;
               under TP each rank keeps its own vocabulary (and sequence) rows. For any
               teacher shape; memory and time of the whole teacher on the last stage.

@@ -99,11 +99,11 @@ def check_teacher(t_config: GLMConfig, cfg: RunConfig, dcfg: DistillConfig, stat
     if not staged(dcfg, state):
         return
     whole = "(distill.teacher_layout 'last' keeps it whole)"
-    stages = state.dims.pp * state.dims.vpp
-    if t_config.num_layers % stages:
-        raise ValueError(f"distill.teacher_layout='same' splits the teacher like the student, "
-                         f"but its num_layers={t_config.num_layers} is not divisible by "
-                         f"pp*vpp={stages} {whole}")
+    try:
+        teacher_layer_split(t_config, cfg, state)
+    except ValueError as err:
+        raise ValueError(f"distill.teacher_layout='same' splits the teacher like the "
+                         f"student, but {err} {whole}") from None
     if state.dims.tp > 1:
         try:
             ShardPlan(t_config, state.dims.tp)
@@ -112,16 +112,26 @@ def check_teacher(t_config: GLMConfig, cfg: RunConfig, dcfg: DistillConfig, stat
                              f"tp={state.dims.tp}, but its {err} {whole}") from None
 
 
+def teacher_layer_split(t_config: GLMConfig, cfg: RunConfig, state) -> tuple[int, ...]:
+    """The staged teacher's layers per virtual stage: the student's parallel.layer_split
+    applied to the teacher ("balanced" by the teacher's own costs; explicit counts must
+    fit its layers), in the student's placement, so each stage's teacher and student
+    chunks hold the same virtual stage, the head's included."""
+    from engine.train.layer_split import resolve_layer_split
+    return resolve_layer_split(t_config, cfg.train.seq_len, state.dims.pp, state.dims.vpp,
+                               cfg.parallel.schedule, cfg.parallel.layer_split)
+
+
 def build_teacher_stage(t_config: GLMConfig, load, state, sequence_parallel: bool,
-                        schedule: str | None = None) -> list:
+                        schedule: str | None = None, layer_split="even") -> list:
     """This rank's chunks of the teacher, made as the Trainer makes the student's
-    (build_stage with the student's schedule, so the same placement; load by name,
-    parallelize), then frozen: sharding first, because parallelize registers gradient
-    hooks, which frozen parameters refuse."""
+    (build_stage with the student's schedule, so the same placement, and the split of
+    teacher_layer_split; load by name, parallelize), then frozen: sharding first,
+    because parallelize registers gradient hooks, which frozen parameters refuse."""
     from engine.pipeline.stage import build_stage
     from engine.tensor_parallel import parallelize
     chunks = build_stage(t_config, state.dims.pp, state.dims.vpp, state.coords.pp,
-                         device=state.device, schedule=schedule)
+                         device=state.device, schedule=schedule, layer_split=layer_split)
     for chunk in chunks:
         load(chunk)
         if state.dims.tp > 1:
@@ -236,8 +246,9 @@ def distill_trainer(cfg: RunConfig, dcfg: DistillConfig, train, dev=None, *,
         t_config, load = teacher_weights(teacher)
         check_teacher(t_config, cfg, dcfg, state)
         if staged(dcfg, state):
-            source = StagedTeacher(build_teacher_stage(t_config, load, state, sp, schedule),
-                                   state,
+            split = teacher_layer_split(t_config, cfg, state)
+            source = StagedTeacher(build_teacher_stage(t_config, load, state, sp, schedule,
+                                                       split), state,
                                    need_logits=dcfg.kl_weight > 0, sequence_parallel=sp)
         elif last:
             source = WholeTeacher(_whole_teacher(teacher, t_config, load).to(device), tp)

@@ -21,8 +21,8 @@ supports runs under torchrun, sequence parallelism included:
 --distill.teacher_layout chooses where the frozen teacher runs:
   same  (default) split like the student: its stage s on the ranks of the student's
         stage s, TP-sharded alike, run forward-only over each step's microbatches; no
-        rank holds the whole teacher. Needs its layers divisible by pp*vpp and its
-        heads / FFN by tp.
+        rank holds the whole teacher. Needs its layers to fit
+        parallel.layer_split (even: divisible by pp*vpp) and its heads / FFN by tp.
   last  whole on each last-stage rank: any teacher shape, but its memory and compute
         all land on the last stage."""
 from __future__ import annotations

@@ -97,6 +97,7 @@ def run(config: FinetuneRun, resume: bool = False, force: bool = False, log=prin
     from engine.recipe.finetune import build_tasks, teacher_objective
     from engine.train import checkpoint as ckpt_lib
     from engine.parallel.state import model_parallel_group
+    from engine.train.build import layout_line
     from engine.train.lifecycle import open_run, tokenizer_files
     from model.config import with_layout_of
 
@@ -117,9 +118,7 @@ def run(config: FinetuneRun, resume: bool = False, force: bool = False, log=prin
             if rank0:
                 log(m)
                 sys.stdout.flush()
-        say("layout: " + (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
-                          f"vpp={state.dims.vpp} schedule={cfg.parallel.schedule}"
-                          if state.distributed else "single process"))
+        say("layout: " + layout_line(cfg, state))
         tok, d_s, d_d, dev_s, dev_d = build_tasks(cfg.data.dir, fcfg, tc.seq_len, tc.seed,
                                                   cfg.model.padded_vocab_size,
                                                   job.source_tsv, job.target_tsv,

@@ -32,6 +32,7 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False, log=print):
     from engine.recipe.data.loaders import make_datasets
     from engine.train import checkpoint as ckpt_lib
     from engine.parallel.state import model_parallel_group
+    from engine.train.build import layout_line
     from engine.train.launch import resolve_parallel
     from engine.train.metrics import params_line
     from engine.train.trainer import Trainer
@@ -53,9 +54,8 @@ def train(cfg: RunConfig, resume: bool = False, force: bool = False, log=print):
                                       extra_files=tokenizer_files(tok))
         run.resume(trainer)
         params = params_line(cfg.model, trainer.named_trained_parameters(), state)
-        layout = (f"tp={state.dims.tp} pp={state.dims.pp} dp={state.dims.dp} "
-                  f"vpp={state.dims.vpp} schedule={trainer.schedule}" if state.distributed
-                  else "single process") + (" | activation recompute" if tc.recompute else "")
+        layout = layout_line(cfg, state) + (" | activation recompute" if tc.recompute
+                                            else "")
         trainer.log(f"model: {params} | {layout} | task "
                     f"{cfg.data.task} | {tc.steps} steps x {tc.num_microbatches} x "
                     f"{tc.micro_batch_size} x {tc.seq_len} per dp rank")
