@@ -169,12 +169,14 @@ def prefill(model, batch: PromptBatch, kv_cache: KVCache) -> torch.Tensor:
     generated token, i.e. at the <sop> column."""
     if kv_cache.length != 0:
         raise ValueError(f"prefill needs an empty KV cache (length={kv_cache.length})")
-    h = model.hidden(batch.input_ids, position_ids=batch.position_ids,
-                     block_position_ids=batch.block_position_ids,
-                     prefix_lens=batch.prefix_lens, pad_lens=batch.pad_lens, kv_cache=kv_cache)
     # the head only at the last column: the prompt's other logits are never read, and
-    # [P, V] of them would cost P decode steps' worth of head matmul
-    return model.logits(h[-1:])[:, -1]
+    # [P, V] of them would cost P decode steps' worth of head matmul. Through forward,
+    # so that forward hooks (logit processors) see the prefill too.
+    logits = model(batch.input_ids, position_ids=batch.position_ids,
+                   block_position_ids=batch.block_position_ids,
+                   prefix_lens=batch.prefix_lens, pad_lens=batch.pad_lens, kv_cache=kv_cache,
+                   logits_to_keep=1)
+    return logits[:, -1]
 
 
 def decode_step(model, tokens: torch.Tensor, batch: PromptBatch,

@@ -181,15 +181,18 @@ class GLM(nn.Module):
             loss = ops.linear_cross_entropy(flat, head.weight, labels, mode=self.config.kernels)
         return loss.view(-1, b).transpose(0, 1)  # [b, s]
 
-    def forward(self, input_ids=None, *, labels=None, **inputs):
+    def forward(self, input_ids=None, *, labels=None, logits_to_keep: int = 0, **inputs):
         """The stage's output: `hidden(input_ids, **inputs)`, then on the final stage the
         head: per-token losses [b, s] with labels (`head_loss`), else logits [b, s, vocab]
-        (`logits`). A caller that needs the final hidden states, or the logits for more
-        than one loss, calls `hidden` and the head itself."""
+        (`logits`), or only the last `logits_to_keep` columns' [b, k, vocab] (a prompt's
+        prefill reads one). A caller that needs the final hidden states, or the logits for
+        more than one loss, calls `hidden` and the head itself."""
         h = self.hidden(input_ids, **inputs)
         if not self.post_process:
             return h
-        return self.head_loss(h, labels) if labels is not None else self.logits(h)
+        if labels is not None:
+            return self.head_loss(h, labels)
+        return self.logits(h[-logits_to_keep:] if logits_to_keep > 0 else h)
 
     def new_kv_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         p = next(self.parameters())

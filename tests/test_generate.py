@@ -234,3 +234,22 @@ def test_padded_vocabulary_rows_are_never_generated():
         out = generate(model, prompts, 6, eos_id=999, pad_id=0, sop_id=4, mask_id=3,
                        mode=mode, vocab_size=900)
         assert all(t < 900 for row in out for t in row), out
+
+
+def test_logits_to_keep_is_the_last_columns_of_the_full_head(model):
+    # prefill reads one column: the head on it alone equals that column of the full
+    # logits, and a forward hook (a logit processor) still sees the call
+    ids = torch.randint(0, model.config.padded_vocab_size, (2, 9),
+                        generator=torch.Generator().manual_seed(3))
+    seen = []
+    handle = model.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        with torch.no_grad():
+            full, last = model(ids), model(ids, logits_to_keep=1)
+            two = model(ids, logits_to_keep=2)
+    finally:
+        handle.remove()
+    assert last.shape == (2, 1, model.config.padded_vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two, full[:, -2:], rtol=1e-5, atol=1e-5)
+    assert len(seen) == 3
