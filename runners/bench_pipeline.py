@@ -26,6 +26,10 @@ Prints, from rank 0:
   * ours / PyTorch time ratios (target: our 1F1B at least 0.95x PyTorch's throughput);
   * the measured bubble: per rank, time blocked in exchanges / step time, against the
     textbook (p-1)/(m+p-1);
+  * the ideal step of each schedule: engine.pipeline.sim plays its programs with the op
+    times our ranks measured in it (median F / B / W per rank and chunk) and free
+    transfers, so measured / ideal is the executor's and the network's overhead, and
+    single / ideal 1F1B the most any 1F1B over this split can reach with these ops;
   * stage 0's peak activation memory, 1F1B against GPipe: live bytes of tensors saved
     for backward (distinct storages, parameters excluded; saved-tensor hooks, see
     engine.pipeline.stats.SavedActivationMeter) plus the stage outputs the schedule holds.
@@ -51,6 +55,7 @@ from engine.pipeline.p2p import P2P
 from engine.parallel.split import format_split, parse_layer_split
 from engine.parallel.state import ParallelDims, init_distributed
 from engine.pipeline.schedules import StepContext, forward_backward
+from engine.pipeline.sim import simulate_measured
 from engine.pipeline.stage import build_stage
 from engine.pipeline.stats import SavedActivationMeter, ScheduleStats
 from engine.timing import Clock
@@ -309,6 +314,7 @@ def bench(args):
     times = {v.name: [] for v in variants}
     losses = {}
     waits = {v.name: [] for v in variants if isinstance(v, Ours)}   # (wait, step) per rep
+    op_times = {name: {} for name in waits}     # (chunk, kind) -> every op's seconds
     for rep in range(args.bench.reps + 1):   # round 0 warms up (and lets torch infer shapes)
         for v in variants:
             t, loss = timed(v.step, state.device)
@@ -317,6 +323,8 @@ def bench(args):
                 times[v.name].append(t)
                 if v.name in waits:
                     waits[v.name].append((v.stats.comm_wait_s, t))
+                    for key, secs in v.stats.op_seconds().items():
+                        op_times[v.name].setdefault(key, []).extend(secs)
 
     # single process: the whole model on rank 0 (bench.threads threads), the others idle at
     # the barrier; the pipeline uses p times as many cores
@@ -348,12 +356,20 @@ def bench(args):
         gathered = [torch.zeros(1) for _ in range(p)]
         dist.all_gather(gathered, wait_frac, group=state.pp_group)
         fracs[name] = [float(x.item()) for x in gathered]
+    ideal = {}
+    for v in variants:
+        if isinstance(v, Ours):
+            costs = {key: statistics.median(x) for key, x in op_times[v.name].items()}
+            gathered = [None] * p
+            dist.all_gather_object(gathered, costs, group=state.pp_group)
+            ideal[v.name] = simulate_measured(v.schedule, p, m, len(v.chunks), gathered)
     if rank == 0:
-        report(args, cfg, times, single, losses, fracs, mem, [v.name for v in variants])
+        report(args, cfg, times, single, losses, fracs, mem, [v.name for v in variants],
+               ideal)
     dist.barrier()
 
 
-def report(args, cfg, times, single, losses, fracs, mem, names):
+def report(args, cfg, times, single, losses, fracs, mem, names, ideal):
     p, m = args.bench.pp, args.bench.num_microbatches
     tokens = m * args.bench.micro_batch_size * args.bench.seq_len   # random ids: no padding
     say = print
@@ -385,6 +401,16 @@ def report(args, cfg, times, single, losses, fracs, mem, names):
         extra = f" (textbook {textbook[sched]:.3f})" if sched in textbook else ""
         say(f"  {sched:12s} {', '.join(f'{x:.3f}' for x in f)}; mean "
             f"{statistics.mean(f):.3f}{extra}")
+    say("\nideal step (engine.pipeline.sim: each schedule's programs with the op times our "
+        "ranks measured in it, transfers free)")
+    for name, (t, idle) in ideal.items():
+        sched = name[5:]
+        say(f"  {sched:12s} {t * 1e3:8.1f} ms, idle per stage "
+            f"{', '.join(f'{x:.3f}' for x in idle)}; measured / ideal: ours "
+            f"{med[name] / t:.3f}, torch {med[f'torch {sched}'] / t:.3f}")
+    if "ours 1f1b" in ideal:
+        say(f"  single process / ideal 1F1B: {single / ideal['ours 1f1b'][0]:.2f}x, the most "
+            "a 1F1B over this split can reach with these op times")
     say("\nstage 0 peak activation memory (saved-for-backward storages + held outputs; "
         "ZB: + the (X, dY) pairs waiting for W)")
     for name in names:

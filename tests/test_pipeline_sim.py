@@ -212,3 +212,38 @@ def test_zb_v_without_the_fifo_placement_is_caught():
         programs.append(prog)
     with pytest.raises(ScheduleError):
         simulate(programs, p, 2, schedule="zb-v", m=m, place=VPlacement(p))
+
+
+def test_measured_costs_per_stage_and_chunk():
+    # unit costs given explicitly: the default time line
+    progs = [stage_program("1f1b", 2, s, 8) for s in range(2)]
+    unit = {(s, 0): {"F": 1.0, "B": 2.0, "W": 0.0} for s in range(2)}
+    assert simulate(progs, 2, costs=unit).makespan == simulate_schedule("1f1b", 2, 8).makespan
+    # a heavier last stage (the output head): it is busy m (F1 + B1) after stage 0's
+    # first forward, and stage 0's last backward follows its last backward
+    costs = {(0, 0): {"F": 1.0, "B": 2.0, "W": 0.0}, (1, 0): {"F": 1.5, "B": 2.5, "W": 0.0}}
+    r = simulate(progs, 2, costs=costs)
+    assert r.makespan == pytest.approx(1.0 + 8 * 4.0 + 2.0)
+    assert r.busy == pytest.approx([8 * 3.0, 8 * 4.0])
+    # ZB-H1 with the W ops costed apart
+    progs = [stage_program("zb-h1", 2, s, 8) for s in range(2)]
+    split = {(s, 0): {"F": 1.0, "B": 1.0, "W": 1.0} for s in range(2)}
+    assert simulate(progs, 2, costs=split).makespan == pytest.approx(
+        simulate_schedule("zb-h1", 2, 8).makespan)
+
+
+def test_op_seconds_groups_compute_by_chunk_and_kind():
+    from engine.pipeline.stats import ScheduleStats
+    st = ScheduleStats(timeline=[("F0.0", "compute", 0.0, 1.0), ("X[...]", "wait", 1.0, 3.0),
+                                 ("B0.1", "wait", 3.0, 4.0), ("B0.1", "compute", 4.0, 6.5),
+                                 ("F1.0", "compute", 6.5, 7.0), ("W0.1", "compute", 7.0, 7.25),
+                                 ("sends", "wait", 7.25, 8.0)])
+    assert st.op_seconds() == {(0, "F"): [1.0, 0.5], (1, "B"): [2.5], (1, "W"): [0.25]}
+
+
+def test_simulate_measured_takes_per_rank_medians():
+    from engine.pipeline.sim import simulate_measured
+    per_rank = [{(0, "F"): 1.0, (0, "B"): 2.0}, {(0, "F"): 1.5, (0, "B"): 2.5}]
+    step, idle = simulate_measured("1f1b", 2, 8, 1, per_rank)
+    assert step == pytest.approx(35.0)
+    assert idle == pytest.approx([1 - 24 / 35, 1 - 32 / 35])

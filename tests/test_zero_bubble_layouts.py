@@ -138,7 +138,7 @@ def _split_vs_plain(model_fn, loss_fn, context):
         loss.backward()
     store = store_for(model)
     for mb in range(2):
-        with context():
+        with context(), store.deferring():   # F, as the executor runs it
             loss = loss_fn(model(ids, labels=labels))
         with store.backward_of(mb):
             loss.backward()

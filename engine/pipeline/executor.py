@@ -156,7 +156,10 @@ class StageRun:
                 x.requires_grad_(True)
                 self.inputs[(mb, c)] = x
         grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
-        with grad_mode, self.autocast():
+        # split schedules: the chunk's linear layers leave their weight gradients to W
+        record = self.stores[c].deferring() if self.stores is not None else \
+            contextlib.nullcontext()
+        with grad_mode, self.autocast(), record:
             out = self.forward_step(self.chunks[c], batch, x, side)
         if not self.last(c):
             self.outputs[(mb, c)] = out

@@ -93,17 +93,23 @@ def _identity(stage: int, msg, p: int, place):
 
 def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
              t_b: float = 2.0, schedule: str = "?", m: int = 0,
-             t_w: float | None = None, place=None) -> SimResult:
+             t_w: float | None = None, place=None, costs: dict | None = None) -> SimResult:
     """Play every stage's program; raise ScheduleError on any violation. A backward
     costs t_b; in a program with W ops, B costs t_b - t_w and W t_w (default t_b / 2).
-    place: where the chunks sit (engine.pipeline.placement; default the loop)."""
+    place: where the chunks sit (engine.pipeline.placement; default the loop).
+    costs: measured op times instead, {(stage, chunk): {"F": s, "B": s, "W": s}} (e.g.
+    from ScheduleStats.op_seconds of a real step): the step this program would take with
+    those compute times and free transfers, to hold a measured step against."""
     place = place or Placement(p, v)
     n = len(programs)
     if n != p:
         raise ValueError(f"got {n} programs for p={p}")
     split = any(op.kind == "W" for prog in programs for op in prog)
     t_w = (t_b / 2 if t_w is None else t_w) if split else 0.0
-    cost = {"F": t_f / v, "B": (t_b - t_w) / v, "W": t_w / v}
+    unit = {"F": t_f / v, "B": (t_b - t_w) / v, "W": t_w / v}
+
+    def cost(s, op):
+        return unit[op.kind] if costs is None else costs[(s, op.chunk)][op.kind]
     pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
     # every posted batch, per stage in posting order: its messages as (chan, kind, idx),
     # the time it was posted, and the time it completed (None while pending)
@@ -201,9 +207,10 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
             if op.kind == "F":
                 if not first and not local_in and not wait_for(s, ("act",) + key):
                     return moved
-                timeline[s].append(("F", op.mb, op.chunk, clock[s], clock[s] + cost["F"]))
-                clock[s] += cost["F"]
-                busy[s] += cost["F"]
+                c = cost(s, op)
+                timeline[s].append(("F", op.mb, op.chunk, clock[s], clock[s] + c))
+                clock[s] += c
+                busy[s] += c
                 done_f[s].add(key)
                 if has_backward[s]:
                     alive[s].add(key)
@@ -214,9 +221,10 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
                 if not last and not local_out and not wait_for(s, ("grad",) + key):
                     return moved
                 b_done[s].add(key)
-                timeline[s].append(("B", op.mb, op.chunk, clock[s], clock[s] + cost["B"]))
-                clock[s] += cost["B"]
-                busy[s] += cost["B"]
+                c = cost(s, op)
+                timeline[s].append(("B", op.mb, op.chunk, clock[s], clock[s] + c))
+                clock[s] += c
+                busy[s] += c
                 if split:
                     backwarded[s].add(key)
                 else:
@@ -226,9 +234,10 @@ def simulate(programs: list[list[Op]], p: int, v: int = 1, t_f: float = 1.0,
                     raise ScheduleError(f"stage {s}: W{op.mb}.{op.chunk} before its B")
                 backwarded[s].discard(key)
                 alive[s].discard(key)
-                timeline[s].append(("W", op.mb, op.chunk, clock[s], clock[s] + cost["W"]))
-                clock[s] += cost["W"]
-                busy[s] += cost["W"]
+                c = cost(s, op)
+                timeline[s].append(("W", op.mb, op.chunk, clock[s], clock[s] + c))
+                clock[s] += c
+                busy[s] += c
             else:   # post the batch; nobody waits here
                 k = len(batches[s])
                 batch = {"msgs": [], "posted": clock[s], "done": None}
@@ -280,6 +289,20 @@ def simulate_schedule(schedule: str, p: int, m: int, v: int = 1, t_f: float = 1.
     """Generate every stage's program with engine.pipeline.program and simulate them together."""
     programs = [stage_program(schedule, p, s, m, v, forward_only) for s in range(p)]
     return simulate(programs, p, v, t_f, t_b, schedule, m, place=placement_for(schedule, p, v))
+
+
+def simulate_measured(schedule: str, p: int, m: int, v: int,
+                      per_rank: list[dict]) -> tuple[float, list[float]]:
+    """(step, idle fraction per stage) of the schedule's programs played with measured op
+    times, per_rank[s] = {(chunk, "F" | "B" | "W"): seconds} (ScheduleStats.op_seconds
+    medians), transfers free: what the schedule itself costs on that stage split,
+    imbalance included, with communication and executor overhead taken out."""
+    costs = {(s, c): {k: per_rank[s].get((c, k), 0.0) for k in "FBW"}
+             for s in range(p) for c in range(v)}
+    programs = [stage_program(schedule, p, s, m, v) for s in range(p)]
+    res = simulate(programs, p, v, schedule=schedule, m=m,
+                   place=placement_for(schedule, p, v), costs=costs)
+    return res.makespan, [1.0 - b / res.makespan for b in res.busy]
 
 
 def grid(p_max: int = 8, m_max: int = 32, v_max: int = 4):

@@ -1,17 +1,25 @@
 """Split backward for zero-bubble schedules: B computes input gradients only, W computes
 the weight gradients of the same microbatch later, with no work done twice.
 
-How: while a chunk's store defers (`store.backward_of(key)`, the B op), every nn.Linear
-in it, and the local product of every tensor-parallel ColumnParallelLinear /
-RowParallelLinear (their `_matmul`, see engine/tensor_parallel/layers.py), runs through
-`_DeferredLinear`. Its backward computes dX = dY W (the part on the critical path,
-needed by the previous stage) and, instead of dW = dY^T X and db = sum dY, stashes
-(X, dY) in a `WeightGradStore` under the current microbatch; `store.run(key)` (the W op)
-later computes those products and hands each one to autograd (`torch.autograd.backward`
-on the leaf), so gradient accumulation, post-accumulate-grad hooks (the data-parallel
-buckets) and fp16 scaling see exactly what a plain backward gives them. The autograd
-graph is freed by B as usual: between B and W a linear layer keeps only its input and
-its output gradient.
+How: while a chunk's store records (`store.deferring()` around the forward, the F op of
+a split schedule), every nn.Linear in it, and the local product of every
+tensor-parallel ColumnParallelLinear / RowParallelLinear (their `_matmul`, see
+engine/tensor_parallel/layers.py), multiplies by its weight *detached* and hooks its
+output: autograd then never forms dW = dY^T X or db = sum dY, and B (the chunk's plain
+autograd backward under `store.backward_of(key)`) computes dX = dY W and everything else
+as usual, while each hook stashes (X, dY) in a `WeightGradStore` under the microbatch.
+`store.run(key)` (the W op) later computes those products and hands them to autograd in
+one call (`torch.autograd.backward` on the leaves), so gradient accumulation,
+post-accumulate-grad hooks (the data-parallel buckets) and fp16 scaling see exactly what a
+plain backward gives them. The autograd graph is freed by B as usual: between B and W a
+linear layer keeps only its input and its output gradient.
+
+Why a detached weight and a tensor hook rather than a custom autograd.Function: the
+product and its backward stay autograd's own C++ nodes, so on CPU a deferred layer costs
+what a plain one does (a Python Function per layer cost ~10% of a small stage's F+B+W),
+and reentrant recomputation (engine/train/recompute.py) replays through it unchanged.
+Outside `deferring()` and `backward_of()` an installed chunk multiplies as F.linear
+does, so it stays usable by every other schedule.
 
 Tensor parallelism: the communication of a TP layer sits around its product (the input
 map's all-gather / identity, the row layer's reduction), so B still runs every
@@ -63,16 +71,34 @@ class WeightGradStore:
     def __init__(self, meter=None):
         self.pending: dict = defaultdict(list)   # key -> [(weight, bias, x, dy)]
         self.key = None        # the microbatch whose backward is running (None: no defer)
+        self.armed = False     # forwards record their products for a later W
         self.meter = meter     # SavedActivationMeter: counts the bytes held until W
+        self._held: dict = defaultdict(list)     # key -> the meter's holders of the X's
 
-    def put(self, weight, bias, x, dy):
+    def recording(self) -> bool:
+        return self.armed or self.key is not None
+
+    def put(self, weight, bias, x, dy, held=None):
         self.pending[self.key].append((weight, bias, x, dy))
         if self.meter is not None:
-            self.meter.add(_nbytes(x) + _nbytes(dy))
+            # X has been counted since the forward, through its holder (one count per
+            # storage, shared with whatever else saved it); dY is new
+            self.meter.add(_nbytes(dy))
+            self._held[self.key].append(held)
+
+    @contextlib.contextmanager
+    def deferring(self):
+        """F: products of linear layers inside leave their weight gradients to W."""
+        previous, self.armed = self.armed, True
+        try:
+            yield
+        finally:
+            self.armed = previous
 
     @contextlib.contextmanager
     def backward_of(self, key):
-        """B: linear layers inside stash their weight gradients under `key`."""
+        """B: linear layers inside stash their weight gradients under `key` (a forward
+        run inside, e.g. a recomputed one, records as under deferring())."""
         previous, self.key = self.key, key
         try:
             yield
@@ -80,14 +106,21 @@ class WeightGradStore:
             self.key = previous
 
     def run(self, key):
-        """W: the weight gradients of every linear layer of microbatch `key`, in the order
-        the backward produced them (the order a plain backward accumulates them in)."""
+        """W: the weight gradients of every linear layer of microbatch `key`, handed to
+        autograd in one call (one engine run, not one per layer: on CPU each call costs
+        about as much as a small layer's product). A parameter stashed twice (a layer
+        applied twice) gets its products summed in backward order before they reach
+        .grad, as a plain backward's input buffer sums them."""
+        grads, leaves = [], []
         for weight, bias, x, dy in self.pending.pop(key, []):
-            grads, leaves = _weight_grads(weight, bias, x, dy)
-            if leaves:
-                torch.autograd.backward(leaves, grad_tensors=grads)
+            g, ls = _weight_grads(weight, bias, x, dy)
+            grads += g
+            leaves += ls
             if self.meter is not None:
-                self.meter.add(-(_nbytes(x) + _nbytes(dy)))
+                self.meter.add(-_nbytes(dy))
+        self._held.pop(key, None)   # the X's holders: released from the meter
+        if leaves:
+            torch.autograd.backward(leaves, grad_tensors=grads)
 
     def __len__(self):
         return sum(len(v) for v in self.pending.values())
@@ -104,7 +137,7 @@ def _weight_grads(weight, bias, x, dy):
     as the backward of autocast's cast would."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     grads, leaves = [], []
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x):
         if weight.requires_grad:
             grads.append(dy2.t().mm(x2).to(weight.dtype))
             leaves.append(weight)
@@ -114,53 +147,70 @@ def _weight_grads(weight, bias, x, dy):
     return grads, leaves
 
 
-class _DeferredLinear(torch.autograd.Function):
-    """F.linear(x, weight, bias) whose weight and bias gradients go to the store while
-    it defers (store.key set), else come at once like F.linear's."""
+_NULL = contextlib.nullcontext()
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, store):
-        ctx.store = store
-        # the Parameters themselves (save_for_backward keeps values, and under autocast
-        # the values saved are casts): W accumulates into these
-        ctx.weight_param, ctx.bias_param = weight, bias
-        dtype = autocast_dtype(x)
-        if dtype is not None:
-            # autocast's F.linear: every floating operand in the compute dtype. Done by
-            # hand because backward runs outside autocast: saving the casts makes B and W
-            # multiply in the forward's dtype whatever autocast state they run under
-            x, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point()
-                               and t.dtype != torch.float64 else t for t in (x, weight, bias))
-        ctx.save_for_backward(x, weight)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        store = ctx.store
-        with torch.autocast(dy.device.type, enabled=False):
-            # in the compute dtype under autocast; autograd casts each gradient to its
-            # input's dtype, as the backward of autocast's casts does
-            dx = dy.matmul(weight) if ctx.needs_input_grad[0] else None
-            if store.key is not None:
-                if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:   # frozen: nothing
-                    store.put(ctx.weight_param, ctx.bias_param, x, dy)
-                return dx, None, None, None
-            # not deferring (e.g. a plain backward through a deferring chunk): do it now
-            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-            dw = dy2.t().mm(x2) if ctx.needs_input_grad[1] else None
-            db = dy2.sum(0) if ctx.bias_param is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+def _no_autocast(t: torch.Tensor):
+    """Autocast off around a product, entered only when it is on (a Python context per
+    layer and pass is a measurable share of a small layer's time on CPU)."""
+    return (torch.autocast(t.device.type, enabled=False)
+            if autocast_dtype(t) is not None else _NULL)
 
 
 def _deferring_product(store: WeightGradStore):
-    """F.linear's signature, through the deferring Function when a backward will run."""
+    """F.linear's signature; while the store records, the weight's gradient is left to
+    W (module docstring)."""
     def product(x, weight, bias=None):
-        if not torch.is_grad_enabled():
+        wants = weight.requires_grad or (bias is not None and bias.requires_grad)
+        if not (wants and store.recording() and torch.is_grad_enabled() and x.requires_grad):
+            # nothing to defer, or no graph through x to hook (a frozen embedding's
+            # output): the plain product, whose backward computes dW in B
             return F.linear(x, weight, bias)
-        return _DeferredLinear.apply(x, weight, bias, store)
+        w, b = weight.detach(), None if bias is None else bias.detach()
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            # autocast's F.linear: every floating operand in the compute dtype. By hand,
+            # so that the X W multiplies is that very tensor (held once, in that dtype)
+            # and the bias add of the folded path below stays in it
+            x, w, b = (t.to(dtype) if t is not None and t.is_floating_point()
+                       and t.dtype != torch.float64 else t for t in (x, w, b))
+        y, x = _linear_as_plain(x, w, b)
+        # autograd saves only the weight for dX; X stays alive through the hook, so the
+        # meter (if any) counts it from here
+        held = store.meter.hold(x) if store.meter is not None else None
+        y.register_hook(_Stash(store, weight, bias, x, held))
+        return y
     return product
+
+
+def _linear_as_plain(x, weight, bias):
+    """F.linear by a weight that does not require grad, computed by the kernels F.linear
+    picks when it does, so that the values are the plain product's bit for bit: with a
+    weight that requires grad, matmul folds x's leading dimensions into one mm (copying
+    x if they are not contiguous); without, it may take a batched path instead. F.linear's
+    own fused addmm (2-D x, or 3-D contiguous x with a bias) does not depend on it.
+    Returns (y, the x multiplied: the folded copy when there is one, which W reuses)."""
+    if x.dim() <= 2 or (bias is not None and x.dim() == 3 and x.is_contiguous()):
+        return F.linear(x, weight, bias), x
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(x2, weight).view(*x.shape[:-1], weight.shape[0])
+    return (y if bias is None else y + bias), x2
+
+
+class _Stash:
+    """The hook on a deferred product's output: dY arrives in B and goes to the store
+    with the product's X."""
+    __slots__ = ("store", "weight", "bias", "x", "held")
+
+    def __init__(self, store, weight, bias, x, held):
+        self.store, self.weight, self.bias, self.x, self.held = store, weight, bias, x, held
+
+    def __call__(self, dy):
+        if self.store.key is None:
+            raise RuntimeError("a linear layer recorded under WeightGradStore.deferring() "
+                               "ran its backward outside backward_of(key): its weight "
+                               "gradient would never be computed")
+        self.store.put(self.weight, self.bias, self.x, dy, self.held)
 
 
 def _linear_forward(module: nn.Linear, store: WeightGradStore):

@@ -40,6 +40,15 @@ class ScheduleStats:
             self.compute_s += end - start
             self.timeline.append((op, "compute", start, end))
 
+    def op_seconds(self) -> dict[tuple[int, str], list[float]]:
+        """The compute time of every F / B / W op of the step, per (chunk, kind): what
+        engine.pipeline.sim.simulate takes as measured costs (waits left out)."""
+        out: dict[tuple[int, str], list[float]] = {}
+        for op, what, start, end in self.timeline:
+            if what == "compute" and op[0] in "FBW":
+                out.setdefault((int(op.rsplit(".", 1)[1]), op[0]), []).append(end - start)
+        return out
+
 
 class SavedActivationMeter:
     """Live bytes kept for backward, via saved-tensor hooks: distinct storages (views
@@ -72,6 +81,11 @@ class SavedActivationMeter:
         holder = _Saved(t)
         weakref.finalize(holder, self._release, ptr)
         return holder
+
+    def hold(self, t):
+        """Count t as held (once per storage) until the returned holder is dropped: for
+        tensors kept alive outside autograd's saved tensors (split_backward's X)."""
+        return self._pack(t)
 
     @staticmethod
     def _unpack(x):
