@@ -112,3 +112,31 @@ def test_a_layer_applied_twice_accumulates_like_one_backward():
     store.run(1)
     torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=0, atol=0)
     torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=0, atol=0)
+
+
+def test_the_meter_sees_the_x_held_for_w_and_releases_it_after_w():
+    # an armed forward keeps X alive through its hook rather than autograd's saved
+    # tensors: the meter counts it all the same (once per storage), then dY at B, and
+    # nothing is left after W
+    from engine.pipeline.stats import SavedActivationMeter
+    cfg = GLMConfig.preset("tiny")
+    ids, labels = _batch()
+    plain, model = GLM.build(cfg, seed=0), GLM.build(cfg, seed=0)
+    ref_meter = SavedActivationMeter(plain.parameters())
+    with ref_meter.hooks():
+        loss = plain(ids, labels=labels).sum() / 32
+    after_f_plain = ref_meter.current
+    del loss
+    store = store_for(model)
+    meter = SavedActivationMeter(model.parameters())
+    store.meter = meter
+    with meter.hooks(), store.deferring():
+        loss = model(ids, labels=labels).sum() / 32
+    assert meter.current == after_f_plain > 0
+    with store.backward_of(0):
+        loss.backward()
+    del loss
+    dys = sum(dy.numel() * dy.element_size() for _, _, _, dy in store.pending[0])
+    assert meter.current >= dys > 0     # X's and dY's until W
+    store.run(0)
+    assert meter.current == 0
