@@ -30,8 +30,8 @@ RTOL = 1e-5
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def config():
-    return GLMConfig.preset("tiny")
+def config(layers: int = 4):
+    return GLMConfig.preset("tiny", num_layers=layers)
 
 
 def microbatches(m: int, step: int, offset: int = 0, seq: int = SEQ) -> list[dict]:
@@ -76,13 +76,13 @@ def make_opt(params):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(m: int, steps: int, dp: int = 1):
-    """Single process, all layers, plain gradient accumulation over all microbatches.
+def reference(m: int, steps: int, dp: int = 1, layers: int = 4):
+    """Single process, all `layers`, plain gradient accumulation over all microbatches.
     With dp > 1 the microbatches are accumulated in dp contiguous groups whose gradient
     sums are then added, the order a data-parallel SUM uses; it only matters in the
     last bit, but Adam's g / sqrt(v) can magnify last-bit differences on near-zero
     gradient entries, and the comparison is at 1e-5."""
-    model = GLM.build(config(), seed=0)
+    model = GLM.build(config(layers), seed=0)
     opt = make_opt(model.parameters())
     out = []
     for step in range(steps):

@@ -2,7 +2,6 @@
 = 2p - 1 - s; the loss on rank 0, the turn on rank p - 1 a local hand-off) reproduces the
 single process (losses, gradients, updated parameters) for pp=2, pp=4 and pp=2 x dp=2,
 forward-only included; the executor holds what the simulator says it holds."""
-import functools
 
 import pytest
 import torch
@@ -16,9 +15,8 @@ from engine.pipeline.schedules import StepContext, forward_backward
 from engine.pipeline.stage import build_stage
 from engine.pipeline.stats import ScheduleStats
 from engine.pipeline.sim import simulate_schedule
-from model import GLM, GLMConfig
-from test_pipeline_parity import (RTOL, Counter, assert_rel, count_tokens, make_opt,
-                                  microbatches, numpy_dict)
+from test_pipeline_parity import (RTOL, Counter, assert_rel, config, count_tokens, make_opt,
+                                  microbatches, numpy_dict, reference)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,40 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def config(layers: int = 4):
-    return GLMConfig.preset("tiny", num_layers=layers)
-
-
-@functools.lru_cache(maxsize=None)
-def reference(layers: int, m: int, steps: int, dp: int = 1):
-    """One process, all layers, gradient accumulation (dp contiguous groups summed, the
-    order a data-parallel SUM uses; see test_pipeline_parity.reference)."""
-    model = GLM.build(config(layers), seed=0)
-    opt = make_opt(model.parameters())
-    out = []
-    for step in range(steps):
-        mbs = microbatches(m, step)
-        n = count_tokens(mbs)
-        loss, per_mb, total = 0.0, [], None
-        for group in range(dp):
-            opt.zero_grad(set_to_none=True)
-            for mb in mbs[group * m // dp:(group + 1) * m // dp]:
-                token_losses = model(**{k: v for k, v in mb.items() if k != "labels"},
-                                     labels=mb["labels"])
-                per_mb.append(token_losses.detach().numpy())
-                (token_losses.sum() / n).backward()
-                loss += float(token_losses.detach().sum()) / n
-            grads = [p.grad.clone() for p in model.parameters()]
-            total = grads if total is None else [a + b for a, b in zip(total, grads)]
-        for p, g in zip(model.parameters(), total):
-            p.grad = g
-        grads = numpy_dict((k, p.grad) for k, p in model.named_parameters())
-        opt.step()
-        out.append(dict(loss=loss, per_mb=per_mb, grads=grads,
-                        params=numpy_dict(model.named_parameters())))
-    return out
 
 
 def _train(state, layers, m, steps, dp_offset=0, dp_m=None):
@@ -143,8 +107,8 @@ def check(results, key, ref, coords=None):
 
 
 def test_pp2_parity_and_the_v(pp2):
-    check(pp2, "m4", reference(4, 4, 2))
-    check(pp2, "m1", reference(4, 1, 1))
+    check(pp2, "m4", reference(4, 2, layers=4))
+    check(pp2, "m1", reference(1, 1, layers=4))
     # the V: rank 0 holds layers 0 and 3 (embedding and head), rank 1 layers 1 and 2
     assert [r["m4"][0]["layers"] for r in pp2] == [[(0, 1), (3, 4)], [(1, 2), (2, 3)]]
     assert [r["m4"][0]["ends"] for r in pp2] == [[(True, False), (False, True)],
@@ -163,7 +127,7 @@ def test_pp2_holds_what_the_simulator_says_and_syncs_once_per_chunk(pp2):
 
 
 def test_pp2_forward_only(pp2):
-    ref = reference(4, 3, 1)[0]
+    ref = reference(3, 1, layers=4)[0]
     for res in pp2:
         assert res["forward-only"]["loss"] == pytest.approx(ref["loss"], rel=RTOL)
     # the loss and the outputs are on rank 0, the bottom of the V
@@ -173,8 +137,8 @@ def test_pp2_forward_only(pp2):
 
 
 def test_pp4_parity(pp4):
-    check(pp4, "pp4", reference(8, 7, 2))
-    check(pp4, "pp4 m<p", reference(8, 2, 1))
+    check(pp4, "pp4", reference(7, 2, layers=8))
+    check(pp4, "pp4 m<p", reference(2, 1, layers=8))
     place = VPlacement(4)
     for s, res in enumerate(pp4):
         assert res["pp4"][0]["layers"] == [place.layers(8, s, 0), place.layers(8, s, 1)]
@@ -182,7 +146,7 @@ def test_pp4_parity(pp4):
 
 
 def test_pp2_dp2_parity(pp4):
-    ref = reference(4, 4, 2, dp=2)
+    ref = reference(4, 2, dp=2, layers=4)
     for rank, res in enumerate(pp4):
         assert res["pp2 dp2 coords"] == (rank // 2, rank % 2)
     check(pp4, "pp2 dp2", ref)
