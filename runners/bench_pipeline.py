@@ -27,9 +27,10 @@ Prints, from rank 0:
   * the measured bubble: per rank, time blocked in exchanges / step time, against the
     textbook (p-1)/(m+p-1);
   * the ideal step of each schedule: engine.pipeline.sim plays its programs with the op
-    times our ranks measured in it (median F / B / W per rank and chunk) and free
-    transfers, so measured / ideal is the executor's and the network's overhead, and
-    single / ideal 1F1B the most any 1F1B over this split can reach with these ops;
+    times our ranks measured in it (per rep, the mean F / B / W per rank and chunk)
+    and free transfers, so measured / ideal (rep by rep, median) is the executor's and
+    the network's overhead, and single / ideal 1F1B the most any 1F1B over this split
+    can reach with these ops;
   * stage 0's peak activation memory, 1F1B against GPipe: live bytes of tensors saved
     for backward (distinct storages, parameters excluded; saved-tensor hooks, see
     engine.pipeline.stats.SavedActivationMeter) plus the stage outputs the schedule holds.
@@ -314,7 +315,7 @@ def bench(args):
     times = {v.name: [] for v in variants}
     losses = {}
     waits = {v.name: [] for v in variants if isinstance(v, Ours)}   # (wait, step) per rep
-    op_times = {name: {} for name in waits}     # (chunk, kind) -> every op's seconds
+    op_times = {name: [] for name in waits}     # per rep: (chunk, kind) -> op seconds
     for rep in range(args.bench.reps + 1):   # round 0 warms up (and lets torch infer shapes)
         for v in variants:
             t, loss = timed(v.step, state.device)
@@ -323,8 +324,7 @@ def bench(args):
                 times[v.name].append(t)
                 if v.name in waits:
                     waits[v.name].append((v.stats.comm_wait_s, t))
-                    for key, secs in v.stats.op_seconds().items():
-                        op_times[v.name].setdefault(key, []).extend(secs)
+                    op_times[v.name].append(v.stats.op_seconds())
 
     # single process: the whole model on rank 0 (bench.threads threads), the others idle at
     # the barrier; the pipeline uses p times as many cores
@@ -356,13 +356,18 @@ def bench(args):
         gathered = [torch.zeros(1) for _ in range(p)]
         dist.all_gather(gathered, wait_frac, group=state.pp_group)
         fracs[name] = [float(x.item()) for x in gathered]
-    ideal = {}
+    ideal = {}   # name -> per rep (ideal step, idle per stage)
     for v in variants:
         if isinstance(v, Ours):
-            costs = {key: statistics.median(x) for key, x in op_times[v.name].items()}
-            gathered = [None] * p
-            dist.all_gather_object(gathered, costs, group=state.pp_group)
-            ideal[v.name] = simulate_measured(v.schedule, p, m, len(v.chunks), gathered)
+            ideal[v.name] = []
+            for rep_ops in op_times[v.name]:
+                # this rep's mean per op kind: the rep's step is held against the step
+                # its own ops would make with free transfers
+                costs = {key: statistics.fmean(x) for key, x in rep_ops.items()}
+                gathered = [None] * p
+                dist.all_gather_object(gathered, costs, group=state.pp_group)
+                ideal[v.name].append(simulate_measured(v.schedule, p, m, len(v.chunks),
+                                                       gathered))
     if rank == 0:
         report(args, cfg, times, single, losses, fracs, mem, [v.name for v in variants],
                ideal)
@@ -403,14 +408,20 @@ def report(args, cfg, times, single, losses, fracs, mem, names, ideal):
             f"{statistics.mean(f):.3f}{extra}")
     say("\nideal step (engine.pipeline.sim: each schedule's programs with the op times our "
         "ranks measured in it, transfers free)")
-    for name, (t, idle) in ideal.items():
+    for name, reps in ideal.items():
         sched = name[5:]
+        t = statistics.median(x for x, _ in reps)
+        idle = [statistics.median(i[s] for _, i in reps) for s in range(p)]
+        # rep by rep for ours (its own ops); torch's rep r against our rep r's ideal
+        ours = statistics.median(a / b for a, (b, _) in zip(times[name], reps))
+        theirs = statistics.median(a / b for a, (b, _) in zip(times[f"torch {sched}"], reps))
         say(f"  {sched:12s} {t * 1e3:8.1f} ms, idle per stage "
             f"{', '.join(f'{x:.3f}' for x in idle)}; measured / ideal: ours "
-            f"{med[name] / t:.3f}, torch {med[f'torch {sched}'] / t:.3f}")
+            f"{ours:.3f}, torch {theirs:.3f}")
     if "ours 1f1b" in ideal:
-        say(f"  single process / ideal 1F1B: {single / ideal['ours 1f1b'][0]:.2f}x, the most "
-            "a 1F1B over this split can reach with these op times")
+        t = statistics.median(x for x, _ in ideal["ours 1f1b"])
+        say(f"  single process / ideal 1F1B: {single / t:.2f}x, the most a 1F1B over this "
+            "split can reach with these op times")
     say("\nstage 0 peak activation memory (saved-for-backward storages + held outputs; "
         "ZB: + the (X, dY) pairs waiting for W)")
     for name in names:

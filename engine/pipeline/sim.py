@@ -295,7 +295,7 @@ def simulate_measured(schedule: str, p: int, m: int, v: int,
                       per_rank: list[dict]) -> tuple[float, list[float]]:
     """(step, idle fraction per stage) of the schedule's programs played with measured op
     times, per_rank[s] = {(chunk, "F" | "B" | "W"): seconds} (ScheduleStats.op_seconds
-    medians), transfers free: what the schedule itself costs on that stage split,
+    means), transfers free: what the schedule itself costs on that stage split,
     imbalance included, with communication and executor overhead taken out."""
     costs = {(s, c): {k: per_rank[s].get((c, k), 0.0) for k in "FBW"}
              for s in range(p) for c in range(v)}
