@@ -69,7 +69,10 @@ def _layer_case(state, kind, sp, replica=None):
             out["after B"] = {"weight": layer.weight.grad is not None,
                               "bias": layer.bias.grad is not None,
                               "held": len(store),
-                              "held x": [tuple(x_.shape) for _, _, x_, _ in store.pending[0]]}
+                              # (rows, features): a product without a bias holds its
+                              # input folded to 2-D, as F.linear multiplies it
+                              "held x": [(x_.numel() // x_.shape[-1], x_.shape[-1])
+                                         for _, _, x_, _ in store.pending[0]]}
             store.run(0)
             out["after W"] = len(store)
         else:
@@ -106,7 +109,7 @@ def test_tp_layer_b_then_w_equals_one_backward(tp_layers, kind, sp):
         assert r["after B"]["bias"] is (kind == "row")
         # the X held is what the weight multiplies: for the column layer under SP the
         # all-gathered full sequence, not the [s/tp, b, h] input shard
-        assert r["after B"]["held x"] == [(S, B, H) if kind == "column" else (S, B, LOCAL)]
+        assert r["after B"]["held x"] == [(S * B, H) if kind == "column" else (S * B, LOCAL)]
         assert r["after W"] == 0
         for name in ("x", "weight", "bias"):
             _exact(r["split"][name], r["plain"][name], f"{kind} sp={sp} rank {rank} {name}")
