@@ -21,6 +21,7 @@ def test_b_then_w_equals_one_backward_bitwise():
         (ref(ids, labels=labels).sum() / 32).backward()
     model = GLM.build(cfg, seed=0)
     store = store_for(model)
+    store.fuse_accumulation = False   # the exact mode: autograd accumulates
     for mb in range(2):
         with store.backward_of(mb):
             (model(ids, labels=labels).sum() / 32).backward()
@@ -72,14 +73,15 @@ def test_split_backward_under_full_recompute():
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=n)
 
 
-def test_w_hands_a_microbatch_to_autograd_in_one_call(monkeypatch):
-    # one engine run per W op (not one per layer: on CPU each call costs about a small
+def test_exact_w_hands_a_microbatch_to_autograd_in_one_call(monkeypatch):
+    # exact mode: one engine run per W op (not one per layer: on CPU each call costs about a small
     # layer's product), and still bit-for-bit one backward's gradients
     cfg = GLMConfig.preset("tiny")
     ids, labels = _batch()
     ref, model = GLM.build(cfg, seed=0), GLM.build(cfg, seed=0)
     (ref(ids, labels=labels).sum() / 32).backward()
     store = store_for(model)
+    store.fuse_accumulation = False
     with store.backward_of(0):
         (model(ids, labels=labels).sum() / 32).backward()
     calls = []
@@ -94,7 +96,7 @@ def test_w_hands_a_microbatch_to_autograd_in_one_call(monkeypatch):
 
 
 def test_a_layer_applied_twice_accumulates_like_one_backward():
-    # the same weight stashed twice per microbatch, over two microbatches: W sums its two
+    # exact mode: the same weight stashed twice per microbatch, over two microbatches: W sums its two
     # products before they reach .grad, as a plain backward's input buffer does, so the
     # accumulated gradient rounds alike: a + (g2 + g1), not (a + g2) + g1
     torch.manual_seed(0)
@@ -104,6 +106,7 @@ def test_a_layer_applied_twice_accumulates_like_one_backward():
     for x in xs:
         ref(torch.tanh(ref(x))).pow(2).sum().backward()
     store = store_for(lin)
+    store.fuse_accumulation = False
     for mb, x in enumerate(xs):
         with store.backward_of(mb):
             lin(torch.tanh(lin(x))).pow(2).sum().backward()
@@ -140,3 +143,93 @@ def test_the_meter_sees_the_x_held_for_w_and_releases_it_after_w():
     assert meter.current >= dys > 0     # X's and dY's until W
     store.run(0)
     assert meter.current == 0
+
+
+def _plain_and_split(cfg, microbatches, buckets=False):
+    """(ref, model, model's buckets or None): ref by plain backwards, model by B of every
+    microbatch then every W (fused, the default), both over the same microbatches."""
+    from engine.optim.grad_buckets import GradBuckets
+    from engine.optim.layout import FlatLayout
+    ref, model = GLM.build(cfg, seed=0), GLM.build(cfg, seed=0)
+    made = []
+    for m in (ref, model) if buckets else ():
+        named = list(m.named_parameters())
+        layout = FlatLayout([(n, tuple(p.shape)) for n, p in named], bucket_numel=4096,
+                            shard_world=1)
+        made.append(GradBuckets([p for _, p in named], layout, torch.float32, None, 0, 1,
+                                scatter=False))
+    last = len(microbatches) - 1
+
+    def sync(on):   # as no_sync(): buckets reduce only once the last microbatch is in
+        for b in made:
+            b.sync_enabled = on
+    for mb, (ids, labels) in enumerate(microbatches):
+        sync(mb == last)
+        (ref(ids, labels=labels).sum() / 32).backward()
+    store = store_for(model)
+    assert store.fuse_accumulation
+    for mb, (ids, labels) in enumerate(microbatches):
+        sync(mb == last)
+        with store.backward_of(mb):
+            (model(ids, labels=labels).sum() / 32).backward()
+    for mb in range(len(microbatches)):
+        sync(mb == last)
+        store.run(mb)
+    assert len(store) == 0
+    return ref, model, made
+
+
+def _microbatches(n, seq=64):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(5, 500, (2, seq), generator=g),
+             torch.randint(5, 500, (2, seq), generator=g)) for _ in range(n)]
+
+
+def test_fused_w_first_microbatch_is_one_backward_bitwise():
+    # no accumulation yet: the GEMM's product becomes .grad, as autograd stores it
+    cfg = GLMConfig.preset("tiny")
+    ref, model, _ = _plain_and_split(cfg, _microbatches(1))
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=n)
+
+
+def test_fused_w_accumulates_microbatches_in_the_gemm():
+    # four microbatches: W adds each dY^T X into .grad inside addmm_ (beta 1): the same
+    # sum as autograd's separate add, to fp32 rounding
+    cfg = GLMConfig.preset("tiny")
+    ref, model, _ = _plain_and_split(cfg, _microbatches(4))
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_w_adds_into_the_data_parallel_buckets():
+    # under GradBuckets W writes straight into each parameter's bucket slot (p.grad never
+    # exists) and reports it, so the buckets equal a plain backward's and all are ready
+    cfg = GLMConfig.preset("tiny")
+    ref, model, (ref_b, model_b) = _plain_and_split(cfg, _microbatches(3), buckets=True)
+    deferred = [p for n, p in model.named_parameters() if n.endswith("mlp.down.weight")]
+    assert deferred and all(p.grad is None for p in model.parameters())
+    assert model_b.num_launched == ref_b.num_launched == len(model_b.layout.buckets)
+    torch.testing.assert_close(model_b.full_flat(), ref_b.full_flat(), rtol=1e-5, atol=1e-6)
+    model_b.remove_hooks()
+    from engine.optim.grad_buckets import grad_sink
+    assert all(grad_sink(p) is None for p in model.parameters())
+
+
+def test_fused_w_leaves_a_hooked_weight_to_autograd():
+    # a tensor hook on a weight (e.g. an all-reduce of a replicated weight's gradient)
+    # must run: that weight goes through autograd, the others add in place
+    lin, ref = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    ref.load_state_dict(lin.state_dict())
+    seen = []
+    lin.weight.register_hook(lambda g: (seen.append(1), g * 2)[1])
+    x = torch.randn(5, 8, requires_grad=True)
+    ref(torch.tanh(x)).pow(2).sum().backward()
+    store = store_for(lin)
+    with store.backward_of(0):
+        lin(torch.tanh(x)).pow(2).sum().backward()
+    assert lin.weight.grad is None and not seen
+    store.run(0)
+    assert seen == [1]
+    torch.testing.assert_close(lin.weight.grad, 2 * ref.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=0, atol=0)

@@ -14,11 +14,19 @@ of label tokens, so the sum over ranks is the gradient of the global-batch loss.
     ZeRO 2  : one reduce_scatter_tensor per bucket (every rank owns an equal slice of
               each bucket), straight into this rank's gradient shard (reduce dtype); the
               bucket buffers are freed.
+
+A producer that computes a weight gradient itself may skip .grad and the hook's extra pass:
+`grad_sink(p)` is its GradSink (its bucket slot, and the call that reports it
+accumulated), held in a weak registry rather than on the parameter, so that a copy of the
+model does not copy the buckets. The W op of a split backward (engine/pipeline/split_backward.py)
+adds its dW = dY^T X GEMM straight into the slot that way, as Megatron's gradient-
+accumulation fusion adds into main_grad.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from engine.optim import collectives
 from engine.optim.layout import FlatLayout
@@ -43,27 +51,40 @@ class GradBuckets:
         self._finished = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i))
                          for i, p in enumerate(params)]
+        self._params = params
+        for i, p in enumerate(params):
+            _SINKS[p] = GradSink(self, i)
 
     # ---- backward side -----------------------------------------------------------------
     def _hook(self, i: int):
         def on_grad(p: torch.Tensor):
             if p.grad is None:
                 return
-            slot = self.layout.slots[i]
-            b = slot.bucket
-            if self._launched[b] or self._finished:
-                raise RuntimeError(
-                    f"gradient of {slot.name} arrived after its bucket was reduced: run "
-                    "every microbatch but the last under no_sync(), and step() or "
-                    "zero_grad() before the next backward")
-            lo = slot.offset - self.layout.buckets[b].start
             with torch.no_grad():
-                self._buffer(b)[lo:lo + slot.numel].view(slot.shape).add_(p.grad)
+                self.slot_view(i).add_(p.grad)
             p.grad = None  # the bucket holds it now; do not keep two copies
-            if self.sync_enabled:
-                self._ready[b].add(i)
-                self._launch_ready()
+            self.accumulated(i)
         return on_grad
+
+    def slot_view(self, i: int) -> torch.Tensor:
+        """Parameter i's slot in its bucket (shaped like it, in the reduce dtype): where
+        its gradient accumulates. Raises if that bucket's reduction has started."""
+        slot = self.layout.slots[i]
+        b = slot.bucket
+        if self._launched[b] or self._finished:
+            raise RuntimeError(
+                f"gradient of {slot.name} arrived after its bucket was reduced: run "
+                "every microbatch but the last under no_sync(), and step() or "
+                "zero_grad() before the next backward")
+        lo = slot.offset - self.layout.buckets[b].start
+        return self._buffer(b)[lo:lo + slot.numel].view(slot.shape)
+
+    def accumulated(self, i: int):
+        """Parameter i's gradient of this microbatch is in its slot: on the last
+        microbatch (sync enabled) its bucket may start reducing."""
+        if self.sync_enabled:
+            self._ready[self.layout.slots[i].bucket].add(i)
+            self._launch_ready()
 
     def _buffer(self, b: int) -> torch.Tensor:
         if self.buffers[b] is None:
@@ -166,3 +187,30 @@ class GradBuckets:
     def remove_hooks(self):
         for h in self._handles:
             h.remove()
+        for p in self._params:
+            if p in _SINKS and _SINKS[p].buckets is self:
+                del _SINKS[p]
+
+
+class GradSink:
+    """One parameter's bucket slot, for a producer that accumulates its gradient there
+    itself instead of through .grad and the post-accumulate-grad hook (module docstring).
+    view() then accumulated(), once per microbatch, as the hook would run."""
+    __slots__ = ("buckets", "index")
+
+    def __init__(self, buckets: GradBuckets, index: int):
+        self.buckets, self.index = buckets, index
+
+    def view(self) -> torch.Tensor:
+        return self.buckets.slot_view(self.index)
+
+    def accumulated(self):
+        self.buckets.accumulated(self.index)
+
+
+_SINKS = WeakIdKeyDictionary()   # parameter -> GradSink (by identity, as tensors hash)
+
+
+def grad_sink(p: torch.Tensor) -> GradSink | None:
+    """The bucket slot p's gradient accumulates in, if a GradBuckets holds p."""
+    return _SINKS.get(p)
