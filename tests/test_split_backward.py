@@ -193,11 +193,18 @@ def test_fused_w_first_microbatch_is_one_backward_bitwise():
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=n)
 
 
-def test_fused_w_accumulates_microbatches_in_the_gemm():
-    # four microbatches: W adds each dY^T X into .grad inside addmm_ (beta 1): the same
-    # sum as autograd's separate add, to fp32 rounding
+def test_fused_w_accumulates_microbatches_in_the_gemm(monkeypatch):
+    # four microbatches: W adds each dY^T X into .grad inside addmm_ (beta 1), never
+    # through autograd: the same sum as autograd's separate add, to fp32 rounding
     cfg = GLMConfig.preset("tiny")
+    calls = []
+    real = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward",
+                        lambda *a, **k: (calls.append(a[0]), real(*a, **k)))
     ref, model, _ = _plain_and_split(cfg, _microbatches(4))
+    # the plain and B backwards: one call per microbatch each, none from W
+    assert all(not isinstance(t, (list, tuple)) or all(not isinstance(x, torch.nn.Parameter)
+                                                      for x in t) for t in calls)
     for (n, a), b in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
 

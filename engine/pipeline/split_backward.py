@@ -182,13 +182,19 @@ def _accumulate_fused(weight, bias, x, dy):
     return grads, leaves
 
 
+_UNKNOWN = object()
+
+
 def _add_into(p, a, b) -> bool:
     """p's gradient += a @ b (b None: += the row sum of a), in its bucket slot or .grad;
     False (nothing done) when p has a hook that autograd must run."""
     sink = grad_sink(p)
-    post = getattr(p, "_post_accumulate_grad_hooks", None) or ()
-    if getattr(p, "_backward_hooks", None) or len(post) > (sink is not None) or \
-            (sink is not None and p.grad is not None):
+    # torch keeps a tensor's hooks in these (private) attributes, None when there are
+    # none; a torch without them is treated as hooked, so that no hook is ever skipped
+    pre = getattr(p, "_backward_hooks", _UNKNOWN)
+    post = getattr(p, "_post_accumulate_grad_hooks", _UNKNOWN)
+    if pre is _UNKNOWN or post is _UNKNOWN or pre or len(post or ()) > (sink is not None) \
+            or (sink is not None and p.grad is not None):
         return False
     if sink is None and p.grad is None:   # the first product: it becomes .grad
         p.grad = (a.mm(b) if b is not None else a.sum(0)).to(p.dtype)
